@@ -1,0 +1,35 @@
+"""LayerHessians: full and layer-wise Hessian eigenspectra of deep networks through training.
+
+The public API is imported lazily so that ``layerhessians --version`` stays fast:
+
+- models: :func:`build_model`, :func:`layer_blocks`
+- spectra engine: :func:`hessian_operator`, :func:`slq`, :func:`exact_spectrum`,
+  :func:`top_eigenvalues`, :func:`hessian_trace`, :func:`layer_spectra`, :class:`SpectralMeasure`
+- run store: :func:`load_run`
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_API = {
+    "build_model": "layerhessians.models",
+    "layer_blocks": "layerhessians.models",
+    "hessian_operator": "layerhessians.hessian",
+    "slq": "layerhessians.hessian",
+    "exact_spectrum": "layerhessians.hessian",
+    "top_eigenvalues": "layerhessians.hessian",
+    "hessian_trace": "layerhessians.hessian",
+    "layer_spectra": "layerhessians.hessian",
+    "SpectralMeasure": "layerhessians.hessian",
+    "load_run": "layerhessians.runs",
+    "UserError": "layerhessians.errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'layerhessians' has no attribute {name!r}")
