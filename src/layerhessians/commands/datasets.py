@@ -1,0 +1,22 @@
+"""``layerhessians datasets``: list the datasets and where they live, or download some."""
+
+from ..data import DATASETS, dataset_table, download_dataset, get_spec
+
+HELP = "List the datasets (folder, present?, classes, image shape) or download some with checksums."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--root", default="datasets",
+                        help="folder holding one sub-folder per dataset (default: %(default)s)")
+    parser.add_argument("--download", nargs="+", metavar="NAME", default=[],
+                        help=f"download these datasets (one or more of {', '.join(DATASETS)}; "
+                             "or 'all') and verify their MD5 checksums")
+
+
+def run(args) -> int:
+    names = list(DATASETS) if [n.lower() for n in args.download] == ["all"] else args.download
+    for spec in [get_spec(name) for name in names]:  # every name checked before downloading
+        print(download_dataset(spec, args.root), flush=True)
+    table = dataset_table(args.root)[["name", "folder", "present", "classes", "image_shape", "flip"]]
+    print(table.to_string(index=False))
+    return 0

@@ -1,0 +1,88 @@
+"""Datasets as in-memory tensors: registry, readers of the official files, downloads with
+checksums, the bundled ``Digits`` default, the batch iterator and the Hessian subset.
+
+- :data:`DATASETS`, :func:`load_dataset` -> :class:`TensorData`, :func:`dataset_table`
+- :func:`batches`, :func:`augment_batch`, :func:`hessian_subset`
+"""
+
+import pandas as pd
+
+from .digits import load_digits_raw
+from .download import (data_folder, dataset_folder, download_folder, ensure_files, is_present,
+                       missing_files, verify_downloads)
+from .readers import RawSplits, read_cifar, read_mnist, read_svhn
+from .registry import DATASETS, MIRROR_ENV, REGISTRY, DatasetSpec, RemoteFile, get_spec
+from .subset import hessian_subset
+from .tensors import TensorData, augment_batch, batches, build_tensor_data, data_checksum
+
+__all__ = [
+    "DATASETS", "REGISTRY", "MIRROR_ENV", "DatasetSpec", "RemoteFile", "RawSplits", "TensorData",
+    "get_spec", "load_dataset", "read_dataset", "dataset_table", "download_dataset",
+    "batches", "augment_batch", "hessian_subset", "dataset_folder", "data_folder", "download_folder",
+    "ensure_files", "is_present", "missing_files",
+]
+
+
+def read_dataset(name, root="datasets", download=False) -> tuple[RawSplits, str, object]:
+    """``(arrays, checksum, folder)``: the decoded source arrays (uint8 ``[N, C, H, W]``, or
+    float in [0, 1] for Digits; int64 labels), their checksum, and the folder read."""
+    spec = get_spec(name)
+    if spec.reader == "digits":
+        source, images = load_digits_raw()
+        return images, data_checksum(spec.name, source), None
+    folder = ensure_files(spec, root, download=download)
+    args = (folder, spec.train_files, spec.test_files)
+    if spec.reader == "idx":
+        raw = read_mnist(*args)
+    elif spec.reader == "cifar":
+        raw = read_cifar(*args, spec.label_key)
+    else:
+        raw = read_svhn(*args)
+    return raw, data_checksum(spec.name, raw), folder
+
+
+def load_dataset(name, root="datasets", download=False) -> TensorData:
+    """Load ``name`` (case-insensitive, one of :data:`DATASETS`) from ``<root>/<Name>/`` as
+    normalised float32 tensors ``[N, C, 32, 32]``, downloading missing files if ``download``.
+
+    Raises :class:`~layerhessians.errors.UserError` for an unknown name and
+    :class:`~layerhessians.errors.DatasetMissingError` when the files are absent and cannot
+    be downloaded.
+    """
+    spec = get_spec(name)
+    raw, checksum, folder = read_dataset(spec, root, download)
+    return build_tensor_data(spec, raw, checksum, folder)
+
+
+def download_dataset(name, root="datasets") -> str:
+    """Make ``name`` present under ``root`` (download, verify, extract) and return one line
+    saying where it is; existing official files are checked against their MD5."""
+    spec = get_spec(name)
+    if spec.bundled:
+        return f"{spec.name}: bundled with scikit-learn, nothing to download"
+    from ..errors import DatasetMissingError
+
+    bad = verify_downloads(spec, root)
+    if bad:
+        raise DatasetMissingError(f"{spec.name}: {', '.join(bad)} fails its MD5 check: delete it and rerun")
+    folder = ensure_files(spec, root, download=True)
+    return f"{spec.name}: ready in {folder}"
+
+
+def dataset_table(root="datasets") -> pd.DataFrame:
+    """One row per dataset: ``name``, ``folder`` (where its files live), ``present``,
+    ``classes``, ``image_shape`` (the tensors' ``CxHxW``), ``source_shape`` (the files'),
+    ``flip`` (augmentation mirrors images), ``files`` (the official downloads)."""
+    rows = []
+    for spec in REGISTRY.values():
+        rows.append({
+            "name": spec.name,
+            "folder": "(bundled with scikit-learn)" if spec.bundled else str(dataset_folder(spec, root)),
+            "present": is_present(spec, root),
+            "classes": spec.num_classes,
+            "image_shape": f"{spec.in_channels}x32x32",
+            "source_shape": "x".join(map(str, spec.image_shape)) if not spec.bundled else "1x8x8",
+            "flip": spec.flip,
+            "files": ", ".join(r.filename for r in spec.downloads) or "-",
+        })
+    return pd.DataFrame(rows)

@@ -1,0 +1,226 @@
+"""Finding a dataset's files on disk, and downloading them when missing.
+
+Each file is streamed into a temporary file in its destination folder while its MD5 is
+computed, and only moved into place (``os.replace``) once the checksum matches; on any
+failure the temporary file is deleted, so a partial or corrupt download never looks good.
+Archives (CIFAR) are verified, extracted into a temporary folder, then moved into place.
+
+``$LAYERHESSIANS_DATASET_MIRROR`` replaces every official URL by
+``$LAYERHESSIANS_DATASET_MIRROR/<Name>/<filename>``.
+"""
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from http.client import HTTPException
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+from ..errors import DatasetMissingError
+from .readers import find_idx
+from .registry import MIRROR_ENV, DatasetSpec, RemoteFile
+
+#: Seconds a connection may stay silent before a download is abandoned.
+TIMEOUT_S = 60.0
+_CHUNK = 1 << 20
+
+
+class _FailedDownload(Exception):
+    """One URL did not give the expected file (internal; turned into DatasetMissingError)."""
+
+
+def file_md5(path) -> str:
+    """MD5 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_folder(spec: DatasetSpec, root) -> Path:
+    """``<root>/<Name>``."""
+    return Path(root) / spec.name
+
+
+def data_folder(spec: DatasetSpec, root) -> Path:
+    """The folder the reader reads from (``<root>/<Name>/<data_dir>``)."""
+    return dataset_folder(spec, root) / spec.data_dir
+
+
+def download_folder(spec: DatasetSpec, root) -> Path:
+    """The folder the official files are downloaded into."""
+    return dataset_folder(spec, root) / spec.download_dir
+
+
+def file_urls(spec: DatasetSpec, remote: RemoteFile) -> list[str]:
+    """Where to fetch ``remote`` from: the mirror named by the environment, else the official URLs."""
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    if mirror:
+        return [f"{mirror.rstrip('/')}/{spec.name}/{remote.filename}"]
+    return list(remote.urls)
+
+
+def missing_files(spec: DatasetSpec, root) -> list[str]:
+    """The files the reader needs that are absent (IDX files count if plain or ``.gz``)."""
+    folder = data_folder(spec, root)
+    names = spec.train_files + spec.test_files
+    if spec.reader == "idx":
+        return [name for name in names if find_idx(folder, name) is None]
+    return [name for name in names if not (folder / name).is_file()]
+
+
+def is_present(spec: DatasetSpec, root) -> bool:
+    """True when the dataset can be read without downloading (bundled ones always are)."""
+    return spec.bundled or not missing_files(spec, root)
+
+
+def fetch(urls, dest, md5, timeout=TIMEOUT_S) -> Path:
+    """Download the first of ``urls`` that yields a file with MD5 ``md5`` to ``dest``.
+
+    Raises ``_FailedDownload`` (reasons of every URL, one line) when none does; nothing is
+    left at ``dest`` or in its folder then.
+    """
+    dest = Path(dest)
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    reasons = []
+    for url in urls:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                got = _stream(url, out, timeout, dest.name)
+            if got != md5:
+                raise _FailedDownload(f"checksum mismatch from {url} (md5 {got}, expected {md5})")
+            os.replace(tmp, dest)
+            return dest
+        except (OSError, ValueError, HTTPException, _FailedDownload) as err:  # URLError, timeouts: OSError
+            reasons.append(str(err) if isinstance(err, _FailedDownload) else f"{_describe(err)} [{url}]")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    for folder in created:  # deepest first: leave no empty folders behind
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    raise _FailedDownload("; ".join(reasons))
+
+
+def _describe(err) -> str:
+    """One line saying why a URL failed."""
+    if isinstance(err, urllib.error.HTTPError):
+        text = f"HTTP {err.code} {err.reason}"
+    elif isinstance(err, urllib.error.URLError):
+        text = str(err.reason)
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def _stream(url, out, timeout, label) -> str:
+    """Copy ``url`` into the open binary file ``out``; return the MD5 of what was written."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"unsupported URL {url!r}")
+    print(f"downloading {url}", file=sys.stderr)
+    digest = hashlib.md5(usedforsecurity=False)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+                  disable=None, file=sys.stderr, leave=False) as bar:
+            for chunk in iter(lambda: response.read(_CHUNK), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def extract_archive(archive, folder, member_dir) -> Path:
+    """Extract the ``.tar.gz`` ``archive`` and move its top folder ``member_dir`` to
+    ``folder/member_dir``; only regular files and folders inside the archive are allowed."""
+    folder, target = Path(folder), Path(folder) / member_dir
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{member_dir}."))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for member in members:
+                parts = Path(member.name).parts
+                if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+                    raise DatasetMissingError(f"{archive} has an unsafe entry {member.name!r}: delete it")
+            kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp, members=members, **kwargs)
+        if not (tmp / member_dir).is_dir():
+            raise DatasetMissingError(f"{archive} has no folder {member_dir}/: delete it and download it again")
+        if target.exists():
+            shutil.rmtree(target)  # an earlier, incomplete extraction
+        os.replace(tmp / member_dir, target)
+        return target
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise DatasetMissingError(
+            f"{archive} could not be extracted ({err}): delete it and download it again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _advice(spec: DatasetSpec, root) -> str:
+    """``put FILES into FOLDER/ (from URL-FOLDERS)``: how to supply the files by hand."""
+    names = ", ".join(r.filename for r in spec.downloads)
+    where = download_folder(spec, root).resolve()
+    sources = dict.fromkeys(url.rsplit("/", 1)[0] + "/" for url in file_urls(spec, spec.downloads[0]))
+    return f"put {names} into {where}/ (from {' or '.join(sources)})"
+
+
+def ensure_files(spec: DatasetSpec, root, download=False, timeout=TIMEOUT_S) -> Optional[Path]:
+    """Make the dataset readable and return :func:`data_folder` (``None`` for bundled data).
+
+    Missing files are downloaded when ``download`` is true; a downloaded or user-supplied
+    archive is verified (MD5) and extracted. Raises :class:`DatasetMissingError` (one line:
+    which files, which folder) when the data cannot be made available.
+    """
+    if spec.bundled:
+        return None
+    if is_present(spec, root):
+        return data_folder(spec, root)
+    target = download_folder(spec, root)
+    for remote in spec.downloads:
+        path = target / remote.filename
+        if spec.reader == "idx" and find_idx(target, remote.filename.removesuffix(".gz")):
+            continue
+        if spec.extract and path.is_file():
+            if file_md5(path) != remote.md5:
+                raise DatasetMissingError(f"{path} is corrupt (MD5 mismatch): delete it and download it again")
+        elif not path.is_file():
+            if not download:
+                raise DatasetMissingError(
+                    f"{spec.name} not found in {dataset_folder(spec, root).resolve()}: "
+                    f"{_advice(spec, root)}, or download it with `layerhessians datasets --download {spec.name}`")
+            try:
+                fetch(file_urls(spec, remote), path, remote.md5, timeout=timeout)
+            except _FailedDownload as err:
+                mirrored = bool(os.environ.get(MIRROR_ENV, "").strip())
+                hint = f"check {MIRROR_ENV}" if mirrored else f"or set {MIRROR_ENV} to a mirror"
+                raise DatasetMissingError(f"{spec.name}: could not download {remote.filename} ({err}); "
+                                          f"{_advice(spec, root)}; {hint}") from None
+        if spec.extract:
+            extract_archive(path, dataset_folder(spec, root), spec.data_dir)
+    missing = missing_files(spec, root)
+    if missing:
+        raise DatasetMissingError(f"{spec.name}: {', '.join(missing)} still missing in "
+                                  f"{data_folder(spec, root).resolve()}: {_advice(spec, root)}")
+    return data_folder(spec, root)
+
+
+def verify_downloads(spec: DatasetSpec, root) -> list[str]:
+    """The official files present under :func:`download_folder` whose MD5 does not match."""
+    bad = []
+    for remote in spec.downloads:
+        path = download_folder(spec, root) / remote.filename
+        if path.is_file() and file_md5(path) != remote.md5:
+            bad.append(str(path))
+    return bad
