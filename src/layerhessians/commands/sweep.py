@@ -1,0 +1,33 @@
+"""``layerhessians sweep CONFIG``: train a grid file's runs, then plot and match them.
+
+``CONFIG`` is a grid JSON file (``{"runs": [{"run": NAME, "flags": {...}}]}``, see
+:mod:`layerhessians.grid`) or a shipped grid name (``seed``, ``quick``). Runs train in this
+process one after another (default), in parallel one per local GPU (``--gpus 0,1``), or as
+Slurm jobs (``--launcher slurm``); complete runs are skipped and interrupted or requeued
+runs resume. Job logs go to ``ROOT/.jobs/``.
+"""
+
+from pathlib import Path
+
+from ..grid import load_grid
+from .reproduce import add_common_arguments, run_pipeline, select
+
+HELP = ("train a grid file's runs (in this process, one job per local GPU, or Slurm jobs), "
+        "skipping complete runs, then plot and match them")
+
+
+def add_arguments(parser):
+    parser.add_argument("config", metavar="CONFIG",
+                        help="grid JSON file ({\"runs\": [{\"run\": NAME, \"flags\": {...}}]}) "
+                             "or a shipped grid: seed, quick")
+    parser.add_argument("--root", default=".",
+                        help="folder holding the run directories, the match outputs and the "
+                             "job logs (.jobs/) (default: the working directory)")
+    add_common_arguments(parser)
+    parser.add_argument("--no-match", action="store_true",
+                        help="skip matching layer spectra to the full spectrum")
+
+
+def run(args) -> int:
+    runs = select(load_grid(args.config), args.only)
+    return run_pipeline(runs, Path(args.root), args, command="sweep", match=not args.no_match)

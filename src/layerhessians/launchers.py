@@ -1,0 +1,449 @@
+"""Launchers: where and how the training runs of a grid execute.
+
+Three launchers share one interface, ``launcher.launch(tasks) -> [Outcome]``:
+
+- :class:`SequentialLauncher` (default): in this process, one run after another; needs
+  nothing beyond this package.
+- :class:`LocalLauncher` (``--gpus 0,1``): submitit's ``LocalExecutor``, one job per listed
+  GPU at a time, each with ``CUDA_VISIBLE_DEVICES=G`` and ``--device cuda:0``.
+- :class:`SlurmLauncher` (``--launcher slurm``): submitit's ``SlurmExecutor``, one job per
+  run. A job that is preempted or reaches its time limit is requeued by submitit
+  (:class:`TrainJob` is ``Checkpointable``) and continues from its last committed epoch,
+  because every job trains with ``--resume``.
+
+Job logs (submitit's folder) go to ``ROOT/.jobs/``: ``JOBID_0_log.out`` / ``.err``.
+A :class:`Task` is one run: its name and its ``layerhessians train`` arguments.
+"""
+
+import re
+import shlex
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+try:  # optional: only the submitit launchers need it
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # pragma: no cover - exercised only without the cluster extra
+    _Checkpointable = object
+
+LAUNCHERS = ("local", "slurm")
+JOBS_FOLDER = ".jobs"
+INSTALL_HINT = "pip install 'layerhessians[cluster]'"
+SLURM_DEFAULT_MINUTES = 24 * 60
+MAX_REQUEUES = 20  # timeouts a Slurm job may be requeued after (preemptions do not count)
+SIGNAL_DELAY_S = 120  # seconds between submitit's warning signal and the time limit
+LOCAL_NO_LIMIT_MINUTES = 60 * 24 * 365
+DEVICE_FLAGS = ("--device", "--cuda")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One training run: ``run`` (its grid name) and ``argv`` (``layerhessians train`` args)."""
+
+    run: str
+    argv: tuple
+
+    def command(self) -> str:
+        return f"layerhessians train {shlex.join(self.argv)}"
+
+
+@dataclass
+class Outcome:
+    """How a task ended: ``ok``; for a job also its ``job_id`` and log file; ``reason`` if not ok."""
+
+    run: str
+    ok: bool
+    job_id: "str | None" = None
+    reason: str = ""
+    log: "Path | None" = None
+    result: object = None  # what the job returned (train's exit status 0)
+
+
+class TrainJob(_Checkpointable):
+    """``layerhessians train ARGV`` as a submitit job (run in the job's process).
+
+    Raises when training exits non-zero, so the job is marked failed. On preemption or
+    timeout, submitit calls :meth:`checkpoint`, which resubmits the same command: with
+    ``--resume`` in ``argv`` the requeued job continues from the last committed epoch.
+    """
+
+    def __init__(self, argv):
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        print(f"$ layerhessians train {shlex.join(self.argv)}", flush=True)
+        code = _train(self.argv)
+        if code != 0:
+            raise RuntimeError(f"layerhessians train exited with status {code}")
+        return code
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        print("requeued: the run continues from its last committed epoch (--resume)", flush=True)
+        return DelayedSubmission(TrainJob(self.argv), *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _train(argv) -> int:
+    """``layerhessians train ARGV`` in this process; its exit status (argparse errors: 2).
+
+    Flags are parsed first on their own, so that only argparse's ``SystemExit`` becomes a
+    status: the ``SystemExit`` of submitit's requeue (raised from its signal handler while
+    training) must propagate.
+    """
+    from .cli import build_parser, main
+
+    try:
+        build_parser("train").parse_args(["train", *argv])
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
+    return main(["train", *argv])
+
+
+def _require_submitit(what: str):
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(f"{what} needs submitit: {INSTALL_HINT}") from None
+    return submitit
+
+
+def parse_gpus(text) -> list:
+    """``"0,1,3"`` -> ``[0, 1, 3]`` (GPU indices, distinct, non-negative)."""
+    if text is None:
+        return []
+    try:
+        gpus = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--gpus {text!r}: list GPU indices separated by commas, e.g. --gpus 0,1") from None
+    if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
+        raise UserError(f"--gpus {text!r}: list distinct GPU indices (>= 0) separated by commas, "
+                        "e.g. --gpus 0,1")
+    return gpus
+
+
+def names_device(argv) -> bool:
+    """Whether ``argv`` already chooses a device (``--device``/``--cuda``)."""
+    return any(a in DEVICE_FLAGS or a.startswith(tuple(f + "=" for f in DEVICE_FLAGS)) for a in argv)
+
+
+def with_device(argv, device) -> list:
+    """``argv`` plus ``--device DEVICE`` unless the user's arguments already name a device."""
+    argv = list(argv)
+    return argv if device is None or names_device(argv) else [*argv, "--device", device]
+
+
+def _failure_reason(err, log) -> str:
+    """One line: the train command's own error line if logged, else what submitit reports
+    (the last line of the job's traceback, or the state of a job that left no result)."""
+    if log is not None and Path(log).exists():
+        lines = [ln for ln in Path(log).read_text(errors="replace").splitlines()
+                 if ln.startswith("layerhessians train: error:")]
+        if lines:
+            return lines[-1]
+    text = str(err)
+    if type(err).__name__ == "FailedJobError":  # the job raised: its trace between two rules
+        text = text.split("----------------------\n")[1] if "----------------------\n" in text else text
+    elif type(err).__name__ == "UncompletedJobError":  # killed, out of memory, cancelled, ...
+        state = re.search(r"\(state: ([^)]*)\)", text)
+        if state:
+            return f"the job ended without a result (state {state.group(1)})"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _job_outcome(task, job) -> Outcome:
+    log = job.paths.stderr
+    try:
+        result = job.result()
+    except Exception as err:  # noqa: BLE001 - any job failure is reported, not raised
+        return Outcome(task.run, False, str(job.job_id), _failure_reason(err, log), log)
+    return Outcome(task.run, True, str(job.job_id), "", log, result)
+
+
+def _report(outcome: Outcome):
+    if outcome.ok:
+        print(f"[job {outcome.job_id}] {outcome.run}: done", flush=True)
+    else:
+        print(f"[job {outcome.job_id}] {outcome.run}: FAILED: {outcome.reason} (log {outcome.log})",
+              file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- launchers
+class SequentialLauncher:
+    """Train each task in this process, one after another (no dependency, the default)."""
+
+    name = "sequential"
+
+    def describe(self) -> str:
+        return "in this process, one run after another"
+
+    def check(self):
+        """Nothing to check: training runs in this process."""
+
+    def task_command(self, task: Task) -> str:
+        return task.command()
+
+    def launch(self, tasks) -> list:
+        outcomes = []
+        for task in tasks:
+            print(f"$ {task.command()}", flush=True)
+            code = _train(task.argv)
+            outcomes.append(Outcome(task.run, code == 0,
+                                    reason="" if code == 0 else f"exit status {code}"))
+        return outcomes
+
+
+class LocalLauncher:
+    """submitit ``LocalExecutor`` jobs, one per listed GPU at a time.
+
+    Each job sees only its GPU (``CUDA_VISIBLE_DEVICES=G``) and trains with
+    ``--device cuda:0`` unless the train arguments name a device. ``timeout_min`` (minutes)
+    limits each job; a job reaching it is requeued and resumes. ``job_factory(argv)`` makes
+    the callable a job runs (default :class:`TrainJob`).
+    """
+
+    name = "local"
+
+    def __init__(self, folder, gpus, timeout_min=None, poll_s=0.5, job_factory=TrainJob):
+        self.folder = Path(folder)
+        self.gpus = list(gpus)
+        if not self.gpus:
+            raise UserError("the local job launcher needs GPUs: pass --gpus 0,1 (or drop "
+                            "--launcher options to train in this process)")
+        self.timeout_min = timeout_min
+        self.poll_s = poll_s
+        self.job_factory = job_factory
+
+    def describe(self) -> str:
+        return (f"submitit local jobs, one per GPU at a time on GPUs "
+                f"{','.join(map(str, self.gpus))}; logs in {self.folder}")
+
+    def check(self):
+        """Raise :class:`UserError` unless submitit is installed."""
+        _require_submitit("--gpus (local parallel jobs)")
+
+    def task_argv(self, task: Task) -> list:
+        return with_device(task.argv, "cuda:0")
+
+    def task_command(self, task: Task) -> str:
+        return f"CUDA_VISIBLE_DEVICES=<one of {','.join(map(str, self.gpus))}> " \
+               f"layerhessians train {shlex.join(self.task_argv(task))}"
+
+    def executor(self):
+        submitit = _require_submitit("--gpus (local parallel jobs)")
+        executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=MAX_REQUEUES)
+        minutes = self.timeout_min if self.timeout_min is not None else LOCAL_NO_LIMIT_MINUTES
+        executor.update_parameters(timeout_min=minutes, signal_delay_s=min(SIGNAL_DELAY_S, 10))
+        return executor
+
+    def launch(self, tasks) -> list:
+        executor = self.executor()
+        pending, free = deque(tasks), list(self.gpus)
+        running, outcomes = {}, {}
+        try:
+            while pending or running:
+                while pending and free:
+                    gpu, task = free.pop(0), pending.popleft()
+                    executor.update_parameters(visible_gpus=(gpu,), gpus_per_node=1)
+                    job = executor.submit(self.job_factory(self.task_argv(task)))
+                    running[job] = (task, gpu)
+                    print(f"[job {job.job_id}] {task.run}: started on GPU {gpu} "
+                          f"(log {job.paths.stdout})", flush=True)
+                for job in [j for j in running if j.done()]:
+                    task, gpu = running.pop(job)
+                    outcomes[task.run] = _job_outcome(task, job)
+                    _report(outcomes[task.run])
+                    free.append(gpu)
+                if running:
+                    time.sleep(self.poll_s)
+        except KeyboardInterrupt:
+            for job in running:
+                job.cancel(check=False)
+            raise
+        return [outcomes[t.run] for t in tasks]
+
+
+class SlurmLauncher:
+    """submitit ``SlurmExecutor`` jobs, one per run, all submitted at once, then awaited.
+
+    Parameters map to ``sbatch``: ``partition``, ``time`` (minutes), ``gpus_per_node``
+    (``--gpus-per-job``), ``cpus_per_task``, ``mem`` (``--mem`` GB). ``options`` are extra
+    ``sbatch`` options (``{"account": "abc"}``). Jobs get ``#SBATCH --signal=USR2@120``;
+    submitit then checkpoints and requeues them, and training resumes (``--resume``).
+    """
+
+    name = "slurm"
+
+    def __init__(self, folder, partition=None, time_min=None, gpus_per_job=1,
+                 cpus_per_task=None, mem_gb=None, options=None, poll_s=30.0,
+                 job_factory=TrainJob):
+        self.folder = Path(folder)
+        self.parameters = slurm_parameters(partition=partition, time_min=time_min,
+                                           gpus_per_job=gpus_per_job, cpus_per_task=cpus_per_task,
+                                           mem_gb=mem_gb, options=options)
+        self.gpus_per_job = self.parameters["gpus_per_node"]
+        self.poll_s = poll_s
+        self.job_factory = job_factory
+
+    def describe(self) -> str:
+        flags = " ".join(sbatch_flags(self.parameters))
+        return f"Slurm jobs through submitit, one per run: sbatch {flags}; logs in {self.folder}"
+
+    def check(self):
+        """Raise :class:`UserError` unless submitit is installed and Slurm's srun is found."""
+        submitit = _require_submitit("--launcher slurm")
+        if submitit.SlurmExecutor.affinity() <= 0:
+            raise UserError("--launcher slurm: no Slurm here (srun not found); run the sweep on "
+                            "a Slurm login node")
+
+    def task_argv(self, task: Task) -> list:
+        return with_device(task.argv, "cuda" if self.gpus_per_job > 0 else None)
+
+    def task_command(self, task: Task) -> str:
+        return f"layerhessians train {shlex.join(self.task_argv(task))}"
+
+    def executor(self):
+        submitit = _require_submitit("--launcher slurm")
+        try:
+            executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=MAX_REQUEUES)
+        except RuntimeError as err:  # no srun on this machine
+            raise UserError(f"--launcher slurm: {err}; run the sweep on a Slurm login node") from None
+        executor.update_parameters(**self.parameters)
+        return executor
+
+    def launch(self, tasks) -> list:
+        executor = self.executor()
+        jobs = []
+        for task in tasks:
+            executor.update_parameters(job_name=job_name(task.run))
+            job = executor.submit(self.job_factory(self.task_argv(task)))
+            jobs.append((job, task))
+            print(f"[job {job.job_id}] {task.run}: submitted (log {job.paths.stdout})", flush=True)
+        outcomes, waiting = {}, list(jobs)
+        try:
+            while waiting:
+                for job, task in [(j, t) for j, t in waiting if j.done()]:
+                    waiting.remove((job, task))
+                    outcomes[task.run] = _job_outcome(task, job)
+                    _report(outcomes[task.run])
+                if waiting:
+                    time.sleep(self.poll_s)
+        except KeyboardInterrupt:
+            ids = " ".join(str(j.job_id) for j, _ in waiting)
+            print(f"sweep: stopped waiting; Slurm jobs {ids} keep running (cancel: scancel {ids}); "
+                  "when they end, run the same command again to plot and match",
+                  file=sys.stderr, flush=True)
+            raise
+        return [outcomes[t.run] for t in tasks]
+
+
+def job_name(run: str) -> str:
+    """A Slurm job name for a run (letters, digits and ``._=,-`` kept)."""
+    return "lh:" + "".join(c if c.isalnum() or c in "._=,-" else "_" for c in run)
+
+
+def slurm_parameters(partition=None, time_min=None, gpus_per_job=1, cpus_per_task=None,
+                     mem_gb=None, options=None) -> dict:
+    """The ``SlurmExecutor.update_parameters`` keywords of a sweep's jobs (names as sbatch's)."""
+    minutes = SLURM_DEFAULT_MINUTES if time_min is None else time_min
+    if minutes <= 0 or int(minutes) != minutes:
+        raise UserError(f"--time {time_min}: give the job time limit in whole minutes, e.g. --time 1440")
+    if gpus_per_job < 0 or (cpus_per_task is not None and cpus_per_task < 1):
+        raise UserError("--gpus-per-job must be >= 0 and --cpus-per-task >= 1")
+    if mem_gb is not None and mem_gb <= 0:
+        raise UserError(f"--mem {mem_gb}: give the memory per job in GB, e.g. --mem 32")
+    params = {"time": int(minutes), "nodes": 1, "ntasks_per_node": 1,
+              "gpus_per_node": int(gpus_per_job), "signal_delay_s": SIGNAL_DELAY_S}
+    if partition:
+        params["partition"] = partition
+    if cpus_per_task is not None:
+        params["cpus_per_task"] = int(cpus_per_task)
+    if mem_gb is not None:
+        params["mem"] = f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
+    if options:
+        params["additional_parameters"] = dict(options)
+    return params
+
+
+def sbatch_flags(parameters: dict) -> list:
+    """``["--partition=gpu", "--time=1440", ...]``: the sbatch options the parameters set."""
+    flags = []
+    for key, value in parameters.items():
+        if key == "signal_delay_s":
+            flags.append(f"--signal=USR2@{value}")
+        elif key == "additional_parameters":
+            flags += [f"--{k.replace('_', '-')}={v}" for k, v in value.items()]
+        else:
+            flags.append(f"--{key.replace('_', '-')}={value}")
+    return flags
+
+
+def parse_options(items) -> dict:
+    """``["account=abc", "qos=high"]`` -> ``{"account": "abc", "qos": "high"}``."""
+    options = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--slurm-option {item!r}: write KEY=VALUE, e.g. --slurm-option account=abc")
+        options[key.strip().lstrip("-")] = value
+    return options
+
+
+# ----------------------------------------------------------------------------- CLI glue
+def add_arguments(parser):
+    """The launcher flags shared by ``reproduce`` and ``sweep``."""
+    group = parser.add_argument_group(
+        "launcher", "where the runs train: by default in this process, one after another")
+    group.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                       help="local: this machine (in this process, or one job per GPU with "
+                            "--gpus); slurm: one Slurm job per run through submitit "
+                            f"({INSTALL_HINT})")
+    group.add_argument("--gpus", default=None, metavar="0,1",
+                       help="local: train in parallel, one submitit job per listed GPU at a "
+                            "time (CUDA_VISIBLE_DEVICES set per job, --device cuda:0)")
+    group.add_argument("--partition", default=None, help="slurm: the partition (sbatch --partition)")
+    group.add_argument("--time", type=float, default=None, metavar="MINUTES",
+                       help="time limit of each job in minutes; a job reaching it is requeued "
+                            f"and resumes (slurm default {SLURM_DEFAULT_MINUTES}; local: none)")
+    group.add_argument("--gpus-per-job", type=int, default=1, metavar="N",
+                       help="slurm: GPUs per job (default 1; a run trains on one GPU, "
+                            "0 trains on CPU)")
+    group.add_argument("--cpus-per-task", type=int, default=None, metavar="N",
+                       help="slurm: CPU cores per job (default: the cluster's)")
+    group.add_argument("--mem", type=float, default=None, metavar="GB",
+                       help="slurm: memory per job in GB (default: the cluster's)")
+    group.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="slurm: any other sbatch option, repeatable (account=abc, qos=high)")
+
+
+def make_launcher(args, root):
+    """The launcher the parsed flags ask for; jobs log to ``ROOT/.jobs``. Checks the flags."""
+    folder = Path(root).absolute() / JOBS_FOLDER
+    slurm_only = {"--partition": args.partition, "--cpus-per-task": args.cpus_per_task,
+                  "--mem": args.mem, "--slurm-option": args.slurm_option or None,
+                  "--gpus-per-job": None if args.gpus_per_job == 1 else args.gpus_per_job}
+    if args.launcher == "slurm":
+        if args.gpus is not None:
+            raise UserError("--gpus lists this machine's GPUs; with --launcher slurm use "
+                            "--gpus-per-job N")
+        return SlurmLauncher(folder, partition=args.partition, time_min=args.time,
+                             gpus_per_job=args.gpus_per_job, cpus_per_task=args.cpus_per_task,
+                             mem_gb=args.mem, options=parse_options(args.slurm_option))
+    given = [flag for flag, value in slurm_only.items() if value is not None]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UserError(f"{', '.join(given)} {verb} only to --launcher slurm; drop "
+                        f"{'it' if len(given) == 1 else 'them'} or add --launcher slurm")
+    if args.gpus is None:
+        if args.time is not None:
+            raise UserError("--time limits submitit jobs: use it with --gpus or --launcher slurm")
+        return SequentialLauncher()
+    if args.time is not None and args.time <= 0:
+        raise UserError(f"--time {args.time}: give the job time limit in minutes (> 0)")
+    return LocalLauncher(folder, parse_gpus(args.gpus), timeout_min=args.time)
