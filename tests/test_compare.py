@@ -1,0 +1,289 @@
+"""Distances between spectra (against hand-computed values), the original's metric, peaks,
+and the ``match`` command end to end on synthetic runs."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from layerhessians import compare
+from layerhessians.cli import main
+from layerhessians.errors import UserError
+from layerhessians.runs import load_run
+
+from runfactory import LENET_LAYERS, base_weights, write_run
+
+
+def measure(nodes, weights=None):
+    nodes = np.asarray(nodes, float)
+    if weights is None:
+        weights = np.full(nodes.shape, 1.0 / nodes.size)
+    weights = np.asarray(weights, float)
+    return SimpleNamespace(nodes=nodes, weights=weights)
+
+
+def w1_by_cdf(x, wx, y, wy):
+    """Reference W1: integral of |F - G| over the union of atoms, in float64."""
+    points = np.union1d(x, y)
+    F = np.array([wx[x <= p].sum() for p in points])
+    G = np.array([wy[y <= p].sum() for p in points])
+    return float(np.sum(np.abs(F - G)[:-1] * np.diff(points)))
+
+
+# ----------------------------------------------------------------------------- wasserstein
+@pytest.mark.parametrize("shift", [0.0, 0.3, -2.5, 7.0])
+def test_shifted_atoms_raw_axis(shift):
+    got = compare.wasserstein(measure([1.0]), measure([1.0 + shift]), "none")
+    assert got == pytest.approx(abs(shift))
+
+
+def test_two_point_measures_by_hand():
+    p = measure([0.0, 1.0], [0.5, 0.5])
+    q = measure([0.0, 1.0], [0.25, 0.75])
+    # |F_p - F_q| = 0.25 on [0, 1)
+    assert compare.wasserstein(p, q, "none") == pytest.approx(0.25)
+    assert compare.wasserstein(p, q, "minmax") == pytest.approx(0.25)
+    # the same shapes on [10, 14] and [0, 1]: minmax sees the same, raw sees the move
+    p2 = measure([10.0, 14.0], [0.5, 0.5])
+    assert compare.wasserstein(p2, q, "minmax") == pytest.approx(0.25)
+    # quantile functions: on (0, .25] 10 vs 0, (.25, .5] 10 vs 1, (.5, 1] 14 vs 1
+    assert compare.wasserstein(p2, q, "none") == pytest.approx(0.25 * 10 + 0.25 * 9 + 0.5 * 13)
+    # joint: the union's [0, 14] -> [0, 1] for both
+    assert compare.wasserstein(p2, q, "joint") == pytest.approx(11.25 / 14)
+
+
+def test_zero_weight_nodes_do_not_stretch_the_support():
+    p = measure([0.0, 1.0, 100.0], [0.5, 0.5, 0.0])
+    assert compare.wasserstein(p, measure([0.0, 1.0]), "minmax") == pytest.approx(0.0, abs=1e-15)
+
+
+def test_against_cdf_reference_on_random_measures():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x, y = rng.normal(size=7), rng.normal(2.0, 3.0, size=11)
+        wx, wy = rng.random(7), rng.random(11)
+        wx, wy = wx / wx.sum(), wy / wy.sum()
+        got = compare.wasserstein(measure(x, wx), measure(y, wy), "none")
+        assert got == pytest.approx(w1_by_cdf(x, wx, y, wy), rel=1e-12)
+        nx = (x - x.min()) / np.ptp(x)
+        ny = (y - y.min()) / np.ptp(y)
+        got = compare.wasserstein(measure(x, wx), measure(y, wy), "minmax")
+        assert got == pytest.approx(w1_by_cdf(nx, wx, ny, wy), rel=1e-12)
+
+
+def test_normalisations_are_invariant_to_their_scale():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=9), rng.gamma(2.0, size=13)
+    wx, wy = np.full(9, 1 / 9), rng.dirichlet(np.ones(13))
+    ref = {how: compare.wasserstein(measure(x, wx), measure(y, wy), how)
+           for how in compare.NORMALIZATIONS}
+    # minmax: any positive affine map of each measure separately
+    assert compare.wasserstein(measure(1e-4 * x + 3, wx), measure(250 * y - 7, wy),
+                               "minmax") == pytest.approx(ref["minmax"], rel=1e-10)
+    # maxabs: a positive scale of each measure separately
+    assert compare.wasserstein(measure(1e3 * x, wx), measure(0.02 * y, wy),
+                               "maxabs") == pytest.approx(ref["maxabs"], rel=1e-10)
+    # joint: one positive affine map of both
+    assert compare.wasserstein(measure(5 * x - 1, wx), measure(5 * y - 1, wy),
+                               "joint") == pytest.approx(ref["joint"], rel=1e-10)
+    # none: scales with the axis
+    assert compare.wasserstein(measure(5 * x, wx), measure(5 * y, wy),
+                               "none") == pytest.approx(5 * ref["none"], rel=1e-10)
+    # and the scale matters where it should
+    moved = compare.wasserstein(measure(5 * x, wx), measure(y, wy), "joint")
+    assert moved != pytest.approx(ref["joint"])
+
+
+def test_degenerate_supports_do_not_divide_by_zero():
+    point = measure([3.0, 3.0], [0.5, 0.5])
+    spread = measure([0.0, 1.0], [0.5, 0.5])
+    # a single point maps to 0.5
+    assert compare.wasserstein(point, spread, "minmax") == pytest.approx(0.5)
+    assert compare.wasserstein(point, measure([-2.0]), "minmax") == 0.0
+    assert compare.wasserstein(measure([0.0]), measure([0.0]), "maxabs") == 0.0
+    assert compare.wasserstein(point, point, "joint") == 0.0
+    assert np.isfinite(compare.wasserstein(measure([0.0]), spread, "maxabs"))
+
+
+def test_bad_measures_and_options():
+    with pytest.raises(UserError, match="normalisation"):
+        compare.wasserstein(measure([0.0]), measure([1.0]), "zscore")
+    with pytest.raises(ValueError):
+        compare.wasserstein(measure([0.0, 1.0], [0.5, -0.5]), measure([1.0]))
+    with pytest.raises(TypeError):
+        compare.wasserstein(np.zeros(3), measure([1.0]))
+    with pytest.raises(UserError, match="metric"):
+        compare.spectrum_distance(measure([0.0]), measure([1.0]), metric="kl")
+
+
+# ----------------------------------------------------------------------------- the original
+def test_paper_transform_by_hand():
+    # d = [0, .5, 1, 2]: zero -> .5; log = [-ln2, -ln2, 0, ln2]; minmax [0, 0, .5, 1]; /1.5
+    np.testing.assert_allclose(compare.paper_transform([0.0, 0.5, 1.0, 2.0]),
+                               [0.0, 0.0, 1 / 3, 2 / 3], atol=1e-15)
+    np.testing.assert_allclose(compare.paper_transform([1.0, 1.0, 1.0, np.e]), [0, 0, 0, 1],
+                               atol=1e-15)
+    # constant log-density (0/0 in the original): uniform
+    np.testing.assert_allclose(compare.paper_transform([2.0, 2.0, 0.0]), [1 / 3] * 3)
+
+
+def test_paper_distance_by_hand():
+    # samples {0, 0, 1/3, 2/3} and {0, 0, 0, 1}, weights 1/4: sorted pairs differ by
+    # 0, 0, 1/3, 1/3 -> W1 = (2/3) / 4
+    got = compare.paper_distance([0.0, 0.5, 1.0, 2.0], [1.0, 1.0, 1.0, np.e])
+    assert got == pytest.approx(1 / 6, rel=1e-12)
+    # a density's scale drops out (log, then min-max)
+    assert compare.paper_distance([0.0, 5.0, 10.0, 20.0], [1.0, 1.0, 1.0, np.e]) == pytest.approx(
+        1 / 6, rel=1e-12)
+    # it ignores the grid: the same density values in another order give 0
+    assert compare.paper_distance([0.1, 0.5, 2.0], [2.0, 0.1, 0.5]) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_paper_metric_uses_each_measures_density():
+    class Curve:
+        def __init__(self, values):
+            self.values = np.asarray(values, float)
+
+        def density(self, points=1024):
+            assert points == 4
+            return np.arange(4.0), self.values
+
+    got = compare.paper_metric(Curve([0.0, 0.5, 1.0, 2.0]), Curve([1.0, 1.0, 1.0, np.e]), points=4)
+    assert got == pytest.approx(1 / 6, rel=1e-12)
+    with pytest.raises(ValueError):
+        compare.paper_transform([0.0, 0.0])
+
+
+def test_paper_peak_epochs_are_the_originals_plus_one():
+    assert len(compare.PAPER_PEAK_EPOCH) == 12
+    assert compare.paper_peak_epoch("LeNet", "MNIST") == 19
+    assert compare.paper_peak_epoch("VGG11_bn", "FashionMNIST") == 7
+    assert compare.paper_peak_epoch("LeNet", "Digits") is None
+    assert len(set(compare.SEED_RUNS)) == 12
+    assert "model=ResNet18,dataset=CIFAR10,te,run1" in compare.SEED_RUNS
+
+
+# ----------------------------------------------------------------------------- runs
+def test_layer_distances_known_run(tmp_path):
+    run = load_run(write_run(tmp_path / "r", epochs=range(0, 6), best_layer=2, peak_epoch=3,
+                             nodes=12, vectors=2))
+    d = compare.layer_distances(run)
+    assert sorted(d["epoch"].unique()) == [1, 2, 3, 4, 5]  # epoch 0 left out by default
+    assert list(d.columns) == compare.DISTANCE_COLUMNS
+    assert list(d.loc[d["epoch"] == 1, "layer"]) == list(LENET_LAYERS)
+    np.testing.assert_allclose(d.loc[d["epoch"] == 1, "depth"], [0, 0.25, 0.5, 0.75, 1])
+    # exact: both monotone in u with the same weights -> W1 = sum w (u - u^(1+t))
+    u, w = np.linspace(0, 1, 12), base_weights(12)
+    for row in d.itertuples():
+        t = 0.5 * abs(row.index - 2) + 0.2 * abs(row.epoch - 3)
+        assert row.distance == pytest.approx(np.sum(w * (u - u ** (1 + t))), abs=1e-12)
+    assert compare.peak_epoch(d) == 3
+    assert compare.best_layer(d, 3)["layer"] == "fc1.weight"
+    assert compare.best_layer(d)["index"] == 2
+    table = compare.distance_matrix(d)
+    assert list(table.index) == list(LENET_LAYERS) and list(table.columns) == [1, 2, 3, 4, 5]
+    prof = compare.profile(d)
+    assert prof["relative"].max() == pytest.approx(1.0) and prof["relative"].idxmin() == 2
+    summary = compare.summarize(d, {})
+    assert summary.loc[0, "peak_epoch"] == 3 and summary.loc[0, "peak_layer"] == "fc1.weight"
+    assert compare.summarize(d, {run.name: 5}).loc[0, "peak_source"] == "given"
+
+
+def test_layer_distances_paper_metric_and_errors(tmp_path):
+    run = load_run(write_run(tmp_path / "r", epochs=[0, 1, 2], best_layer=1, peak_epoch=2))
+    d = compare.layer_distances(run, "paper", epochs=[0, 1, 2], points=256)
+    assert (d["metric"] == "paper").all() and (d["normalize"] == "").all()
+    # an affine image of the full measure has an affine image of its density: distance ~0
+    at_peak = d[(d["epoch"] == 2) & (d["index"] == 1)]["distance"].item()
+    assert at_peak < 1e-6 < d["distance"].max()
+    with pytest.raises(UserError, match="epoch"):
+        compare.layer_distances(run, epochs=[7])
+    with pytest.raises(UserError, match="metric"):
+        compare.layer_distances(run, "kl")
+    only_full = load_run(write_run(tmp_path / "f", layers=(), epochs=[1]))
+    with pytest.raises(UserError, match="at least one"):
+        compare.layer_distances(only_full)
+
+
+def test_parse_epochs():
+    assert compare.parse_epochs("1-3,7, 5") == [1, 2, 3, 5, 7]
+    assert compare.parse_epochs("0") == [0]
+    for bad in ("x", "5-2", "", "-3"):
+        with pytest.raises(UserError):
+            compare.parse_epochs(bad)
+
+
+# ----------------------------------------------------------------------------- the command
+def png_has_content(path):
+    import matplotlib.image as mpimg
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 200
+    rgb = img[..., :3]
+    return float(np.std(rgb)) > 0.02 and (rgb < 0.5).mean() > 0.005
+
+
+def test_match_end_to_end(tmp_path, capsys):
+    a = write_run(tmp_path / "model=LeNet,dataset=MNIST,te,run1", best_layer=1, peak_epoch=2,
+                  epochs=range(0, 5))
+    b = write_run(tmp_path / "vgg", model="VGG11_bn", dataset="CIFAR10",
+                  layers=tuple(f"features.{i}.weight" for i in range(7)), best_layer=5,
+                  peak_epoch=4, epochs=range(0, 5))
+    out = tmp_path / "out"
+    rc = main(["match", str(a), str(b), "--out", str(out), "--metric", "both",
+               "--points", "128", "--dpi", "80"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "LeNet+MNIST" in text and "VGG11_bn+CIFAR10" in text
+    assert "at peak epoch 2 (computed): #1 conv2.weight" in text
+    assert "at peak epoch 4 (computed): #5 features.5.weight" in text
+    table = pd.read_csv(out / "match_distros.csv")
+    assert set(["run", "model", "dataset", "epoch", "layer", "depth", "distance",
+                "metric"]) <= set(table.columns)
+    assert len(table) == 2 * (5 * 4 + 7 * 4)  # metrics x (layers x epochs 1..4)
+    assert set(table["metric"]) == {"wasserstein", "paper"}
+    summary = pd.read_csv(out / "match_distros_summary.csv")
+    assert set(summary["peak_epoch"]) == {2, 4}
+    for name in ("match_distros_wasserstein.png", "match_distros_peak.png"):
+        assert png_has_content(out / name), name
+    # a given peak is used as is
+    rc = main(["match", str(a), "--out", str(out), "--peak", f"{a.name}=3", "--dpi", "60"])
+    assert rc == 0 and "at peak epoch 3 (given)" in capsys.readouterr().out
+
+
+def test_match_finds_seed_runs_in_working_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["match"]) == 2
+    assert "none of the 12 seed run directories" in capsys.readouterr().err
+    write_run(tmp_path / compare.seed_run_name("LeNet", "MNIST"), epochs=range(0, 21),
+              best_layer=3, peak_epoch=10, nodes=8)
+    assert main(["match", "--peak", "paper", "--dpi", "60"]) == 0
+    captured = capsys.readouterr()
+    assert "missing: model=LeNet,dataset=FashionMNIST,te,run1" in captured.err
+    assert "1 of the 12" in captured.err
+    assert "at peak epoch 19 (given): #3 fc2.weight" in captured.out
+    assert (tmp_path / "match_distros_peak.png").exists()
+
+
+def test_match_user_errors(tmp_path, capsys):
+    run = write_run(tmp_path / "r", epochs=[0, 1, 2])
+    cases = [
+        (["match", str(tmp_path / "absent")], "does not exist"),
+        (["match", str(run), "--peak", "r=x"], "RUN=EPOCH"),
+        (["match", str(run), "--peak", "other=1"], "not one of the runs"),
+        (["match", str(run), "--peak", "r=9", "--out", str(tmp_path)], "peak epoch 9"),
+        (["match", str(run), "--epochs", "5-6", "--out", str(tmp_path)], "no spectra at epoch"),
+        (["match", str(tmp_path / "r" / "images")], "not a LayerHessians run"),
+        (["match", str(run), "--peak", "paper", "--epochs", "1", "--out", str(tmp_path)],
+         "peak epoch 19"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"] == "LeNet"
