@@ -1,0 +1,228 @@
+"""``layerhessians train``: train a network and record the full and layer-wise Hessian
+spectra after every epoch into a run directory (see :mod:`layerhessians.train`).
+
+Accepts the seed's ``training_eigenspectrum.py`` flags verbatim, plus our own. Flags not
+typed take their defaults, or, when resuming (``--resume``), the values stored in the
+run's ``config.json``; typed flags must agree with a stored run except the volatile ones
+(``-n`` to extend a run, ``--device``, ``--save_freq``, ...).
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ..config import BN_MODES, DISTRIBUTIONS, HESSIAN_KINDS, HessianConfig, TrainConfig
+from ..devices import DEVICE_CHOICES, resolve_device
+from ..errors import UserError
+
+HELP = "train a network, measuring full and layer-wise Hessian spectra after every epoch"
+RUNS_ROOT = "runs"  # default parent of run directories (when -r is not given)
+#: flags accepted for the seed's command lines but without effect (as in the original,
+#: which placed logs/, ckpt/, images/ under -r whatever they said)
+IGNORED = ("log_dir", "ckpt_dir", "images_dir")
+# flag destination -> field of HessianConfig
+HESSIAN_FLAGS = {"hessian_iterations": "iterations", "hessian_vectors": "vectors",
+                 "hessian_kind": "kind", "hessian_bn_mode": "bn_mode",
+                 "hessian_every": "every", "hessian_distribution": "distribution",
+                 "layers": "layers", "init_spectra": "init"}
+RUN_FLAGS = ("run", "resume", "overwrite", "progress", "with_pdb", "cuda", *IGNORED)
+_OPTIONS = {}  # destination -> the option string used to rebuild the command line
+
+EPILOG = """\
+The run directory (-r RUN; default runs/model=M,dataset=D,opt=O,lr=LR,l2=L2,b=B,seed=S):
+  config.json          every setting, versions, device, dataset checksum, start time
+  metrics.csv          one row per epoch: epoch, lr, train/test loss and accuracy, seconds
+  spectra.csv          SLQ quadrature per epoch and block: epoch, block, vector, node, weight
+  checkpoints/last.pt  latest full training state; epoch_EEEE.pt every --save_freq epochs
+  logs/train.log       what was printed
+  images/              loss.png, acc.png (train and test, per epoch)
+  ckpt/                the original's files, with --export-legacy
+Epochs count completed training epochs (1..n; 0 = initialisation, with --init-spectra).
+Read a run with layerhessians.load_run(RUN); plot it with `layerhessians plot -r RUN`.
+"""
+
+
+def _add(group, *flags, **kwargs):
+    kwargs.setdefault("default", argparse.SUPPRESS)
+    action = group.add_argument(*flags, **kwargs)
+    _OPTIONS[action.dest] = max(flags, key=len)
+    return action
+
+
+def _one_line_errors(parser):
+    def error(message):
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+    parser.error = error
+
+
+def add_arguments(parser):
+    d, h = TrainConfig(), HessianConfig()
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    _one_line_errors(parser)
+    g = parser.add_argument_group("training (the seed's flags)")
+    _add(g, "-lr", "--learning_rate", type=float, metavar="LR",
+         help=f"learning rate (default {d.learning_rate:g})")
+    _add(g, "-l2", "--weight_decay", type=float, metavar="L2",
+         help=f"weight decay (default {d.weight_decay:g})")
+    _add(g, "-n", "--num_epochs", type=int, metavar="N",
+         help=f"training epochs; raise it with --resume to extend a run (default {d.num_epochs})")
+    _add(g, "-o", "--optimizer", metavar="{sgd,adam}",
+         help=f"SGD (momentum {d.momentum}) or Adam (default {d.optimizer}; the seed required it)")
+    _add(g, "-d", "--dataset", metavar="NAME",
+         help="Digits (bundled, offline), MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100; "
+              f"case-insensitive (default {d.dataset})")
+    _add(g, "-m", "--model", metavar="NAME",
+         help=f"LeNet, VGG11, VGG11_bn, ResNet18; case-insensitive (default {d.model})")
+    _add(g, "-b", "--batch_size", type=int, metavar="B", help=f"batch size (default {d.batch_size})")
+    _add(g, "--milestones", type=int, nargs="+", metavar="EPOCH",
+         help=f"epochs at which the learning rate is multiplied by --step_gamma (default {d.milestones[0]})")
+    _add(g, "--step_gamma", type=float, metavar="G", help=f"MultiStepLR factor (default {d.step_gamma:g})")
+    _add(g, "--augment", action="store_true",
+         help="random crops (4-pixel padding), plus horizontal flips on CIFAR")
+    _add(g, "--seed", type=int, help=f"seed of initialisation, batches and spectra (default {d.seed})")
+    _add(g, "--examples_per_class", type=int, metavar="K",
+         help=f"training examples per class in the fixed Hessian subset (default {d.examples_per_class})")
+    _add(g, "--loss", metavar="{ce}", help="loss: cross-entropy (the only choice)")
+    _add(g, "--dataset_root", metavar="DIR", help=f"datasets folder (default {d.dataset_root})")
+    _add(g, "-r", "--run", metavar="RUN",
+         help=f"run directory (default {RUNS_ROOT}/model=...,dataset=...; see below)")
+    _add(g, "--resume", nargs="?", const=True, metavar="PATH",
+         help="continue the run in -r (or in PATH: a run directory or its "
+              "checkpoints/last.pt) from its last completed epoch; untyped flags come from "
+              "its config.json")
+    _add(g, "--save_freq", type=int, metavar="K", help="also keep the weights every K epochs")
+    _add(g, "--cuda", type=int, metavar="N", help="GPU index (seed flag; same as --device cuda:N)")
+    _add(g, "-j", "--workers", type=int, help="accepted for the seed's command lines; unused "
+                                              "(data are held in memory)")
+    _add(g, "-pdb", "--with_pdb", action="store_true",
+         help="drop into the debugger on an unexpected exception")
+    for name in IGNORED:
+        _add(g, f"--{name}", metavar="DIR", help="accepted for the seed's command lines; "
+                                                 "ignored (outputs go under -r)")
+
+    hg = parser.add_argument_group("spectra (the paper's setting by default)")
+    _add(hg, "--hessian-iterations", type=int, metavar="K",
+         help=f"Lanczos steps per random vector (default {h.iterations})")
+    _add(hg, "--hessian-vectors", type=int, metavar="V",
+         help=f"random start vectors (default {h.vectors})")
+    _add(hg, "--hessian-kind", choices=HESSIAN_KINDS,
+         help=f"the Hessian, its Gauss-Newton part or the residual (default {h.kind})")
+    _add(hg, "--hessian-bn-mode", choices=BN_MODES,
+         help="batch norm with running statistics (eval) or the subset's batch statistics "
+              f"(train) (default {h.bn_mode})")
+    _add(hg, "--hessian-distribution", choices=DISTRIBUTIONS,
+         help=f"distribution of the random start vectors (default {h.distribution})")
+    _add(hg, "--hessian-every", type=int, metavar="N",
+         help=f"spectra every N epochs; the last epoch always (default {h.every})")
+    _add(hg, "--no-layers", dest="layers", action="store_false",
+         help="only the full Hessian, no layer blocks")
+    _add(hg, "--init-spectra", action="store_true", help="also measure at initialisation (epoch 0)")
+
+    rg = parser.add_argument_group("run")
+    _add(rg, "--device", metavar="DEV", help=f"{DEVICE_CHOICES} (default: cpu, or --cuda N)")
+    _add(rg, "--overwrite", action="store_true", help="replace a run already in -r")
+    _add(rg, "--export-legacy", action="store_true",
+         help="also write the original's ckpt/training_eigenspectrum_full.npy and "
+              "ckpt/training_eigenspectrums_epoch_E_layer_NAME.npz")
+    _add(rg, "--no-download", dest="download", action="store_false",
+         help="never download datasets (fail if absent)")
+    _add(rg, "--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+# ----------------------------------------------------------------------------- resolution
+def typed_flags(args) -> dict:
+    """The flags the user typed (untyped ones are absent: their defaults are SUPPRESS)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+
+
+def _resume_target(value, run):
+    """The run directory named by ``--resume PATH`` (a run directory or a checkpoint in it)."""
+    path = Path(value)
+    if not path.exists():
+        raise UserError(f"--resume {value}: no such file or directory; pass a run directory "
+                        "or its checkpoints/last.pt")
+    if path.is_file():
+        if path.parent.name == "checkpoints" and (path.parent.parent / "config.json").is_file():
+            path = path.parent.parent
+        else:
+            raise UserError(f"--resume {value} is not inside a run directory "
+                            "(RUN/checkpoints/*.pt); pass the run directory instead")
+    if run is not None and Path(run).resolve() != path.resolve():
+        raise UserError(f"--resume {value} and -r {run} name different runs; give one of them")
+    return path
+
+
+def _apply(config: TrainConfig, flags: dict) -> TrainConfig:
+    hessian = config.hessian.to_dict()
+    main = config.to_dict()
+    for key, value in flags.items():
+        if key in HESSIAN_FLAGS:
+            hessian[HESSIAN_FLAGS[key]] = value
+        elif key not in RUN_FLAGS:
+            main[key] = value
+    main["hessian"] = hessian
+    return TrainConfig.from_dict(main)
+
+
+def resolve(flags: dict):
+    """``(config, run_dir, resume, overwrite)`` from the typed flags (and a stored run)."""
+    resume = flags.get("resume")
+    overwrite = bool(flags.get("overwrite", False))
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; give one")
+    run = flags.get("run")
+    if isinstance(resume, str):
+        run = _resume_target(resume, run)
+    if "cuda" in flags or "device" in flags:  # check devices before loading any data
+        flags = {**flags, "device": str(resolve_device(flags.get("device"), flags.get("cuda")))}
+    config = _apply(TrainConfig(), flags).validated()
+    run_dir = Path(run) if run is not None else Path(RUNS_ROOT) / config.run_name()
+    stored = run_dir / "config.json"
+    if resume and stored.is_file():
+        import json
+
+        try:
+            base = TrainConfig.from_dict(json.loads(stored.read_text()))
+        except (ValueError, TypeError) as err:
+            raise UserError(f"{stored} is unreadable ({err}); use --overwrite to start over") from None
+        config = _apply(base, flags).validated()
+    elif resume and isinstance(flags.get("resume"), str):
+        raise UserError(f"--resume {flags['resume']}: {run_dir} holds no run (no config.json)")
+    return config, run_dir, bool(resume), overwrite
+
+
+def command_line(flags: dict) -> str:
+    """``layerhessians train ...`` rebuilt from the typed flags (recorded in config.json)."""
+    argv = ["layerhessians", "train"]
+    for key, value in flags.items():
+        option = _OPTIONS.get(key, f"--{key}")
+        if isinstance(value, bool):
+            argv.append(option)
+        elif isinstance(value, (list, tuple)):
+            argv += [option, *map(str, value)]
+        else:
+            argv += [option, str(value)]
+    return shlex.join(argv)
+
+
+def run(args) -> int:
+    from ..train import train
+
+    flags = typed_flags(args)
+    try:
+        config, run_dir, resume, overwrite = resolve(flags)
+        train(config, run_dir, resume=resume, overwrite=overwrite, command=command_line(flags),
+              progress=None if flags.get("progress", True) else False)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception:
+        if flags.get("with_pdb"):
+            import pdb
+            import traceback
+
+            traceback.print_exc()
+            pdb.post_mortem(sys.exc_info()[2])
+        raise
+    return 0

@@ -1,0 +1,207 @@
+"""The settings of a training run: :class:`TrainConfig` (training, data, run) holding a
+:class:`HessianConfig` (the spectra engine), with the seed's defaults and validation.
+
+``TrainConfig(...).validated()`` canonicalises names (``"lenet"`` -> ``"LeNet"``) and checks
+values, raising :class:`UserError` with a one-line fix; ``to_dict()`` is what a run's
+``config.json`` stores (flat, with ``"hessian"`` nested); ``TrainConfig.from_dict`` reads it
+back (unknown keys, such as the run facts ``train`` adds, are ignored).
+
+Defaults are the seed's (``training_eigenspectrum.py``), except: dataset ``Digits`` (bundled,
+offline; the seed's was CIFAR10), model ``LeNet``, optimizer ``sgd`` (the seed required
+``-o``), dataset root ``datasets``. The Hessian defaults reproduce the paper's setting:
+128 Lanczos steps from 1 Gaussian random vector, the full Hessian (not the Gauss-Newton
+part), batch norm in eval mode, spectra after every epoch, every layer block.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from numbers import Integral, Real
+
+from .errors import UserError
+
+OPTIMIZERS = ("sgd", "adam")
+LOSSES = ("ce",)
+HESSIAN_KINDS = ("hessian", "ggn", "residual")
+BN_MODES = ("eval", "train")
+DISTRIBUTIONS = ("gaussian", "rademacher")
+SGD_MOMENTUM = 0.9  # the seed's SGD momentum (fixed, recorded in config.json)
+
+
+# ----------------------------------------------------------------------------- checks
+def _int(label, value, minimum=1, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise UserError(f"{label} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _real(label, value, minimum=0.0, strict=False):
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        bound = ">" if strict else ">="
+        raise UserError(f"{label} must be a finite number {bound} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _choice(label, value, choices):
+    by_lower = {c.lower(): c for c in choices}
+    key = str(value).strip().lower() if isinstance(value, str) else None
+    if key not in by_lower:
+        raise UserError(f"unknown {label} {value!r}; choose one of {', '.join(choices)}")
+    return by_lower[key]
+
+
+def _bool(label, value):
+    if not isinstance(value, bool):
+        raise UserError(f"{label} must be true or false, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass
+class HessianConfig:
+    """How the spectra are computed at the end of an epoch (``layer_spectra`` arguments).
+
+    ``iterations``: Lanczos steps per random vector (Ritz values per vector); ``vectors``:
+    random start vectors (SLQ samples); ``kind``: ``hessian | ggn | residual``; ``bn_mode``:
+    the batch-norm mode the Hessian is taken in (``eval``: running statistics;
+    ``train``: batch statistics of the Hessian subset); ``every``: spectra every N epochs
+    (the last epoch always); ``layers``: also every layer block, not only the full Hessian;
+    ``init``: also at initialisation (epoch 0); ``distribution`` of the random vectors;
+    ``reorthogonalize``: full re-orthogonalisation in Lanczos (the original had none);
+    ``subset_seed``: seed of the class-balanced Hessian subset (the original's fixed 0).
+    """
+
+    iterations: int = 128
+    vectors: int = 1
+    kind: str = "hessian"
+    bn_mode: str = "eval"
+    every: int = 1
+    layers: bool = True
+    init: bool = False
+    distribution: str = "gaussian"
+    reorthogonalize: bool = True
+    subset_seed: int = 0  # the original's fixed seed of the Hessian subset (not --seed)
+
+    def validated(self) -> "HessianConfig":
+        return replace(
+            self,
+            iterations=_int("--hessian-iterations", self.iterations, minimum=2),
+            vectors=_int("--hessian-vectors", self.vectors),
+            kind=_choice("--hessian-kind", self.kind, HESSIAN_KINDS),
+            bn_mode=_choice("--hessian-bn-mode", self.bn_mode, BN_MODES),
+            every=_int("--hessian-every", self.every),
+            layers=_bool("layers", self.layers),
+            init=_bool("--init-spectra", self.init),
+            distribution=_choice("hessian distribution", self.distribution, DISTRIBUTIONS),
+            reorthogonalize=_bool("reorthogonalize", self.reorthogonalize),
+            subset_seed=_int("hessian subset seed", self.subset_seed, minimum=0),
+        )
+
+    def due(self, epoch: int, num_epochs: int) -> bool:
+        """Whether the spectra are computed after ``epoch`` (0 = initialisation)."""
+        if epoch == 0:
+            return self.init
+        return epoch % self.every == 0 or epoch == num_epochs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (the ``layerhessians train`` flags).
+
+    Units: ``learning_rate`` and ``weight_decay`` as passed to the optimizer (``-l2``:
+    decoupled from the loss, torch's ``weight_decay``); ``milestones`` in epochs;
+    ``examples_per_class``: training examples per class in the fixed Hessian subset.
+    ``device`` is a request (``cpu``, ``cuda:N``, ``auto``...) resolved by
+    :func:`layerhessians.devices.resolve_device`.
+    """
+
+    model: str = "LeNet"
+    dataset: str = "Digits"
+    optimizer: str = "sgd"
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = SGD_MOMENTUM
+    num_epochs: int = 100
+    batch_size: int = 256
+    milestones: list = field(default_factory=lambda: [10000])
+    step_gamma: float = 0.1
+    augment: bool = False
+    seed: int = 0
+    examples_per_class: int = 10
+    loss: str = "ce"
+    dataset_root: str = "datasets"
+    download: bool = True
+    device: str = "cpu"
+    save_freq: int = None
+    export_legacy: bool = False
+    workers: int = 4  # accepted for the seed's -j; data are in memory, no loader workers
+    hessian: HessianConfig = field(default_factory=HessianConfig)
+
+    def validated(self) -> "TrainConfig":
+        """A copy with names canonicalised and every value checked (:class:`UserError`)."""
+        from .data.registry import get_spec
+        from .models import canonical_model_name
+
+        milestones = self.milestones
+        if isinstance(milestones, Integral) and not isinstance(milestones, bool):
+            milestones = [milestones]
+        if not isinstance(milestones, (list, tuple)) or not milestones:
+            raise UserError(f"--milestones takes one or more epochs, got {milestones!r}")
+        hessian = self.hessian
+        if isinstance(hessian, dict):
+            hessian = HessianConfig(**{k: v for k, v in hessian.items() if k in _names(HessianConfig)})
+        return replace(
+            self,
+            model=canonical_model_name(self.model),
+            dataset=get_spec(self.dataset).name,
+            optimizer=_choice("optimizer", self.optimizer, OPTIMIZERS),
+            learning_rate=_real("--learning_rate", self.learning_rate, strict=True),
+            weight_decay=_real("--weight_decay", self.weight_decay),
+            momentum=_real("momentum", self.momentum),
+            num_epochs=_int("--num_epochs", self.num_epochs),
+            batch_size=_int("--batch_size", self.batch_size),
+            milestones=sorted(_int("--milestones", m) for m in milestones),
+            step_gamma=_real("--step_gamma", self.step_gamma, strict=True),
+            augment=_bool("--augment", self.augment),
+            seed=_int("--seed", self.seed, minimum=0),
+            examples_per_class=_int("--examples_per_class", self.examples_per_class),
+            loss=_choice("loss", self.loss, LOSSES),
+            dataset_root=str(self.dataset_root),
+            download=_bool("download", self.download),
+            device=str(self.device),
+            save_freq=_int("--save_freq", self.save_freq, allow_none=True),
+            export_legacy=_bool("--export-legacy", self.export_legacy),
+            workers=_int("--workers", self.workers, minimum=0),
+            hessian=hessian.validated(),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict: the fields, with ``"hessian"`` as a nested dict."""
+        out = asdict(self)
+        out["milestones"] = list(self.milestones)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """The settings stored in ``data`` (e.g. a run's ``config.json``); other keys ignored."""
+        kwargs = {k: v for k, v in data.items() if k in _names(cls)}
+        if isinstance(kwargs.get("hessian"), dict):
+            hessian = kwargs["hessian"]
+            kwargs["hessian"] = HessianConfig(
+                **{k: v for k, v in hessian.items() if k in _names(HessianConfig)})
+        return cls(**kwargs)
+
+    def run_name(self) -> str:
+        """The default run directory name (under ``runs/``): ``model=M,dataset=D,...``."""
+        return (f"model={self.model},dataset={self.dataset},opt={self.optimizer},"
+                f"lr={self.learning_rate:g},l2={self.weight_decay:g},b={self.batch_size},"
+                f"seed={self.seed}")
+
+
+def _names(cls) -> set:
+    return {f.name for f in fields(cls)}
