@@ -1,0 +1,157 @@
+"""The full spectrum and every layer block's spectrum of a model, in one shared computation."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from layerhessians.errors import UserError
+from layerhessians.hessian.lanczos import slq_many
+from layerhessians.hessian.measure import SpectralMeasure
+from layerhessians.hessian.operators import (
+    FULL,
+    CurvatureGraph,
+    CurvatureOperator,
+    Reduction,
+    resolve_params,
+)
+
+__all__ = ["layer_operators", "layer_spectra", "operator_dims"]
+
+
+def _layer_mapping(model: nn.Module, layers) -> "OrderedDict[str, list]":
+    if layers is True:
+        from layerhessians.models.blocks import layer_blocks
+
+        mapping = layer_blocks(model)
+    elif layers is False or layers is None:
+        return OrderedDict()
+    elif isinstance(layers, Mapping):
+        mapping = layers
+    else:
+        raise UserError("layers must be True, False or a {name: parameter(s)} mapping")
+    result = OrderedDict()
+    for name, params in mapping.items():
+        if name == FULL:
+            raise UserError(f"{FULL!r} is reserved for the full Hessian: rename that block")
+        if isinstance(params, (nn.Parameter, torch.Tensor)):
+            params = [params]
+        result[str(name)] = list(params)
+    return result
+
+
+def layer_operators(model: nn.Module, loss_fn, data, kind: str = "hessian",
+                    bn_mode: str = "eval", layers=True, reuse_graph: bool = True,
+                    reduction: Reduction | None = None
+                    ) -> "OrderedDict[str, CurvatureOperator]":
+    """``{"full": operator, layer name: block operator, ...}`` on ONE shared graph.
+
+    The graph differentiates every trainable parameter (in ``model.named_parameters()``
+    order); a block operator for layer ``l`` differentiates only ``l``'s parameters, so
+    a Lanczos step costs one forward-free product per operator. ``layers``: ``True``
+    (``layer_blocks(model)``: every Conv2d/Linear weight), ``False`` (full only) or a
+    ``{name: parameter or list of parameters}`` mapping. See :func:`hessian_operator` for
+    the other arguments.
+    """
+    params, names = resolve_params(model)
+    graph = CurvatureGraph(model, loss_fn, data, params, kind, bn_mode, reuse_graph, reduction)
+    index = {id(p): i for i, p in enumerate(params)}
+    operators = OrderedDict()
+    operators[FULL] = CurvatureOperator(graph, range(len(params)), names, name=FULL)
+    for name, block in _layer_mapping(model, layers).items():
+        block_params, block_names = resolve_params(model, block)
+        operators[name] = CurvatureOperator(graph, [index[id(p)] for p in block_params],
+                                            block_names, name=name)
+    return operators
+
+
+def operator_dims(model: nn.Module, layers=True) -> "OrderedDict[str, int]":
+    """``{"full": dim, layer name: dim, ...}``: the sizes of the operators of
+    :func:`layer_operators` (without building anything)."""
+    params, _ = resolve_params(model)
+    dims = OrderedDict({FULL: sum(p.numel() for p in params)})
+    for name, block in _layer_mapping(model, layers).items():
+        block_params, _ = resolve_params(model, block)
+        dims[name] = sum(p.numel() for p in block_params)
+    return dims
+
+
+def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = 128, vectors: int = 1,
+                  seed: int = 0, distribution: str = "rademacher",
+                  reorthogonalize=True, kind: str = "hessian", bn_mode: str = "eval",
+                  layers=True, progress: bool = False,
+                  reduction: Reduction | None = None, micro_batch_size=None,
+                  reuse_graph=True, memory_budget=None) -> "OrderedDict[str, SpectralMeasure]":
+    """Spectra of the full Hessian and of every layer's diagonal Hessian block.
+
+    One lockstep Lanczos run per random vector advances the full operator and all layer
+    blocks together; all their products share one first-order graph (one forward pass and
+    one ``create_graph`` gradient per batch for everything, built once). Start vectors are
+    seeded by ``(seed, vector index, block name)``, so each block's measure equals
+    ``slq(hessian_operator(model, loss_fn, data, params=[that layer's weight]), ...)``
+    whatever other blocks are computed.
+
+    Args:
+        model, loss_fn, data, kind, bn_mode: as in :func:`hessian_operator`.
+        iterations: Lanczos steps per vector (default 128, the paper's run).
+        vectors: random start vectors per block (default 1).
+        seed: base seed (default 0).
+        distribution: ``"rademacher"`` (default) or ``"gaussian"``.
+        reorthogonalize: full float64 re-orthogonalisation (default); its memory is
+            ``iterations * 8`` bytes per parameter, twice the model size in all
+            (full + blocks); ``False`` keeps ``O(dim)``; ``"auto"``: full when the bases fit
+            half the memory budget, else none with a logged warning
+            (:func:`~layerhessians.hessian.memory.choose_reorthogonalize`).
+        layers: ``True`` (every Conv2d/Linear weight), ``False`` (full spectrum only) or a
+            ``{name: parameter(s)}`` mapping.
+        progress: tqdm bar over the Lanczos steps (hidden when not writing to a terminal).
+        reduction: the distributed reduction hook (identity by default).
+        micro_batch_size: cut the data into micro-batches of at most this many examples
+            (``None``: as given; ``"auto"``: the largest whose graphs fit the budget); the
+            products are accumulated, so the spectra are unchanged up to rounding.
+        reuse_graph: keep the graphs for all products (default), rebuild them for every
+            product (``False``: one micro-batch's graph alive at a time), or ``"auto"``.
+        memory_budget: bytes, ``"8GB"``, ``"40%"`` (of the free memory) or ``None`` (the
+            default of :mod:`~layerhessians.hessian.memory`), for the ``"auto"`` choices.
+
+    Returns:
+        ``OrderedDict`` ``{"full": SpectralMeasure, layer name: SpectralMeasure, ...}`` in
+        layer order. The model's parameters, buffers and modes are left unchanged.
+    """
+    from layerhessians.hessian.memory import (
+        choose_reorthogonalize,
+        memory_budget as budget_bytes,
+        plan_memory,
+        split_batches,
+    )
+    from layerhessians.hessian.operators import as_batches
+
+    if "auto" in (micro_batch_size, reuse_graph):
+        data = as_batches(data)
+        if micro_batch_size is None:  # keep the batches as given
+            micro_batch_size = max(int(x.shape[0]) for x, _ in data)
+        plan = plan_memory(model, loss_fn, data, dims=list(operator_dims(model, layers).values()),
+                           iterations=iterations, kind=kind, bn_mode=bn_mode,
+                           reorthogonalize=reorthogonalize,
+                           micro_batch_size=None if micro_batch_size == "auto" else micro_batch_size,
+                           reuse_graph=reuse_graph, budget=memory_budget)
+        reorthogonalize, micro_batch_size, reuse_graph = \
+            plan.reorthogonalize, plan.micro_batch_size, plan.reuse_graph
+    elif isinstance(reorthogonalize, str):
+        device = next(model.parameters()).device
+        reorthogonalize = choose_reorthogonalize(
+            reorthogonalize, list(operator_dims(model, layers).values()), iterations,
+            budget_bytes(memory_budget, device))
+    if micro_batch_size is not None:
+        data = split_batches(as_batches(data), micro_batch_size)
+    operators = layer_operators(model, loss_fn, data, kind, bn_mode, layers, reuse_graph,
+                                reduction)
+    try:
+        measures = slq_many(list(operators.values()), list(operators), iterations, vectors,
+                            seed, distribution, reorthogonalize, progress)
+    finally:
+        operators[FULL].release()
+    return OrderedDict(zip(operators, measures))
