@@ -24,6 +24,7 @@ LOSSES = ("ce",)
 HESSIAN_KINDS = ("hessian", "ggn", "residual")
 BN_MODES = ("eval", "train")
 DISTRIBUTIONS = ("gaussian", "rademacher")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
 SGD_MOMENTUM = 0.9  # the seed's SGD momentum (fixed, recorded in config.json)
 
 
@@ -52,6 +53,38 @@ def _choice(label, value, choices):
     return by_lower[key]
 
 
+def _reorthogonalize(value):
+    if isinstance(value, bool):
+        return value
+    choices = {"auto": "auto", "full": True, "true": True, "none": False, "false": False}
+    key = value.strip().lower() if isinstance(value, str) else None
+    if key not in choices:
+        raise UserError(f"--hessian-reorthogonalize must be auto, full or none, got {value!r}")
+    return choices[key]
+
+
+def _hessian_total(value):
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise UserError(f"--hessian-examples takes a number of examples >= 1 or 'all', "
+                        f"got {value!r}")
+    return int(value)
+
+
+def _budget(value):
+    from .hessian.memory import parse_budget
+
+    if value is None:
+        return None
+    parse_budget(value)  # raises UserError with the accepted forms
+    return value if isinstance(value, (int, float)) else str(value).strip()
+
+
 def _bool(label, value):
     if not isinstance(value, bool):
         raise UserError(f"{label} must be true or false, got {value!r}")
@@ -69,7 +102,9 @@ class HessianConfig:
     ``train``: batch statistics of the Hessian subset); ``every``: spectra every N epochs
     (the last epoch always); ``layers``: also every layer block, not only the full Hessian;
     ``init``: also at initialisation (epoch 0); ``distribution`` of the random vectors;
-    ``reorthogonalize``: full re-orthogonalisation in Lanczos (the original had none);
+    ``reorthogonalize``: full re-orthogonalisation in Lanczos (the original had none):
+    ``True``, ``False`` or ``"auto"`` (the default: full when the Lanczos bases fit half the
+    memory budget, else none with a warning; a run records what it used in config.json);
     ``subset_seed``: seed of the class-balanced Hessian subset (the original's fixed 0).
     """
 
@@ -81,7 +116,7 @@ class HessianConfig:
     layers: bool = True
     init: bool = False
     distribution: str = "gaussian"
-    reorthogonalize: bool = True
+    reorthogonalize: object = "auto"  # True, False or "auto"
     subset_seed: int = 0  # the original's fixed seed of the Hessian subset (not --seed)
 
     def validated(self) -> "HessianConfig":
@@ -95,7 +130,7 @@ class HessianConfig:
             layers=_bool("layers", self.layers),
             init=_bool("--init-spectra", self.init),
             distribution=_choice("hessian distribution", self.distribution, DISTRIBUTIONS),
-            reorthogonalize=_bool("reorthogonalize", self.reorthogonalize),
+            reorthogonalize=_reorthogonalize(self.reorthogonalize),
             subset_seed=_int("hessian subset seed", self.subset_seed, minimum=0),
         )
 
@@ -118,6 +153,15 @@ class TrainConfig:
     ``examples_per_class``: training examples per class in the fixed Hessian subset.
     ``device`` is a request (``cpu``, ``cuda:N``, ``auto``...) resolved by
     :func:`layerhessians.devices.resolve_device`.
+
+    Scaling (see :mod:`layerhessians.distributed`): ``hessian_total``: the Hessian set's size
+    (class-balanced as far as possible) or ``"all"`` (the training set), instead of
+    ``examples_per_class``; ``hessian_batch_size``: examples per first-order graph
+    (``None``: the largest that fits ``memory_budget``); ``memory_budget``: ``"8GB"``,
+    ``"40%"`` of the free memory, or ``None`` (80% of a GPU's, 50% of the host's shared by
+    its processes); ``dist_backend``: ``auto`` (nccl on GPUs, gloo on CPUs), ``gloo`` or
+    ``nccl`` (used under torchrun); ``sync_bn``: SyncBatchNorm when training on several
+    GPUs (otherwise batch norm uses each rank's own batch statistics).
     """
 
     model: str = "LeNet"
@@ -140,6 +184,11 @@ class TrainConfig:
     save_freq: int = None
     export_legacy: bool = False
     workers: int = 4  # accepted for the seed's -j; data are in memory, no loader workers
+    hessian_total: object = None  # None (per class), an int, or "all"
+    hessian_batch_size: int = None
+    memory_budget: object = None
+    dist_backend: str = "auto"
+    sync_bn: bool = False
     hessian: HessianConfig = field(default_factory=HessianConfig)
 
     def validated(self) -> "TrainConfig":
@@ -177,6 +226,12 @@ class TrainConfig:
             save_freq=_int("--save_freq", self.save_freq, allow_none=True),
             export_legacy=_bool("--export-legacy", self.export_legacy),
             workers=_int("--workers", self.workers, minimum=0),
+            hessian_total=_hessian_total(self.hessian_total),
+            hessian_batch_size=_int("--hessian-batch-size", self.hessian_batch_size,
+                                    allow_none=True),
+            memory_budget=_budget(self.memory_budget),
+            dist_backend=_choice("--dist-backend", self.dist_backend, DIST_BACKENDS),
+            sync_bn=_bool("--sync-bn", self.sync_bn),
             hessian=hessian.validated(),
         )
 

@@ -5,14 +5,19 @@ Accepts the seed's ``training_eigenspectrum.py`` flags verbatim, plus our own. F
 typed take their defaults, or, when resuming (``--resume``), the values stored in the
 run's ``config.json``; typed flags must agree with a stored run except the volatile ones
 (``-n`` to extend a run, ``--device``, ``--save_freq``, ...).
+
+The same command runs as one job over several processes under ``torchrun`` (see
+:mod:`layerhessians.distributed`): ``torchrun --nproc_per_node N -m layerhessians train ...``.
 """
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
 
-from ..config import BN_MODES, DISTRIBUTIONS, HESSIAN_KINDS, HessianConfig, TrainConfig
+from ..config import (BN_MODES, DIST_BACKENDS, DISTRIBUTIONS, HESSIAN_KINDS, HessianConfig,
+                      TrainConfig)
 from ..devices import DEVICE_CHOICES, resolve_device
 from ..errors import UserError
 
@@ -25,7 +30,8 @@ IGNORED = ("log_dir", "ckpt_dir", "images_dir")
 HESSIAN_FLAGS = {"hessian_iterations": "iterations", "hessian_vectors": "vectors",
                  "hessian_kind": "kind", "hessian_bn_mode": "bn_mode",
                  "hessian_every": "every", "hessian_distribution": "distribution",
-                 "layers": "layers", "init_spectra": "init"}
+                 "layers": "layers", "init_spectra": "init",
+                 "hessian_reorthogonalize": "reorthogonalize"}
 RUN_FLAGS = ("run", "resume", "overwrite", "progress", "with_pdb", "cuda", *IGNORED)
 _OPTIONS = {}  # destination -> the option string used to rebuild the command line
 
@@ -40,7 +46,25 @@ The run directory (-r RUN; default runs/model=M,dataset=D,opt=O,lr=LR,l2=L2,b=B,
   ckpt/                the original's files, with --export-legacy
 Epochs count completed training epochs (1..n; 0 = initialisation, with --init-spectra).
 Read a run with layerhessians.load_run(RUN); plot it with `layerhessians plot -r RUN`.
+
+Several processes, one run (only rank 0 writes RUN; -b is the global batch):
+  torchrun --nproc_per_node N -m layerhessians train ...            (one node)
+  torchrun --nnodes M --node_rank I --nproc_per_node N --master_addr HOST
+           --master_port PORT -m layerhessians train ...
 """
+
+
+def _hessian_examples(text: str):
+    """``--hessian-examples``: a positive integer or ``all``."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of examples or 'all', got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of examples >= 1, got {value}")
+    return value
 
 
 def _add(group, *flags, **kwargs):
@@ -119,6 +143,30 @@ def add_arguments(parser):
     _add(hg, "--no-layers", dest="layers", action="store_false",
          help="only the full Hessian, no layer blocks")
     _add(hg, "--init-spectra", action="store_true", help="also measure at initialisation (epoch 0)")
+    _add(hg, "--hessian-examples", dest="hessian_total", type=_hessian_examples,
+         metavar="N|all",
+         help="size of the fixed Hessian set, class-balanced as far as possible, or 'all' "
+              "(the training set); replaces --examples_per_class")
+    _add(hg, "--hessian-reorthogonalize", choices=("auto", "full", "none"),
+         help="Lanczos re-orthogonalisation: full, none (the original), or auto: full when "
+              "the bases fit half the memory budget (default auto; config.json records "
+              "the choice)")
+
+    sg = parser.add_argument_group("memory and processes")
+    _add(sg, "--hessian-batch-size", type=int, metavar="M",
+         help="examples per first-order graph (micro-batch); products are accumulated, "
+              "same spectra (default: the largest that fits --memory-budget)")
+    _add(sg, "--memory-budget", metavar="SIZE",
+         help="memory for the Hessian graphs and Lanczos bases, e.g. 8GB, 512MiB, 40%% of "
+              "the free memory (default auto: 80%% of a GPU's free memory, 50%% of the "
+              "host's shared by its processes); graphs that do not fit are rebuilt for "
+              "every product (slower, same numbers)")
+    _add(sg, "--dist-backend", choices=DIST_BACKENDS,
+         help="torch.distributed backend under torchrun (default auto: nccl on GPUs, gloo "
+              "on the CPU)")
+    _add(sg, "--sync-bn", action="store_true",
+         help="SyncBatchNorm when training on several GPUs (default: batch statistics per "
+              "rank)")
 
     rg = parser.add_argument_group("run")
     _add(rg, "--device", metavar="DEV", help=f"{DEVICE_CHOICES} (default: cpu, or --cuda N)")
@@ -173,6 +221,9 @@ def resolve(flags: dict):
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; give one")
     run = flags.get("run")
+    if "hessian_total" in flags and "examples_per_class" in flags:
+        raise UserError("--hessian-examples and --examples_per_class both set the Hessian "
+                        "set's size; give one")
     if isinstance(resume, str):
         run = _resume_target(resume, run)
     if "cuda" in flags or "device" in flags:  # check devices before loading any data
@@ -208,6 +259,7 @@ def command_line(flags: dict) -> str:
 
 
 def run(args) -> int:
+    from ..distributed import PeerError
     from ..train import train
 
     flags = typed_flags(args)
@@ -215,6 +267,10 @@ def run(args) -> int:
         config, run_dir, resume, overwrite = resolve(flags)
         train(config, run_dir, resume=resume, overwrite=overwrite, command=command_line(flags),
               progress=None if flags.get("progress", True) else False)
+    except PeerError:
+        if os.environ.get("RANK", "0") != "0":
+            return 2  # the failing rank printed the cause
+        raise
     except (UserError, KeyboardInterrupt):
         raise
     except Exception:

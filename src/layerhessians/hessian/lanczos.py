@@ -157,9 +157,12 @@ class _Recurrence:
         self.rtol = breakdown_rtol
         self.done, self.breakdown, self.residual = False, False, math.nan
 
-    def step(self) -> None:
+    def step(self, product: Tensor | None = None) -> None:
+        """One Lanczos step; ``product``: ``A q`` already computed into ``self.spare[0]``."""
         j = len(self.alphas)
-        if self.accepts_out:
+        if product is not None:
+            w = product
+        elif self.accepts_out:
             w = self.op.matvec(self.q, out=self.spare[0])
         else:  # a foreign operator may return a tensor it keeps: work on a copy
             w = self.spare[0].copy_(torch.as_tensor(self.op.matvec(self.q)))
@@ -231,6 +234,25 @@ def _check_basis_memory(operators: Sequence, iterations: int) -> None:
             )
 
 
+def _step_all(runs: Sequence[_Recurrence]) -> None:
+    """One step of every run. Runs whose operators share a graph that is rebuilt for every
+    product (``reuse_graph=False``) get their products from one pass over its batches
+    (:meth:`~layerhessians.hessian.operators.CurvatureGraph.products`)."""
+    shared = {}
+    for run in runs:
+        graph = getattr(run.op, "graph", None)
+        if run.accepts_out and graph is not None and hasattr(graph, "products") \
+                and not getattr(graph, "reuse_graph", True):
+            shared.setdefault(id(graph), (graph, []))[1].append(run)
+        else:
+            run.step()
+    for graph, group in shared.values():
+        products = graph.products([r.op for r in group], [r.q for r in group],
+                                  [r.spare[0] for r in group])
+        for run, product in zip(group, products):
+            run.step(product)
+
+
 def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
             reorthogonalize: bool = True, keep_basis: bool = False, progress: bool = False,
             breakdown_rtol: float = BREAKDOWN_RTOL, description: str | None = None
@@ -263,9 +285,7 @@ def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
     with tqdm(total=total, desc=description or "Lanczos", unit="step", leave=False,
               disable=None if progress else True) as bar:
         for _ in range(total):
-            for run in runs:
-                if not run.done:
-                    run.step()
+            _step_all([run for run in runs if not run.done])
             bar.update()
             if all(r.done for r in runs):
                 break

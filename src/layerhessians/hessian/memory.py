@@ -12,7 +12,10 @@ and the first-order graphs.
   batch, measured by building one small graph with ``saved_tensors_hooks``.
 - :func:`plan_micro_batches` / :func:`plan_memory`: the micro-batch size and whether the
   graphs of all micro-batches are kept (``reuse_graph``) or rebuilt for every product
-  (slower, same numbers), so that the peak fits the budget.
+  (same numbers; a Lanczos step then builds each micro-batch's graph once for the full
+  operator and all layer blocks together: LeNet, 400 examples, 4 micro-batches, full + 5
+  blocks: ~1.5x the time with kept graphs, against ~4.5x when every operator rebuilt), so
+  that the peak fits the budget.
 
 Micro-batching never changes the operator (products are sums over examples, each batch
 weighted by its size), except with batch norm in ``bn_mode="train"``, where every batch is
@@ -42,6 +45,7 @@ __all__ = [
     "choose_reorthogonalize",
     "default_budget",
     "format_bytes",
+    "free_memory",
     "measure_graph_cost",
     "memory_budget",
     "parse_budget",
@@ -107,11 +111,45 @@ def parse_budget(value) -> tuple[str, float] | None:
     return ("bytes", float(size))
 
 
-def default_budget(device, sharing: int = 1) -> int | None:
-    """The default budget on ``device``: 80% (GPU) or 50% (host) of its free memory, divided
-    by ``sharing`` (processes on the same memory); ``None`` when the free memory is unknown."""
+_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                  "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _cgroup_free() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 or v1), or None."""
+    for limit_file, usage_file in _CGROUP_FILES:
+        try:
+            with open(limit_file) as fh:
+                limit = fh.read().strip()
+            with open(usage_file) as fh:
+                usage = int(fh.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
+def free_memory(device) -> int | None:
+    """Free bytes on ``device``: the GPU's free memory, or the host's ``MemAvailable`` capped
+    by a container's cgroup limit; ``None`` when unknown."""
     device = torch.device(device)
     free = available_memory(device)
+    if device.type != "cuda":
+        capped = _cgroup_free()
+        if capped is not None:
+            free = capped if free is None else min(free, capped)
+    return free
+
+
+def default_budget(device, sharing: int = 1) -> int | None:
+    """The default budget on ``device``: 80% (GPU) or 50% (host) of its free memory
+    (:func:`free_memory`), divided by ``sharing`` (processes on the same memory); ``None``
+    when the free memory is unknown."""
+    device = torch.device(device)
+    free = free_memory(device)
     if free is None:
         return None
     fraction = GPU_FRACTION if device.type == "cuda" else HOST_FRACTION
@@ -128,7 +166,7 @@ def memory_budget(budget=None, device="cpu", sharing: int = 1) -> int | None:
     kind, amount = parsed
     if kind == "bytes":
         return int(amount)
-    free = available_memory(torch.device(device))
+    free = free_memory(device)
     return None if free is None else int(amount * free / max(1, int(sharing)))
 
 

@@ -316,6 +316,56 @@ class CurvatureGraph:
         self._built = None
         self._versions = None
 
+    # -- products of several operators in one pass over the batches
+    def products(self, operators: Sequence["CurvatureOperator"], vectors: Sequence[Tensor],
+                 outs: Sequence[Tensor | None] | None = None) -> list[Tensor]:
+        """``[A_k v_k]`` for operators ``A_k`` on this graph, in one pass over the batches: a
+        graph that is not kept (``reuse_graph=False``) is built once per batch for all of
+        them instead of once per operator. Each product is reduced (:class:`Reduction`) and
+        returned as :meth:`CurvatureOperator.matvec` would (``outs[k]``, when given,
+        receives it)."""
+        outs = [None] * len(operators) if outs is None else list(outs)
+        if not len(operators) == len(vectors) == len(outs):
+            raise UserError("products needs one vector (and one out, if any) per operator")
+        parts, results, targets, seen = [], [], [], set()
+        for op, vector, out in zip(operators, vectors, outs):
+            if op.graph is not self:
+                raise UserError("products got an operator of another graph")
+            vector = torch.as_tensor(vector)
+            if vector.shape != (op.dim,):
+                raise UserError(f"vector must have shape ({op.dim},); got {tuple(vector.shape)}")
+            if out is not None and (out.shape != (op.dim,) or out.device != op.device
+                                    or not out.is_contiguous()):
+                raise UserError(f"out must be a contiguous ({op.dim},) tensor on {op.device}")
+            out_dtype = vector.dtype if vector.is_floating_point() else torch.float64
+            # an operator given twice must not share its conversion buffer
+            model_vector = op._model_vector(vector) if id(op) not in seen else \
+                vector.to(device=op.device, dtype=op.dtype).clone()
+            seen.add(id(op))
+            parts.append(op.unflatten(model_vector))
+            result = out if out is not None else torch.empty(op.dim, dtype=out_dtype,
+                                                              device=op.device)
+            results.append(result)
+            targets.append(op.unflatten(result))  # results go straight into place
+        filled = [False] * len(operators)
+        for batch in self.batches():
+            for k, op in enumerate(operators):
+                pieces = op._batch_product(batch, parts[k])
+                if pieces is None:
+                    continue
+                for target, piece in zip(targets[k], pieces):
+                    target.add_(piece) if filled[k] else target.copy_(piece)
+                filled[k] = True
+        reduced = []
+        for result, out, done in zip(results, outs, filled):
+            if not done:
+                result.zero_()
+            total = self.reduction.sum(result)
+            if out is not None and total is not out:
+                total = out.copy_(total)
+            reduced.append(total)
+        return reduced
+
     # -- per-batch products over a subset of the graph's parameters
     def hessian_product(self, batch: _BatchGraph, indices, parts) -> tuple | None:
         """``H_PP v_P`` for the block ``P = params[indices]`` (``parts``: v shaped like P)."""
@@ -418,32 +468,7 @@ class CurvatureOperator:
         """``A v``: ``vector`` 1-D [dim] (any floating dtype) -> 1-D [dim], same dtype as
         ``vector``, on the model's device. ``out`` (optional, 1-D [dim] on that device)
         receives the result and is returned."""
-        vector = torch.as_tensor(vector)
-        if vector.shape != (self.dim,):
-            raise UserError(f"vector must have shape ({self.dim},); got {tuple(vector.shape)}")
-        out_dtype = vector.dtype if vector.is_floating_point() else torch.float64
-        parts = self.unflatten(self._model_vector(vector))
-        if out is not None and (out.shape != (self.dim,) or out.device != self.device
-                                or not out.is_contiguous()):
-            raise UserError(f"out must be a contiguous ({self.dim},) tensor on {self.device}")
-        result = out if out is not None else torch.empty(self.dim, dtype=out_dtype,
-                                                          device=self.device)
-        targets = self.unflatten(result)  # results go straight into place (one cast, no cat)
-        filled = False
-        for batch in self.graph.batches():
-            pieces = self._batch_product(batch, parts)
-            if pieces is None:
-                continue
-            for target, piece in zip(targets, pieces):
-                target.add_(piece) if filled else target.copy_(piece)
-            filled = True
-        if not filled:
-            result.zero_()
-        reduced = self.graph.reduction.sum(result)
-        if out is not None and reduced is not out:
-            out.copy_(reduced)
-            return out
-        return reduced
+        return self.graph.products([self], [vector], [out])[0]
 
     def matmat(self, matrix: Tensor) -> Tensor:
         """``A V``: ``matrix`` [dim, k] -> [dim, k], one product per column."""
