@@ -67,13 +67,6 @@ SECONDS = ["train_seconds", "spectra_seconds", "eval_seconds"]
 TRAJECTORY_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------- launching
 def free_port() -> int:

@@ -17,13 +17,6 @@ from layerhessians.hessian import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def matrix_with_spectrum(eigenvalues, seed=0):
     """Q diag(eigenvalues) Q^T with a random orthogonal Q; returns (matrix, Q)."""

@@ -16,13 +16,6 @@ from layerhessians.hessian import (
 from test_hessian_operators import CE, assert_state_equal, conv_data, state_of, tiny_convnet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_layer_spectra_equal_separate_slq_runs_and_share_one_forward():
     model, data = tiny_convnet(), conv_data()

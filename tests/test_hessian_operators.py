@@ -16,14 +16,6 @@ from layerhessians.hessian import (
 RTOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: one thread avoids contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class TinyConvNet(nn.Module):
     """[N, 2, 8, 8] -> conv1 (3x3, stride 2, dilation 2, groups 2) -> BatchNorm2d -> ReLU ->

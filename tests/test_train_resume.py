@@ -24,15 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 SECONDS = ["train_seconds", "spectra_seconds", "eval_seconds"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread here and in the subprocesses: identical arithmetic in both, and
-    tiny models run far faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory):

@@ -23,14 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 LENET_BLOCKS = ["full", "conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny models run faster, and far faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
