@@ -87,6 +87,18 @@ class Timer:
             fn()
         return statistics.median(self.once(fn) for _ in range(repeats))
 
+    def interleaved(self, fns: dict, repeats: int, warmup: int = 1) -> dict:
+        """Medians of ``fns`` timed in rounds (one call of each per round), so that a burst
+        of load from other processes hits all of them alike."""
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        times = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                times[k].append(self.once(fn))
+        return {k: statistics.median(v) for k, v in times.items()}
+
 
 # ----------------------------------------------------------------------------- the original
 
@@ -231,7 +243,8 @@ def bench_model(name, args, device, timer, log):
     dim = sum(p.numel() for p in params)
     blocks = layer_blocks(model)
     result = OrderedDict(model=name, parameters=dim, examples=args.examples,
-                         layer_blocks=len(blocks), repeats=repeats)
+                         layer_blocks=len(blocks), repeats=repeats,
+                         load_average_before=os.getloadavg())
     log(f"\n== {name}: {dim:,} parameters, {len(blocks)} layer blocks, "
         f"{args.examples} examples, repeats {repeats}")
 
@@ -245,10 +258,11 @@ def bench_model(name, args, device, timer, log):
     build = timer.once(lambda: ops["full"].graph.build())
     warmup = 0 if big else 1  # a big model's products take seconds: no warm-up round
     t = OrderedDict()
-    t["gradient"] = timer.median(gradient, repeats, warmup)
-    t["naive_hvp"] = timer.median(lambda: naive(v64.float()), repeats, warmup)
     t["graph_build"] = build
-    t["reused_hvp"] = timer.median(lambda: ops["full"].matvec(v64), repeats, warmup)
+    t.update(timer.interleaved({"gradient": gradient,
+                                "naive_hvp": lambda: naive(v64.float()),
+                                "reused_hvp": lambda: ops["full"].matvec(v64)},
+                               repeats, warmup))
     log(f"gradient {t['gradient'] * 1e3:.1f} ms, naive HVP {t['naive_hvp'] * 1e3:.1f} ms, "
         f"reused HVP {t['reused_hvp'] * 1e3:.1f} ms")
 
@@ -261,10 +275,13 @@ def bench_model(name, args, device, timer, log):
                                         1 if big else repeats, warmup)
     if big:  # the sum of the single per-block measurements (CPU time is scarce)
         t["all_block_products"] = sum(per_block.values())
-    else:
-        t["all_block_products"] = timer.median(
-            lambda: [op.matvec(block_vectors[k]) for k, op in ops.items() if k != "full"],
-            repeats)
+    else:  # interleaved with the full product, whose median is reported with it
+        pair = timer.interleaved(
+            {"all": lambda: [op.matvec(block_vectors[k]) for k, op in ops.items()
+                             if k != "full"],
+             "full": lambda: ops["full"].matvec(v64)}, repeats, warmup=0)
+        t["all_block_products"] = pair["all"]
+        t["full_product_beside_blocks"] = pair["full"]
     ops["full"].release()
     del ops
     if not big:  # the same products with PyTorch's own convolution double backward
@@ -272,17 +289,20 @@ def bench_model(name, args, device, timer, log):
         try:
             native = layer_operators(model, loss_fn, (x, y))
             native["full"].graph.build()
-            t["reused_hvp_native_conv"] = timer.median(lambda: native["full"].matvec(v64),
-                                                       repeats)
-            t["all_block_products_native_conv"] = timer.median(
-                lambda: [op.matvec(block_vectors[k]) for k, op in native.items()
-                         if k != "full"], repeats)
+            native_times = timer.interleaved(
+                {"full": lambda: native["full"].matvec(v64),
+                 "all": lambda: [op.matvec(block_vectors[k]) for k, op in native.items()
+                                 if k != "full"],
+                 "gradient": gradient}, repeats)
+            t["reused_hvp_native_conv"] = native_times["full"]
+            t["all_block_products_native_conv"] = native_times["all"]
+            t["gradient_beside_native_conv"] = native_times["gradient"]
             native["full"].release()
             del native
         finally:
             CurvatureGraph.lean_convolutions = True
     log(f"all {len(blocks)} block products {t['all_block_products'] * 1e3:.1f} ms "
-        f"(full {t['reused_hvp'] * 1e3:.1f} ms)")
+        f"(full {t.get('full_product_beside_blocks', t['reused_hvp']) * 1e3:.1f} ms)")
 
     # -- goal 3: full + layer spectra of one epoch vs the original method
     steps = args.steps
@@ -367,14 +387,15 @@ def bench_model(name, args, device, timer, log):
     ratios = OrderedDict()
     ratios["naive_hvp_over_gradient"] = t["naive_hvp"] / t["gradient"]
     ratios["reused_hvp_over_gradient"] = t["reused_hvp"] / t["gradient"]
-    ratios["all_blocks_over_full_product"] = t["all_block_products"] / t["reused_hvp"]
+    ratios["all_blocks_over_full_product"] = t["all_block_products"] / t.get(
+        "full_product_beside_blocks", t["reused_hvp"])
     ratios["original_over_ours_epoch"] = t["original_epoch"] / t["ours_epoch"]
     if "ours_epoch_no_reorth" in t:
         ratios["original_over_ours_epoch_no_reorth"] = (t["original_epoch"]
                                                         / t["ours_epoch_no_reorth"])
     if "reused_hvp_native_conv" in t:
         ratios["reused_hvp_native_conv_over_gradient"] = (t["reused_hvp_native_conv"]
-                                                          / t["gradient"])
+                                                          / t["gradient_beside_native_conv"])
         ratios["all_blocks_over_full_product_native_conv"] = (
             t["all_block_products_native_conv"] / t["reused_hvp_native_conv"])
     for k, v in peers.items():
@@ -387,6 +408,7 @@ def bench_model(name, args, device, timer, log):
         goals["4_not_slower_than_pyhessian"] = _goal(
             ratios["pyhessian_over_ours_full_spectrum"], 1.0, ">=")
     result.update(
+        load_average_after=os.getloadavg(),
         seconds=t, block_product_seconds=per_block, peer_seconds=peers, ratios=ratios,
         goals=goals, epoch_steps=steps, epoch_method=epoch_note,
         density_steps=density_steps,
