@@ -367,14 +367,15 @@ def bench_model(name, args, device, timer, log):
 
     # -- goal 4: full spectrum vs PyHessian density, equal steps, 1 vector
     density_steps = args.density_steps if not big else args.big_density_steps
+    density_repeats = 1 if big else min(repeats, 3)
     t["ours_full_spectrum"] = timer.median(
         lambda: slq(hessian_operator(model, loss_fn, (x, y)), iterations=density_steps)
-        .density(), min(repeats, 3), warmup=0)
+        .density(), density_repeats, warmup=0)
     peers = OrderedDict()
     if peer_available("pyhessian"):
         peers["pyhessian"] = timer.median(
             lambda: pyhessian_density(model, loss_fn, x, y, density_steps, device),
-            min(repeats, 3), warmup=0)
+            density_repeats, warmup=0)
     if not big and peer_available("curvlinops"):
         peers["curvlinops"] = timer.median(
             lambda: curvlinops_spectrum(model, loss_fn, x, y, density_steps), 1, warmup=0)
@@ -570,9 +571,9 @@ def main(argv=None) -> int:
                         help="models measured the cheap way (default: all but LeNet on a CPU)")
     parser.add_argument("--big-density-steps", type=int, default=2,
                         help="VGG11_bn/ResNet18 on a CPU: steps of the PyHessian comparison")
-    parser.add_argument("--big-repeats", type=int, default=3)
+    parser.add_argument("--big-repeats", type=int, default=2)
     parser.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--accuracy-seeds", type=int, default=5)
+    parser.add_argument("--accuracy-seeds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/spectra.json")
     args = parser.parse_args(argv)
 

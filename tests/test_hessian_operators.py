@@ -88,6 +88,8 @@ CASES = [
 ]
 
 
+# conv1.bias before train-mode batch norm has a Hessian block that is zero up to rounding
+@pytest.mark.filterwarnings("ignore:the operator is not symmetric")
 @pytest.mark.parametrize("kind", ["hessian", "ggn", "residual"])
 @pytest.mark.parametrize("name,make_model,make_data,bn_mode", CASES)
 def test_full_and_block_products_match_torch_func(name, make_model, make_data, bn_mode, kind):

@@ -101,7 +101,8 @@ def as_batches(data) -> list[tuple[Tensor, Tensor]]:
                 "data must be an (inputs, targets) pair or an iterable of such pairs"
             ) from None
     if not pairs:
-        raise UserError("data is empty: pass an (inputs, targets) pair or a non-empty list of pairs")
+        raise UserError("data is empty: pass an (inputs, targets) pair or a non-empty list "
+                        "of pairs")
     for pair in pairs:
         if len(pair) != 2 or not torch.is_tensor(pair[0]):
             raise UserError("each batch of data must be an (inputs, targets) pair of tensors")
