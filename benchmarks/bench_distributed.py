@@ -41,9 +41,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from layerhessians.distributed import process_group, shard_indices  # noqa: E402
-from layerhessians.hessian import layer_operators, layer_spectra, start_vector  # noqa: E402
 from layerhessians.models import build_model  # noqa: E402
+from layerhessians.spectra import layer_operators, layer_spectra, start_vector  # noqa: E402
+from layerhessians.training.distributed import process_group, shard_indices  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [(1, 2), (1, 1), (2, 1)]  # (processes, threads per process)

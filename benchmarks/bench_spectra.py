@@ -45,18 +45,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from layerhessians.hessian import (  # noqa: E402
-    CurvatureGraph,
+from layerhessians.curvature import hessian_operator  # noqa: E402
+from layerhessians.models import build_model, layer_blocks  # noqa: E402
+from layerhessians.spectra import (  # noqa: E402
     exact_spectrum,
     lanczos,
-    hessian_operator,
     layer_operators,
     layer_spectra,
     slq,
     start_vector,
 )
-from layerhessians.hessian.lanczos import tridiagonal_eigh  # noqa: E402
-from layerhessians.models import build_model, layer_blocks  # noqa: E402
+from layerhessians.spectra.lanczos import tridiagonal_eigh  # noqa: E402
 
 PAPER_STEPS = 128
 BOUND_STEPS = 64

@@ -3,8 +3,9 @@
 Run: python examples/spectra_api.py (about 10 s on 2 CPU cores).
 """
 import torch
+
 import layerhessians as lh
-from layerhessians.data import load_dataset, hessian_subset
+from layerhessians.data import hessian_subset, load_dataset
 
 data = load_dataset("Digits")                                    # offline default
 idx = hessian_subset(data.train_y, examples_per_class=10, seed=0)

@@ -13,7 +13,7 @@ try:
 except ImportError:  # not installed: use the source tree next to this script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from layerhessians.cli import main
+from layerhessians.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["plot", *sys.argv[1:]]))

@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        from layerhessians.cli import main as cli_main
+        from layerhessians.cli.main import main as cli_main
     except ImportError:  # a source checkout that was not installed
         sys.path.insert(0, str(REPO / "src"))
-        from layerhessians.cli import main as cli_main
+        from layerhessians.cli.main import main as cli_main
     if not any(a == "--dataset_root" or a.startswith("--dataset_root=") for a in argv) \
             and not any(a in ("-h", "--help") for a in argv):
         argv += ["--dataset_root", str(REPO / "datasets")]

@@ -2,10 +2,21 @@
 
 import numpy as np
 import pytest
+from data_fixtures import (
+    cifar_arrays,
+    closed_port_url,
+    files_under,
+    md5,
+    mnist_arrays,
+    serve_directory,
+    svhn_arrays,
+    with_md5s,
+    write_cifar_archive,
+    write_mnist,
+    write_svhn,
+)
 
-from data_fixtures import (cifar_arrays, closed_port_url, files_under, md5, mnist_arrays, serve_directory,
-                           svhn_arrays, with_md5s, write_cifar_archive, write_mnist, write_svhn)
-from layerhessians.cli import main
+from layerhessians.cli.main import main
 from layerhessians.data import MIRROR_ENV, REGISTRY, load_dataset
 from layerhessians.errors import DatasetMissingError
 

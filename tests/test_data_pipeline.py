@@ -5,10 +5,16 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-
 from data_fixtures import mnist_arrays, write_mnist
-from layerhessians.cli import main
-from layerhessians.data import augment_batch, batches, dataset_table, hessian_subset, load_dataset
+
+from layerhessians.cli.main import main
+from layerhessians.data import (
+    augment_batch,
+    batches,
+    dataset_table,
+    hessian_subset,
+    load_dataset,
+)
 from layerhessians.data.digits import DIGITS_SIZE, upsample
 from layerhessians.errors import UserError
 

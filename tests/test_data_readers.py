@@ -7,9 +7,19 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from data_fixtures import (
+    cifar_arrays,
+    files_under,
+    md5,
+    mnist_arrays,
+    svhn_arrays,
+    with_md5s,
+    write_cifar_archive,
+    write_idx,
+    write_mnist,
+    write_svhn,
+)
 
-from data_fixtures import (cifar_arrays, files_under, md5, mnist_arrays, svhn_arrays, with_md5s,
-                           write_cifar_archive, write_idx, write_mnist, write_svhn)
 from layerhessians.data import DATASETS, get_spec, load_dataset, read_dataset
 from layerhessians.data.readers import read_cifar_batch, read_idx
 from layerhessians.errors import DatasetMissingError, UserError

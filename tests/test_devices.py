@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from layerhessians.cli import main
-from layerhessians.devices import available_devices, resolve_device
+from layerhessians.cli.main import main
 from layerhessians.errors import UserError
+from layerhessians.training.devices import available_devices, resolve_device
 
 
 @pytest.fixture

@@ -25,29 +25,31 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from data_fixtures import mnist_arrays, write_mnist
 from torch import nn
 
-from data_fixtures import mnist_arrays, write_mnist
 from layerhessians import load_run
-from layerhessians.cli import main
-from layerhessians.config import HessianConfig, TrainConfig
-from layerhessians.data import TensorData, hessian_subset
-from layerhessians.distributed import SINGLE, Context, process_group, shard_indices
-from layerhessians.errors import UserError
-from layerhessians.hessian import (
+from layerhessians.cli.main import main
+from layerhessians.curvature import (
     GraphCost,
     choose_reorthogonalize,
     hessian_operator,
-    lanczos,
-    layer_operators,
-    layer_spectra,
     measure_graph_cost,
     plan_memory,
     split_batches,
-    start_vector,
 )
-from layerhessians.hessian.memory import basis_bytes, parse_budget, plan_micro_batches
-from layerhessians.train import (
+from layerhessians.curvature.memory import basis_bytes, parse_budget, plan_micro_batches
+from layerhessians.data import TensorData, hessian_subset
+from layerhessians.errors import UserError
+from layerhessians.spectra import lanczos, layer_operators, layer_spectra, start_vector
+from layerhessians.training.config import HessianConfig, TrainConfig
+from layerhessians.training.distributed import (
+    SINGLE,
+    Context,
+    process_group,
+    shard_indices,
+)
+from layerhessians.training.trainer import (
     CRASH_ENV,
     Setup,
     evaluate,
@@ -459,7 +461,7 @@ def test_reorthogonalize_auto_follows_the_budget(caplog):
     assert need == 8 * (128 * 61706 + 128 * 150 + 128 * 2400)
     assert choose_reorthogonalize("auto", dims, steps, budget=2 * need) is True
     assert choose_reorthogonalize("auto", dims, steps, budget=None) is True
-    with caplog.at_level("WARNING", logger="layerhessians.hessian"):
+    with caplog.at_level("WARNING", logger="layerhessians.spectra"):
         assert choose_reorthogonalize("auto", dims, steps, budget=2 * need - 1) is False
     assert "re-orthogonalisation" in caplog.text and "--memory-budget" in caplog.text
     assert choose_reorthogonalize(True, dims, steps, budget=1) is True

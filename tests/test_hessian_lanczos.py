@@ -5,17 +5,9 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
+from layerhessians.curvature import MatrixOperator, hessian_operator
 from layerhessians.errors import UserError
-from layerhessians.hessian import (
-    MatrixOperator,
-    exact_spectrum,
-    hessian_operator,
-    lanczos,
-    slq,
-    slq_many,
-    start_vector,
-)
-
+from layerhessians.spectra import exact_spectrum, lanczos, slq, slq_many, start_vector
 
 
 def matrix_with_spectrum(eigenvalues, seed=0):
@@ -137,7 +129,7 @@ def test_bad_arguments():
 def test_basis_too_big_for_memory_is_refused(monkeypatch):
     import importlib
 
-    lanczos_module = importlib.import_module("layerhessians.hessian.lanczos")
+    lanczos_module = importlib.import_module("layerhessians.spectra.lanczos")
 
     op = MatrixOperator(torch.eye(50, dtype=torch.float64))
     monkeypatch.setattr(lanczos_module, "available_memory", lambda device: 1000)

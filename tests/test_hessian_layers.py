@@ -3,18 +3,17 @@
 import numpy as np
 import pytest
 import torch
-
-from layerhessians.errors import UserError
-from layerhessians.hessian import (
-    SpectralMeasure,
-    dense_matrix,
-    hessian_operator,
-    layer_spectra,
-    slq,
-    start_vector,
+from test_hessian_operators import (
+    CE,
+    assert_state_equal,
+    conv_data,
+    state_of,
+    tiny_convnet,
 )
-from test_hessian_operators import CE, assert_state_equal, conv_data, state_of, tiny_convnet
 
+from layerhessians.curvature import dense_matrix, hessian_operator
+from layerhessians.errors import UserError
+from layerhessians.spectra import SpectralMeasure, layer_spectra, slq, start_vector
 
 
 def test_layer_spectra_equal_separate_slq_runs_and_share_one_forward():

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from layerhessians.errors import UserError
-from layerhessians.hessian import SpectralMeasure, concatenate_rows, papyan_sigma
+from layerhessians.spectra import SpectralMeasure, concatenate_rows, papyan_sigma
 
 
 def ragged():

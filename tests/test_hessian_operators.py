@@ -4,14 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from layerhessians.errors import UserError
-from layerhessians.hessian import (
+from layerhessians.curvature import (
     Reduction,
     dense_matrix,
     hessian_operator,
-    layer_operators,
     reference_matrix,
 )
+from layerhessians.errors import UserError
+from layerhessians.spectra import layer_operators
 
 RTOL = 1e-10
 
@@ -329,7 +329,7 @@ def _node_names(tensor):
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
 def test_lean_convolutions_change_no_value(kind):
     """The lean convolution graph gives the native products (to rounding)."""
-    from layerhessians.hessian import CurvatureGraph
+    from layerhessians.curvature import CurvatureGraph
 
     model, data = tiny_convnet(), conv_data()
     lean = layer_operators(model, CE, data, kind=kind)

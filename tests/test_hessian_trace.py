@@ -5,17 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from layerhessians.curvature import MatrixOperator, dense_matrix, hessian_operator
 from layerhessians.errors import UserError
-from layerhessians.hessian import (
-    MatrixOperator,
-    dense_matrix,
-    hessian_operator,
-    hessian_trace,
-    slq,
-    start_vector,
-    top_eigenvalues,
-)
-
+from layerhessians.spectra import hessian_trace, slq, start_vector, top_eigenvalues
 
 
 def small_hessian():

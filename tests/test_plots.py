@@ -10,13 +10,12 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
-
-from layerhessians import plots
-from layerhessians.cli import main
-from layerhessians.commands.plot import _check_identity, block_dimensions
-from layerhessians.runs import load_run
-
 from runfactory import LENET_LAYERS, write_run
+
+from layerhessians.analysis import figures as plots
+from layerhessians.cli.main import main
+from layerhessians.cli.plot import _check_identity, block_dimensions
+from layerhessians.store.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 

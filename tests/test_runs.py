@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from layerhessians.errors import UserError
-from layerhessians.runs import RunStore, atomic_path, load_run
+from layerhessians.store.runs import RunStore, atomic_path, load_run
 
 
 class FakeMeasure:

@@ -13,10 +13,10 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from layerhessians import launchers
-from layerhessians.cli import main
+from layerhessians.cli.main import main
 from layerhessians.errors import UserError
-from layerhessians.runs import RunStore, load_run
+from layerhessians.pipeline import launchers
+from layerhessians.store.runs import RunStore, load_run
 
 submitit = pytest.importorskip("submitit")
 
@@ -38,7 +38,7 @@ def _probe_factory(argv):
 
 def _args(argv):
     """Parsed ``sweep`` flags (the launcher ones included)."""
-    from layerhessians.cli import build_parser
+    from layerhessians.cli.main import build_parser
 
     return build_parser("sweep").parse_args(["sweep", "grid.json", *argv])
 

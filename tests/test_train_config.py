@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from layerhessians.cli import main
-from layerhessians.commands import train as train_cmd
-from layerhessians.config import HessianConfig, TrainConfig
+from layerhessians.cli import train as train_cmd
+from layerhessians.cli.main import main
 from layerhessians.errors import UserError
-from layerhessians.train import derive_seed
+from layerhessians.training.config import HessianConfig, TrainConfig
+from layerhessians.training.trainer import derive_seed
 
 
 def test_defaults_are_the_seeds_and_the_papers():

@@ -12,13 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from data_fixtures import mnist_arrays, write_mnist
+
 from layerhessians import load_run
-from layerhessians import runs as runs_module
-from layerhessians.cli import main
-from layerhessians.runs import RunStore
-from layerhessians.train import CRASH_ENV
+from layerhessians.cli.main import main
+from layerhessians.store import runs as runs_module
+from layerhessians.store.runs import RunStore
+from layerhessians.training.trainer import CRASH_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = ["train_seconds", "spectra_seconds", "eval_seconds"]

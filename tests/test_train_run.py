@@ -8,16 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_fixtures import mnist_arrays, write_mnist
 from torch import nn
 from torch.nn import functional as F
 
-from data_fixtures import mnist_arrays, write_mnist
 from layerhessians import load_run
-from layerhessians.cli import main
-from layerhessians.config import HessianConfig, TrainConfig
+from layerhessians.cli.main import main
 from layerhessians.data import TensorData, hessian_subset, load_dataset
 from layerhessians.models import build_model, layer_blocks
-from layerhessians.train import Setup, build, compute_spectra, derive_seed, evaluate, train_epoch
+from layerhessians.training.config import HessianConfig, TrainConfig
+from layerhessians.training.trainer import (
+    Setup,
+    build,
+    compute_spectra,
+    derive_seed,
+    evaluate,
+    train_epoch,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LENET_BLOCKS = ["full", "conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"]

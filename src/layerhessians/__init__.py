@@ -15,14 +15,14 @@ __version__ = "0.1.0"
 _API = {
     "build_model": "layerhessians.models",
     "layer_blocks": "layerhessians.models",
-    "hessian_operator": "layerhessians.hessian",
-    "slq": "layerhessians.hessian",
-    "exact_spectrum": "layerhessians.hessian",
-    "top_eigenvalues": "layerhessians.hessian",
-    "hessian_trace": "layerhessians.hessian",
-    "layer_spectra": "layerhessians.hessian",
-    "SpectralMeasure": "layerhessians.hessian",
-    "load_run": "layerhessians.runs",
+    "hessian_operator": "layerhessians.curvature",
+    "slq": "layerhessians.spectra",
+    "exact_spectrum": "layerhessians.spectra",
+    "top_eigenvalues": "layerhessians.spectra",
+    "hessian_trace": "layerhessians.spectra",
+    "layer_spectra": "layerhessians.spectra",
+    "SpectralMeasure": "layerhessians.spectra",
+    "load_run": "layerhessians.store.runs",
     "UserError": "layerhessians.errors",
 }
 

@@ -7,13 +7,33 @@ checksums, the bundled ``Digits`` default, the batch iterator and the Hessian su
 
 import pandas as pd
 
-from .digits import load_digits_raw
-from .download import (data_folder, dataset_folder, download_folder, ensure_files, is_present,
-                       missing_files, verify_downloads)
-from .readers import RawSplits, read_cifar, read_mnist, read_svhn
-from .registry import DATASETS, MIRROR_ENV, REGISTRY, DatasetSpec, RemoteFile, get_spec
-from .subset import hessian_subset
-from .tensors import TensorData, augment_batch, batches, build_tensor_data, data_checksum
+from layerhessians.data.digits import load_digits_raw
+from layerhessians.data.download import (
+    data_folder,
+    dataset_folder,
+    download_folder,
+    ensure_files,
+    is_present,
+    missing_files,
+    verify_downloads,
+)
+from layerhessians.data.readers import RawSplits, read_cifar, read_mnist, read_svhn
+from layerhessians.data.registry import (
+    DATASETS,
+    MIRROR_ENV,
+    REGISTRY,
+    DatasetSpec,
+    RemoteFile,
+    get_spec,
+)
+from layerhessians.data.subset import hessian_subset
+from layerhessians.data.tensors import (
+    TensorData,
+    augment_batch,
+    batches,
+    build_tensor_data,
+    data_checksum,
+)
 
 __all__ = [
     "DATASETS", "REGISTRY", "MIRROR_ENV", "DatasetSpec", "RemoteFile", "RawSplits", "TensorData",
@@ -60,7 +80,7 @@ def download_dataset(name, root="datasets") -> str:
     spec = get_spec(name)
     if spec.bundled:
         return f"{spec.name}: bundled with scikit-learn, nothing to download"
-    from ..errors import DatasetMissingError
+    from layerhessians.errors import DatasetMissingError
 
     bad = verify_downloads(spec, root)
     if bad:

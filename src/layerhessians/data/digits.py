@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .readers import RawSplits
+from layerhessians.data.readers import RawSplits
 
 #: Number of images in scikit-learn's digits.
 DIGITS_SIZE = 1797

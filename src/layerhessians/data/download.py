@@ -24,9 +24,9 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from ..errors import DatasetMissingError
-from .readers import find_idx
-from .registry import MIRROR_ENV, DatasetSpec, RemoteFile
+from layerhessians.data.readers import find_idx
+from layerhessians.data.registry import MIRROR_ENV, DatasetSpec, RemoteFile
+from layerhessians.errors import DatasetMissingError
 
 #: Seconds a connection may stay silent before a download is abandoned.
 TIMEOUT_S = 60.0

@@ -13,7 +13,7 @@ URLs and MD5s are those of torchvision 0.2x (``torchvision/datasets/{mnist,cifar
 
 from dataclasses import dataclass
 
-from ..errors import UserError
+from layerhessians.errors import UserError
 
 #: Environment variable that replaces every official URL by ``$MIRROR/<Name>/<filename>``.
 MIRROR_ENV = "LAYERHESSIANS_DATASET_MIRROR"

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..errors import UserError
+from layerhessians.errors import UserError
 
 
 def hessian_subset(targets, examples_per_class, seed=0) -> torch.Tensor:

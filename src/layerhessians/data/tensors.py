@@ -10,8 +10,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..errors import UserError
-from .readers import RawSplits
+from layerhessians.data.readers import RawSplits
+from layerhessians.errors import UserError
 
 #: Side of every tensor image.
 IMAGE_SIDE = 32

@@ -5,9 +5,14 @@ paper's layer blocks (the weight of every Conv2d/Linear).
 - :func:`layer_blocks` ``(model) -> OrderedDict[str, Parameter]``.
 """
 
-from layerhessians.models.blocks import FULL, LAYER_TYPES, layer_blocks
+from layerhessians.curvature.blocks import FULL, LAYER_TYPES, layer_blocks
 from layerhessians.models.lenet import LeNet
-from layerhessians.models.registry import IMAGE_SIZE, MODELS, build_model, canonical_model_name
+from layerhessians.models.registry import (
+    IMAGE_SIZE,
+    MODELS,
+    build_model,
+    canonical_model_name,
+)
 from layerhessians.models.resnet import BasicBlock, ResNet, resnet18
 from layerhessians.models.vgg import VGG, VGG11_CONFIG, vgg11, vgg11_bn
 

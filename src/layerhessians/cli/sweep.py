@@ -1,7 +1,7 @@
 """``layerhessians sweep CONFIG``: train a grid file's runs, then plot and match them.
 
 ``CONFIG`` is a grid JSON file (``{"runs": [{"run": NAME, "flags": {...}}]}``, see
-:mod:`layerhessians.grid`) or a shipped grid name (``seed``, ``quick``). Runs train in this
+:mod:`layerhessians.pipeline.grid`) or a shipped grid name (``seed``, ``quick``). Runs train in this
 process one after another (default), in parallel one per local GPU (``--gpus 0,1``), or as
 Slurm jobs (``--launcher slurm``); complete runs are skipped and interrupted or requeued
 runs resume. Job logs go to ``ROOT/.jobs/``.
@@ -9,8 +9,8 @@ runs resume. Job logs go to ``ROOT/.jobs/``.
 
 from pathlib import Path
 
-from ..grid import load_grid
-from .reproduce import add_common_arguments, run_pipeline, select
+from layerhessians.cli.reproduce import add_common_arguments, run_pipeline, select
+from layerhessians.pipeline.grid import load_grid
 
 HELP = ("train a grid file's runs (in this process, one job per local GPU, or Slurm jobs), "
         "skipping complete runs, then plot and match them")

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from .errors import UserError
+from layerhessians.errors import UserError
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, mps or auto"
 _CUDA = re.compile(r"^cuda(?::(\d+))?$")

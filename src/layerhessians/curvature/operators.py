@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from layerhessians.curvature.conv_double_backward import lean_convolutions
 from layerhessians.errors import UserError
-from layerhessians.hessian._lean import lean_convolutions
 
 __all__ = [
     "KINDS",

@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from layerhessians.errors import UserError
-from layerhessians.hessian.measure import SpectralMeasure
+from layerhessians.spectra.measure import SpectralMeasure
 
 __all__ = ["DISTRIBUTIONS", "LanczosRun", "lanczos", "slq", "slq_many", "start_vector",
            "check_count", "available_memory"]
@@ -237,7 +237,7 @@ def _check_basis_memory(operators: Sequence, iterations: int) -> None:
 def _step_all(runs: Sequence[_Recurrence]) -> None:
     """One step of every run. Runs whose operators share a graph that is rebuilt for every
     product (``reuse_graph=False``) get their products from one pass over its batches
-    (:meth:`~layerhessians.hessian.operators.CurvatureGraph.products`)."""
+    (:meth:`~layerhessians.curvature.operators.CurvatureGraph.products`)."""
     shared = {}
     for run in runs:
         graph = getattr(run.op, "graph", None)
@@ -259,7 +259,7 @@ def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
             ) -> list[LanczosRun]:
     """Run one Lanczos recurrence per operator, all advanced together step by step.
 
-    Operators that share a :class:`~layerhessians.hessian.operators.CurvatureGraph` share
+    Operators that share a :class:`~layerhessians.curvature.operators.CurvatureGraph` share
     its first-order graph, so a step costs one product per operator and no forward pass.
 
     Args:
@@ -328,7 +328,7 @@ def slq(op, iterations: int = 128, vectors: int = 1, seed: int = 0,
 
     Args:
         op: a symmetric operator with ``.dim`` and ``.matvec`` (e.g. from
-            :func:`~layerhessians.hessian.hessian_operator`).
+            :func:`~layerhessians.spectra.hessian_operator`).
         iterations: Lanczos steps per vector (default 128, the paper's setting); at most
             ``dim`` are taken, fewer on breakdown.
         vectors: number of random start vectors averaged (default 1).

@@ -1,4 +1,5 @@
-"""Dense references: the matrix of a small operator and its exact spectrum (float64)."""
+"""Dense references (float64): the matrix of a small operator, and the curvature matrix
+of a model computed independently by ``torch.func``."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import numpy as np
 import torch
 
 from layerhessians.errors import UserError
-from layerhessians.hessian.measure import SpectralMeasure
 
-__all__ = ["MAX_DENSE_DIM", "dense_matrix", "exact_spectrum", "reference_matrix"]
+__all__ = ["MAX_DENSE_DIM", "dense_matrix", "reference_matrix"]
 
 MAX_DENSE_DIM = 20_000  # 20,000^2 float64 = 3.2 GB, and 20,000 products
 
@@ -42,16 +42,6 @@ def dense_matrix(op, max_dim: int = MAX_DENSE_DIM,
     return (matrix + matrix.T) / 2
 
 
-def exact_spectrum(op, max_dim: int = MAX_DENSE_DIM) -> SpectralMeasure:
-    """All eigenvalues of ``op`` (float64 ``eigvalsh`` of :func:`dense_matrix`), as a
-    :class:`SpectralMeasure` with one row: nodes = the ``dim`` eigenvalues (ascending), each
-    of weight ``1 / dim``. Interchangeable with an SLQ measure downstream."""
-    matrix = dense_matrix(op, max_dim=max_dim)
-    eigenvalues = torch.linalg.eigvalsh(matrix).cpu().numpy()
-    dim = eigenvalues.size
-    return SpectralMeasure(eigenvalues[None, :], np.full((1, dim), 1.0 / dim), dim=dim)
-
-
 def reference_matrix(model, loss_fn, data, params=None, kind: str = "hessian",
                      bn_mode: str = "eval", max_dim: int = 5_000) -> torch.Tensor:
     """The dense curvature matrix [dim, dim] by ``torch.func``, independently of the operators.
@@ -59,7 +49,7 @@ def reference_matrix(model, loss_fn, data, params=None, kind: str = "hessian",
     Hessian: ``torch.func.hessian`` of the loss as a function of the flattened block.
     GGN: ``J^T H_f J`` with ``J = jacrev(model outputs)`` and ``H_f = hessian(loss_fn)`` at
     the outputs. Residual: their difference. Batches weighted by ``n_b / N``; batch norm as
-    in :func:`~layerhessians.hessian.hessian_operator` (a deep copy of the model is used, so
+    in :func:`~layerhessians.spectra.hessian_operator` (a deep copy of the model is used, so
     nothing of ``model`` changes). For tests and small problems (``dim <= max_dim``).
 
     With ``bn_mode="train"`` the non-vectorised ``torch.autograd.functional`` versions are
@@ -71,7 +61,12 @@ def reference_matrix(model, loss_fn, data, params=None, kind: str = "hessian",
 
     from torch import nn
 
-    from layerhessians.hessian.operators import BN_MODES, KINDS, as_batches, resolve_params
+    from layerhessians.curvature.operators import (
+        BN_MODES,
+        KINDS,
+        as_batches,
+        resolve_params,
+    )
 
     if kind not in KINDS or bn_mode not in BN_MODES:
         raise UserError(f"kind must be one of {KINDS} and bn_mode one of {BN_MODES}")

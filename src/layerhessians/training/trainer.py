@@ -17,7 +17,7 @@ An epoch ``E`` (1..n; 0 = the spectra at initialisation with ``--init-spectra``)
    mean cross-entropy) in the recorded batch-norm mode, seeded from ``(seed, E)``; the
    model's buffers (batch-norm running statistics) are restored afterwards, so measuring
    never changes training;
-5. commits spectra -> metrics -> checkpoint through :class:`~layerhessians.runs.RunStore`
+5. commits spectra -> metrics -> checkpoint through :class:`~layerhessians.store.runs.RunStore`
    (the checkpoint is the commit point), so a run killed at any moment resumes from the
    last completed epoch and, on the CPU, reproduces an uninterrupted run exactly.
 
@@ -25,7 +25,7 @@ A non-finite loss stops the run with :class:`TrainingDiverged` (a ``UserError``)
 epochs committed so far are kept.
 
 Several processes (``torchrun --nproc_per_node N -m layerhessians train ...``; see
-:mod:`layerhessians.distributed`):
+:mod:`layerhessians.training.distributed`):
 
 - training is DistributedDataParallel over the same global batches as one process: ``-b``
   is the global batch size; every rank draws the same seeded epoch order (and
@@ -69,14 +69,14 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from . import __version__
-from .config import TrainConfig
-from .devices import device_name, resolve_device
-from .distributed import SINGLE, Context, PeerError, process_group
-from .errors import UserError
-from .runs import VOLATILE_KEYS, RunStore
+from layerhessians import __version__
+from layerhessians.errors import UserError
+from layerhessians.store.runs import VOLATILE_KEYS, RunStore
+from layerhessians.training.config import TrainConfig
+from layerhessians.training.devices import device_name, resolve_device
+from layerhessians.training.distributed import SINGLE, Context, PeerError, process_group
 
-log = logging.getLogger("layerhessians.train")
+log = logging.getLogger("layerhessians.training.trainer")
 
 #: config.json keys that may change when a run is resumed (besides runs.VOLATILE_KEYS).
 #: The scale-out settings are among them: like the world size (runs.VOLATILE_KEYS), they
@@ -121,11 +121,11 @@ class Setup:
 
     ``hessian_batch``: ``(x [n, C, 32, 32], y [n])``, this rank's part of the fixed
     Hessian set (all of it on one process); ``blocks``: ``layer_blocks(model)`` (name ->
-    weight). Distributed runs add ``dist`` (the :class:`~layerhessians.distributed.Context`),
+    weight). Distributed runs add ``dist`` (the :class:`~layerhessians.training.distributed.Context`),
     ``ddp`` (the DistributedDataParallel wrapper that trains ``model``), ``reduction`` (the
     engine's all-reduce hook, ``None`` when the set is not sharded) and ``hessian_examples``
     (the whole set's size); ``plan`` is the spectra's
-    :class:`~layerhessians.hessian.MemoryPlan` (``None``: the engine's defaults).
+    :class:`~layerhessians.spectra.MemoryPlan` (``None``: the engine's defaults).
     """
 
     config: TrainConfig
@@ -168,7 +168,7 @@ def hessian_indices(targets, examples_per_class=10, total=None, seed=0) -> torch
     ``hessian_subset``, so ``n = K * epc`` gives exactly ``hessian_subset(targets, epc, seed)``.
     ``total="all"``: the whole training set. Raises :class:`UserError` when ``n`` exceeds it.
     """
-    from .data import hessian_subset
+    from layerhessians.data import hessian_subset
 
     targets = torch.as_tensor(targets).reshape(-1).cpu()
     if total is None:
@@ -207,8 +207,8 @@ def build(config: TrainConfig, data, device: torch.device, dist: Context = SINGL
     the Hessian set, all on ``device``; ``data`` (a ``TensorData``) is moved there too.
     With several processes (``dist``), the model is wrapped in DistributedDataParallel
     (SyncBatchNorm with ``config.sync_bn``) and the Hessian set is sharded."""
-    from .hessian.memory import splitting_changes_operator
-    from .models import build_model, layer_blocks
+    from layerhessians.curvature.memory import splitting_changes_operator
+    from layerhessians.models import build_model, layer_blocks
 
     for name in ("train_x", "train_y", "test_x", "test_y"):
         setattr(data, name, getattr(data, name).to(device))
@@ -250,12 +250,13 @@ def build(config: TrainConfig, data, device: torch.device, dist: Context = SINGL
 
 def plan_spectra(setup: Setup, warn: bool = True) -> Setup:
     """Decide, within ``--memory-budget``, the Hessian micro-batch size, whether the graphs
-    are kept, and ``reorthogonalize="auto"`` (see :func:`~layerhessians.hessian.plan_memory`);
+    are kept, and ``reorthogonalize="auto"`` (see :func:`~layerhessians.spectra.plan_memory`);
     all ranks agree on the smallest choice. Sets ``setup.plan`` and records the resolved
     ``reorthogonalize`` in ``setup.config``; returns ``setup``."""
     from dataclasses import replace
 
-    from .hessian import operator_dims, plan_memory
+    from layerhessians.curvature import plan_memory
+    from layerhessians.spectra import operator_dims
 
     config, dist = setup.config, setup.dist
     hcfg = config.hessian
@@ -349,7 +350,7 @@ def train_epoch(setup: Setup, epoch: int, disable_progress=None) -> dict:
     :class:`TrainingDiverged` at the first non-finite batch loss (before stepping).
 
     With several processes each global batch is split across the ranks
-    (:meth:`~layerhessians.distributed.Context.split_batch`), trained through DDP, and the
+    (:meth:`~layerhessians.training.distributed.Context.split_batch`), trained through DDP, and the
     batch's loss and accuracy are all-reduced; afterwards rank 0's parameters and buffers
     are broadcast, so every rank ends the epoch with the same network."""
     config, data, model, dist = setup.config, setup.data, setup.model, setup.dist
@@ -428,7 +429,7 @@ def compute_spectra(setup: Setup, epoch: int, disable_progress=None) -> "Ordered
     subset, with the run's engine settings, seeded from ``(seed, epoch)``. Buffers
     (batch-norm running statistics) and the train/eval mode are left as they were. Uses
     ``setup.plan`` (micro-batches, graph reuse) and ``setup.reduction`` (sharded set)."""
-    from .hessian import layer_spectra
+    from layerhessians.spectra import layer_spectra
 
     hcfg, model, plan = setup.config.hessian, setup.model, setup.plan
     was_training = model.training
@@ -563,8 +564,8 @@ def _format_row(epoch, num_epochs, row):
 
 def save_training_curves(store: RunStore, config: dict):
     """``RUN/images/loss.png`` and ``acc.png`` (train and test, per epoch) from metrics.csv,
-    drawn by :func:`layerhessians.plots.plot_training_curves`."""
-    from . import plots
+    drawn by :func:`layerhessians.analysis.figures.plot_training_curves`."""
+    from layerhessians.analysis import figures as plots
 
     metrics = store.metrics
     if not len(metrics):
@@ -580,7 +581,7 @@ def _after_commit(store, setup, run_config, epochs):
     """Derived outputs (cheap, idempotent): training curves and the legacy files."""
     save_training_curves(store, run_config)
     if setup.config.export_legacy:
-        from .legacy import export_legacy
+        from layerhessians.store.legacy import export_legacy
 
         export_legacy(store.path, epochs=epochs)
 
@@ -628,7 +629,7 @@ def train(config: TrainConfig, run_dir, *, resume=False, overwrite=False, comman
 
 
 def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progress, console):
-    from .data import load_dataset
+    from layerhessians.data import load_dataset
 
     device = dist.device
     if device.type == "cuda":
@@ -669,7 +670,7 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
         for note in setup.plan.notes:
             logger.warning(f"warning: {note}")
         if config.export_legacy and done is not None and store is not None:
-            from .legacy import export_legacy
+            from layerhessians.store.legacy import export_legacy
 
             export_legacy(store.path)
         first = 0 if (done is None and config.hessian.init) else (1 if done is None else done + 1)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import UserError
-from .runs import RunStore
+from layerhessians.errors import UserError
+from layerhessians.store.runs import RunStore
 
 SHIPPED = ("seed", "quick")
 
@@ -67,7 +67,7 @@ def load_grid(name_or_path) -> list:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from .commands import train
+    from layerhessians.cli import train
 
     parser = argparse.ArgumentParser(add_help=False)
     train.add_arguments(parser)

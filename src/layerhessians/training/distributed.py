@@ -13,7 +13,7 @@ returns :data:`SINGLE` and never touches ``torch.distributed``.
   :meth:`~Context.broadcast_module`, :meth:`~Context.agree_min`), error propagation
   (:meth:`~Context.share`, :meth:`~Context.in_turn`) and batch splitting
   (:meth:`~Context.split_batch`).
-- :class:`AllReduce`: the :class:`~layerhessians.hessian.Reduction` that sums products and
+- :class:`AllReduce`: the :class:`~layerhessians.spectra.Reduction` that sums products and
   example counts over the ranks. Every rank then holds the same reduced products, and, with
   the same seeds, runs the same Lanczos recurrences: every rank gets the same spectrum.
 - :func:`shard_indices`: rank ``r`` takes the items ``r, r + W, r + 2W, ...``.
@@ -30,8 +30,8 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from .errors import UserError
-from .hessian.operators import Reduction
+from layerhessians.curvature.operators import Reduction
+from layerhessians.errors import UserError
 
 __all__ = ["BACKENDS", "Context", "SINGLE", "AllReduce", "PeerError", "env_layout",
            "process_group", "shard_indices"]

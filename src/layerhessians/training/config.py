@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 
-from .errors import UserError
+from layerhessians.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("ce",)
@@ -77,7 +77,7 @@ def _hessian_total(value):
 
 
 def _budget(value):
-    from .hessian.memory import parse_budget
+    from layerhessians.curvature.memory import parse_budget
 
     if value is None:
         return None
@@ -152,9 +152,9 @@ class TrainConfig:
     decoupled from the loss, torch's ``weight_decay``); ``milestones`` in epochs;
     ``examples_per_class``: training examples per class in the fixed Hessian subset.
     ``device`` is a request (``cpu``, ``cuda:N``, ``auto``...) resolved by
-    :func:`layerhessians.devices.resolve_device`.
+    :func:`layerhessians.training.devices.resolve_device`.
 
-    Scaling (see :mod:`layerhessians.distributed`): ``hessian_total``: the Hessian set's size
+    Scaling (see :mod:`layerhessians.training.distributed`): ``hessian_total``: the Hessian set's size
     (class-balanced as far as possible) or ``"all"`` (the training set), instead of
     ``examples_per_class``; ``hessian_batch_size``: examples per first-order graph
     (``None``: the largest that fits ``memory_budget``); ``memory_budget``: ``"8GB"``,
@@ -193,8 +193,8 @@ class TrainConfig:
 
     def validated(self) -> "TrainConfig":
         """A copy with names canonicalised and every value checked (:class:`UserError`)."""
-        from .data.registry import get_spec
-        from .models import canonical_model_name
+        from layerhessians.data.registry import get_spec
+        from layerhessians.models import canonical_model_name
 
         milestones = self.milestones
         if isinstance(milestones, Integral) and not isinstance(milestones, bool):

@@ -6,15 +6,16 @@
   with its top eigenvalue and trace per epoch;
 - ``layer_distances.<fmt>``: each layer's distance to the full spectrum (layers x epochs);
 - ``best_match.<fmt>``: the full spectrum overlaid with its best-matching layer's at the
-  peak epoch (see :mod:`layerhessians.compare`);
+  peak epoch (see :mod:`layerhessians.analysis.matching`);
 - ``training_curves.<fmt>``: loss and accuracy per epoch.
 """
 
 import numpy as np
 
-from .. import compare, plots
-from ..errors import UserError
-from ..runs import load_run
+from layerhessians.analysis import figures as plots
+from layerhessians.analysis import matching as compare
+from layerhessians.errors import UserError
+from layerhessians.store.runs import load_run
 
 HELP = "plot a run's spectra, layer distances and training curves into RUN/images/"
 
@@ -52,7 +53,7 @@ def block_dimensions(config) -> dict:
         if isinstance(config.get(key), dict):
             return {k: int(v) for k, v in config[key].items()}
     try:
-        from ..models import build_model, layer_blocks
+        from layerhessians.models import build_model, layer_blocks
 
         dataset = str(config.get("dataset", ""))
         channels = config.get("in_channels") or (1 if dataset in ("MNIST", "FashionMNIST", "Digits")
@@ -88,7 +89,7 @@ def _title(run):
 
 def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None, metric="wasserstein",
                  normalize="minmax", out=None) -> list:
-    """Write every figure of ``run`` (a :class:`~layerhessians.runs.Run`) into ``out``
+    """Write every figure of ``run`` (a :class:`~layerhessians.store.runs.Run`) into ``out``
     (default ``RUN/images``); returns the written paths."""
     if points < 16:
         raise UserError(f"--points {points} is too few for a density curve; use >= 16 "

@@ -1,6 +1,6 @@
 """``layerhessians datasets``: list the datasets and where they live, or download some."""
 
-from ..data import DATASETS, dataset_table, download_dataset, get_spec
+from layerhessians.data import DATASETS, dataset_table, download_dataset, get_spec
 
 HELP = "List the datasets (folder, present?, classes, image shape) or download some with checksums."
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from layerhessians.errors import UserError
-from layerhessians.hessian.lanczos import available_memory
+from layerhessians.spectra.lanczos import available_memory
 
 __all__ = [
     "BASIS_SHARE",
@@ -55,7 +55,7 @@ __all__ = [
     "splitting_changes_operator",
 ]
 
-log = logging.getLogger("layerhessians.hessian")
+log = logging.getLogger("layerhessians.spectra")
 
 #: default budget: this fraction of the free memory of a GPU / of the host
 GPU_FRACTION, HOST_FRACTION = 0.8, 0.5
@@ -237,7 +237,7 @@ def measure_graph_cost(model: nn.Module, loss_fn, inputs: torch.Tensor, targets,
     storages other than the parameters and the inputs, divided by the examples) and the
     gradients kept per batch (on a GPU: the allocator's growth while building). The model is
     left unchanged; the graph is freed."""
-    from layerhessians.hessian.operators import CurvatureGraph, resolve_params
+    from layerhessians.curvature.operators import CurvatureGraph, resolve_params
 
     count = max(1, min(int(probe), int(inputs.shape[0])))
     params, _ = resolve_params(model)
@@ -416,7 +416,7 @@ def plan_memory(model: nn.Module, loss_fn, data, *, dims: Sequence[int], iterati
         cost: a known :class:`GraphCost` (else measured on the first batch).
         warn: log the notes (re-orthogonalisation off, budget exceeded) as warnings.
     """
-    from layerhessians.hessian.operators import as_batches
+    from layerhessians.curvature.operators import as_batches
 
     pairs = as_batches(data)
     device = next(model.parameters()).device

@@ -1,6 +1,6 @@
 """The ``layerhessians`` command: ``train | plot | match | reproduce | sweep | datasets``.
 
-Each subcommand lives in ``layerhessians.commands.<name>`` and provides ``HELP`` (one line),
+Each subcommand lives in ``layerhessians.cli.<name>`` and provides ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``. User errors (:class:`UserError`) are
 printed as one line, without a traceback, and exit with status 2.
 """
@@ -9,17 +9,17 @@ import argparse
 import sys
 from importlib import import_module
 
-from . import __version__
-from .errors import UserError
+from layerhessians import __version__
+from layerhessians.errors import UserError
 
 COMMANDS = ("train", "plot", "match", "reproduce", "sweep", "datasets")
 
 
 def _load(name):
     try:
-        return import_module(f"layerhessians.commands.{name}")
+        return import_module(f"layerhessians.cli.{name}")
     except ModuleNotFoundError as err:  # a subcommand not built yet
-        if err.name == f"layerhessians.commands.{name}":
+        if err.name == f"layerhessians.cli.{name}":
             return None
         raise
 

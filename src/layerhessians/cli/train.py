@@ -1,5 +1,5 @@
 """``layerhessians train``: train a network and record the full and layer-wise Hessian
-spectra after every epoch into a run directory (see :mod:`layerhessians.train`).
+spectra after every epoch into a run directory (see :mod:`layerhessians.training.trainer`).
 
 Accepts the seed's ``training_eigenspectrum.py`` flags verbatim, plus our own. Flags not
 typed take their defaults, or, when resuming (``--resume``), the values stored in the
@@ -7,7 +7,7 @@ run's ``config.json``; typed flags must agree with a stored run except the volat
 (``-n`` to extend a run, ``--device``, ``--save_freq``, ...).
 
 The same command runs as one job over several processes under ``torchrun`` (see
-:mod:`layerhessians.distributed`): ``torchrun --nproc_per_node N -m layerhessians train ...``.
+:mod:`layerhessians.training.distributed`): ``torchrun --nproc_per_node N -m layerhessians train ...``.
 """
 
 import argparse
@@ -16,10 +16,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..config import (BN_MODES, DIST_BACKENDS, DISTRIBUTIONS, HESSIAN_KINDS, HessianConfig,
-                      TrainConfig)
-from ..devices import DEVICE_CHOICES, resolve_device
-from ..errors import UserError
+from layerhessians.errors import UserError
+from layerhessians.training.config import (
+    BN_MODES,
+    DIST_BACKENDS,
+    DISTRIBUTIONS,
+    HESSIAN_KINDS,
+    HessianConfig,
+    TrainConfig,
+)
+from layerhessians.training.devices import DEVICE_CHOICES, resolve_device
 
 HELP = "train a network, measuring full and layer-wise Hessian spectra after every epoch"
 RUNS_ROOT = "runs"  # default parent of run directories (when -r is not given)
@@ -259,8 +265,8 @@ def command_line(flags: dict) -> str:
 
 
 def run(args) -> int:
-    from ..distributed import PeerError
-    from ..train import train
+    from layerhessians.training.distributed import PeerError
+    from layerhessians.training.trainer import train
 
     flags = typed_flags(args)
     try:

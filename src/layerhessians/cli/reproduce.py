@@ -4,7 +4,7 @@ Trains every run of a grid (skipping complete runs, resuming interrupted ones), 
 run, then matches layer spectra to full spectra across the runs
 (``match_distros_wasserstein.png``, ``match_distros_peak.png``, ``match_distros.csv``).
 Training runs in this process by default; ``--gpus 0,1`` or ``--launcher slurm`` hand the
-runs to submitit jobs instead (see :mod:`layerhessians.launchers`).
+runs to submitit jobs instead (see :mod:`layerhessians.pipeline.launchers`).
 """
 
 import shlex
@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from .. import launchers
-from ..errors import UserError
-from ..grid import load_grid
+from layerhessians.errors import UserError
+from layerhessians.pipeline import launchers
+from layerhessians.pipeline.grid import load_grid
 
 HELP = ("run the seed's pipeline: train the grid's runs (skipping complete ones, resuming "
         "interrupted ones), plot each, and match layers to the full Hessian")
@@ -47,7 +47,7 @@ def add_arguments(parser):
 
 
 def _call(argv) -> int:
-    from ..cli import main
+    from layerhessians.cli.main import main
 
     print(f"$ layerhessians {shlex.join(argv)}", flush=True)
     return main(argv)

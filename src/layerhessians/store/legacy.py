@@ -20,7 +20,7 @@ epochs are written (the original's readers assume every epoch).
 
 import numpy as np
 
-from .runs import atomic_path, load_run
+from layerhessians.store.runs import atomic_path, load_run
 
 LEGACY_DIR = "ckpt"
 FULL_FILE = "training_eigenspectrum_full.npy"

@@ -1,7 +1,7 @@
 """Distances between spectra, and the epoch where a layer matches the full Hessian best.
 
 A spectrum here is anything with ``.nodes`` and ``.weights`` (1-D float arrays, weights >= 0
-summing to 1): a :class:`~layerhessians.hessian.SpectralMeasure` from SLQ (Ritz values and
+summing to 1): a :class:`~layerhessians.spectra.SpectralMeasure` from SLQ (Ritz values and
 quadrature weights) or an exact spectrum.
 
 Two metrics:
@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import wasserstein_distance
 
-from .errors import UserError
+from layerhessians.errors import UserError
 
 METRICS = ("wasserstein", "paper")
 NORMALIZATIONS = ("minmax", "joint", "maxabs", "none")
@@ -198,7 +198,7 @@ def measure_lookup(run):
     grouping ``run.spectra`` once and caching (``run.measure`` scans the whole table on
     every call, ~10 ms each for a 50-epoch ResNet18 run). Missing pairs go to
     ``run.measure``, which raises its :class:`UserError`."""
-    from .hessian import SpectralMeasure
+    from layerhessians.spectra import SpectralMeasure
 
     spectra = run.spectra
     groups = {(block, int(epoch)): rows for (block, epoch), rows
@@ -228,7 +228,7 @@ def layer_distances(run, metric: str = "wasserstein", normalize: str = "minmax",
                     epochs=None, points: int = PAPER_POINTS, measure=None) -> pd.DataFrame:
     """Distance of every layer's spectrum to the full spectrum, at every epoch of ``run``.
 
-    ``run``: a :class:`~layerhessians.runs.Run` (``.blocks``, ``.epochs``, ``.measure``).
+    ``run``: a :class:`~layerhessians.store.runs.Run` (``.blocks``, ``.epochs``, ``.measure``).
     ``epochs``: the epochs to use (default :func:`default_epochs`); epochs the run lacks
     are a :class:`UserError`. ``measure``: optional ``(block, epoch) -> measure``
     (default :func:`measure_lookup` of ``run``). Returns a DataFrame with

@@ -8,23 +8,23 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from layerhessians.errors import UserError
-from layerhessians.hessian.lanczos import slq_many
-from layerhessians.hessian.measure import SpectralMeasure
-from layerhessians.hessian.operators import (
+from layerhessians.curvature.operators import (
     FULL,
     CurvatureGraph,
     CurvatureOperator,
     Reduction,
     resolve_params,
 )
+from layerhessians.errors import UserError
+from layerhessians.spectra.lanczos import slq_many
+from layerhessians.spectra.measure import SpectralMeasure
 
 __all__ = ["layer_operators", "layer_spectra", "operator_dims"]
 
 
 def _layer_mapping(model: nn.Module, layers) -> "OrderedDict[str, list]":
     if layers is True:
-        from layerhessians.models.blocks import layer_blocks
+        from layerhessians.curvature.blocks import layer_blocks
 
         mapping = layer_blocks(model)
     elif layers is False or layers is None:
@@ -104,7 +104,7 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = 128, vector
             ``iterations * 8`` bytes per parameter, twice the model size in all
             (full + blocks); ``False`` keeps ``O(dim)``; ``"auto"``: full when the bases fit
             half the memory budget, else none with a logged warning
-            (:func:`~layerhessians.hessian.memory.choose_reorthogonalize`).
+            (:func:`~layerhessians.curvature.memory.choose_reorthogonalize`).
         layers: ``True`` (every Conv2d/Linear weight), ``False`` (full spectrum only) or a
             ``{name: parameter(s)}`` mapping.
         progress: tqdm bar over the Lanczos steps (hidden when not writing to a terminal).
@@ -115,19 +115,21 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = 128, vector
         reuse_graph: keep the graphs for all products (default), rebuild them for every
             product (``False``: one micro-batch's graph alive at a time), or ``"auto"``.
         memory_budget: bytes, ``"8GB"``, ``"40%"`` (of the free memory) or ``None`` (the
-            default of :mod:`~layerhessians.hessian.memory`), for the ``"auto"`` choices.
+            default of :mod:`~layerhessians.curvature.memory`), for the ``"auto"`` choices.
 
     Returns:
         ``OrderedDict`` ``{"full": SpectralMeasure, layer name: SpectralMeasure, ...}`` in
         layer order. The model's parameters, buffers and modes are left unchanged.
     """
-    from layerhessians.hessian.memory import (
+    from layerhessians.curvature.memory import (
         choose_reorthogonalize,
-        memory_budget as budget_bytes,
         plan_memory,
         split_batches,
     )
-    from layerhessians.hessian.operators import as_batches
+    from layerhessians.curvature.memory import (
+        memory_budget as budget_bytes,
+    )
+    from layerhessians.curvature.operators import as_batches
 
     if "auto" in (micro_batch_size, reuse_graph):
         data = as_batches(data)

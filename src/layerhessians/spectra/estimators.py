@@ -1,7 +1,7 @@
 """Hutchinson trace estimates and the top eigenvalues (Lanczos) of a symmetric operator.
 
 Both work on any operator with ``.dim`` and ``.matvec``: the full Hessian or a block from
-:func:`~layerhessians.hessian.hessian_operator`.
+:func:`~layerhessians.spectra.hessian_operator`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from layerhessians.errors import UserError
-from layerhessians.hessian.lanczos import (
+from layerhessians.spectra.lanczos import (
     _check_basis_memory,
     _Recurrence,
     check_count,

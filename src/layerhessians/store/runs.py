@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .errors import UserError
+from layerhessians.errors import UserError
 
 CONFIG = "config.json"
 METRICS = "metrics.csv"
@@ -322,8 +322,8 @@ class Run:
         return sorted(int(e) for e in self.spectra["epoch"].unique())
 
     def measure(self, block: str, epoch: int):
-        """The :class:`~layerhessians.hessian.SpectralMeasure` of ``block`` at ``epoch``."""
-        from .hessian import SpectralMeasure
+        """The :class:`~layerhessians.spectra.SpectralMeasure` of ``block`` at ``epoch``."""
+        from layerhessians.spectra import SpectralMeasure
 
         rows = self.spectra[(self.spectra["epoch"] == epoch) & (self.spectra["block"] == block)]
         if rows.empty:

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from layerhessians.errors import UserError
 
 try:  # optional: only the submitit launchers need it
     from submitit.helpers import Checkpointable as _Checkpointable
@@ -96,7 +96,7 @@ def _train(argv) -> int:
     status: the ``SystemExit`` of submitit's requeue (raised from its signal handler while
     training) must propagate.
     """
-    from .cli import build_parser, main
+    from layerhessians.cli.main import build_parser, main
 
     try:
         build_parser("train").parse_args(["train", *argv])

@@ -1,7 +1,7 @@
 """``layerhessians match [RUN ...]``: which layer's Hessian spectrum matches the full one.
 
 For every run, layer and epoch: the distance between the layer's spectrum and the full
-spectrum (:mod:`layerhessians.compare`; default the 1-Wasserstein distance on each
+spectrum (:mod:`layerhessians.analysis.matching`; default the 1-Wasserstein distance on each
 spectrum's eigenvalue axis mapped to [0, 1]; ``--metric paper`` the original's computation).
 Writes into ``--out`` (default: the working directory, as the original did):
 
@@ -12,7 +12,7 @@ Writes into ``--out`` (default: the working directory, as the original did):
   epochs, divided by the run's maximum, against relative depth ``i / (L - 1)``;
 - ``match_distros_peak.<fmt>``: the same at each run's peak epoch.
 
-The peak epoch is computed (:func:`layerhessians.compare.peak_epoch`: the epoch at which
+The peak epoch is computed (:func:`layerhessians.analysis.matching.peak_epoch`: the epoch at which
 the best-matching layer is closest to the full spectrum) unless ``--peak`` gives it.
 With no RUN arguments the 12 seed run directories (``model=M,dataset=D,te,run1``) are
 looked up in the working directory.
@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import compare, plots
-from ..errors import UserError
-from ..runs import load_run, write_csv
+from layerhessians.analysis import figures as plots
+from layerhessians.analysis import matching as compare
+from layerhessians.errors import UserError
+from layerhessians.store.runs import load_run, write_csv
 
 HELP = "compare every layer's Hessian spectrum with the full spectrum across runs"
 
@@ -133,7 +134,7 @@ def _print_summary(summary, stream=None):
 
 def match(runs, *, metrics=("wasserstein",), normalize="minmax", peaks=None, epochs=None,
           points=compare.PAPER_POINTS, out=".", fmt="png", dpi=200, ids=None, stream=None):
-    """Compare ``runs`` (loaded :class:`~layerhessians.runs.Run` objects), write the CSVs
+    """Compare ``runs`` (loaded :class:`~layerhessians.store.runs.Run` objects), write the CSVs
     and figures into ``out`` and print the summary. Returns ``(distances, summary, paths)``."""
     out = Path(out)
     ids = ids or _run_ids(runs)

@@ -1,0 +1,1 @@
+"""The ``layerhessians`` command line: parsing only; every subcommand calls the library."""

@@ -1,0 +1,49 @@
+"""Spectra of curvature operators: stochastic Lanczos quadrature (SLQ), spectral measures,
+exact spectra of small operators, trace and top-eigenvalue estimators, and the full plus
+layer-wise spectra of a model in one pass.
+
+- :func:`slq` -> :class:`SpectralMeasure` (``.nodes``, ``.weights``, ``.density()``)
+- :func:`exact_spectrum` (float64 ``eigvalsh`` of a small operator)
+- :func:`top_eigenvalues`, :func:`hessian_trace`
+- :func:`layer_spectra` -> ``{"full": measure, layer: measure, ...}``
+"""
+
+from layerhessians.spectra.estimators import (
+    TraceEstimate,
+    hessian_trace,
+    top_eigenvalues,
+)
+from layerhessians.spectra.exact import exact_spectrum
+from layerhessians.spectra.lanczos import (
+    DISTRIBUTIONS,
+    LanczosRun,
+    lanczos,
+    slq,
+    slq_many,
+    start_vector,
+)
+from layerhessians.spectra.layers import layer_operators, layer_spectra, operator_dims
+from layerhessians.spectra.measure import (
+    SpectralMeasure,
+    concatenate_rows,
+    papyan_sigma,
+)
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "LanczosRun",
+    "SpectralMeasure",
+    "TraceEstimate",
+    "concatenate_rows",
+    "exact_spectrum",
+    "hessian_trace",
+    "lanczos",
+    "layer_operators",
+    "layer_spectra",
+    "operator_dims",
+    "papyan_sigma",
+    "slq",
+    "slq_many",
+    "start_vector",
+    "top_eigenvalues",
+]

@@ -1,0 +1,21 @@
+"""The exact spectrum of a small operator: float64 ``eigvalsh`` of its dense matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from layerhessians.curvature.dense import MAX_DENSE_DIM, dense_matrix
+from layerhessians.spectra.measure import SpectralMeasure
+
+__all__ = ["exact_spectrum"]
+
+
+def exact_spectrum(op, max_dim: int = MAX_DENSE_DIM) -> SpectralMeasure:
+    """All eigenvalues of ``op`` (float64 ``eigvalsh`` of :func:`dense_matrix`), as a
+    :class:`SpectralMeasure` with one row: nodes = the ``dim`` eigenvalues (ascending), each
+    of weight ``1 / dim``. Interchangeable with an SLQ measure downstream."""
+    matrix = dense_matrix(op, max_dim=max_dim)
+    eigenvalues = torch.linalg.eigvalsh(matrix).cpu().numpy()
+    dim = eigenvalues.size
+    return SpectralMeasure(eigenvalues[None, :], np.full((1, dim), 1.0 / dim), dim=dim)

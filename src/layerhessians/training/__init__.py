@@ -1,0 +1,2 @@
+"""Training: typed run settings, devices, distributed helpers and the epoch loop that
+measures spectra after every epoch."""
