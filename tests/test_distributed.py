@@ -49,14 +49,8 @@ from layerhessians.training.distributed import (
     process_group,
     shard_indices,
 )
-from layerhessians.training.trainer import (
-    CRASH_ENV,
-    Setup,
-    evaluate,
-    hessian_indices,
-    make_optimizer,
-    train_epoch,
-)
+from layerhessians.training.loop import CRASH_ENV, evaluate, train_epoch
+from layerhessians.training.setup import Setup, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -489,16 +483,16 @@ def test_trainer_records_reorthogonalize_used_and_plan(mnist_root, tmp_path):
 def test_hessian_set_size_options():
     targets = torch.tensor([0] * 5 + [1] * 9 + [2] * 2 + [3] * 7)
     for epc in (1, 2):  # K * epc examples: exactly the per-class subset
-        assert torch.equal(hessian_indices(targets, total=4 * epc, seed=3),
+        assert torch.equal(hessian_subset(targets, total=4 * epc, seed=3),
                            hessian_subset(targets, epc, seed=3))
-    index = hessian_indices(targets, total=11, seed=0)  # 3, 3, 2 (all of class 2), 3
+    index = hessian_subset(targets, total=11, seed=0)  # 3, 3, 2 (all of class 2), 3
     assert targets[index].bincount().tolist() == [3, 3, 2, 3]
-    index = hessian_indices(targets, total=18, seed=0)  # 2 + 16 shared: 5, 6, 2, 5
+    index = hessian_subset(targets, total=18, seed=0)  # 2 + 16 shared: 5, 6, 2, 5
     assert targets[index].bincount().tolist() == [5, 6, 2, 5]
     assert len(set(index.tolist())) == 18
-    assert torch.equal(hessian_indices(targets, total="all").sort().values, torch.arange(23))
+    assert torch.equal(hessian_subset(targets, total="all").sort().values, torch.arange(23))
     with pytest.raises(UserError, match="--hessian-examples all"):
-        hessian_indices(targets, total=24)
+        hessian_subset(targets, total=24)
     config = TrainConfig(hessian_total="ALL", hessian=HessianConfig(reorthogonalize="none"))
     config = config.validated()
     assert config.hessian_total == "all" and config.hessian.reorthogonalize is False

@@ -107,13 +107,13 @@ def test_slq_on_hessian_converges_with_more_vectors():
 def test_seeds_and_distributions():
     matrix, _ = matrix_with_spectrum(np.linspace(-1, 1, 25), seed=6)
     op = MatrixOperator(matrix)
-    a = slq(op, iterations=6, vectors=2, seed=1)
-    b = slq(op, iterations=6, vectors=2, seed=1)
-    c = slq(op, iterations=6, vectors=2, seed=2)
+    a = slq(op, iterations=6, vectors=2, seed=1, distribution="rademacher")
+    b = slq(op, iterations=6, vectors=2, seed=1, distribution="rademacher")
+    c = slq(op, iterations=6, vectors=2, seed=2, distribution="rademacher")
     d = slq(op, iterations=6, vectors=2, seed=1, distribution="gaussian")
     np.testing.assert_array_equal(a.nodes, b.nodes)
     assert not np.allclose(a.nodes, c.nodes) and not np.allclose(a.nodes, d.nodes)
-    rademacher = start_vector(25, 1, 0, "m", normalize=False)
+    rademacher = start_vector(25, 1, 0, "m", "rademacher", normalize=False)
     assert set(rademacher.tolist()) == {-1.0, 1.0}
     assert torch.linalg.vector_norm(start_vector(25, 1, 0, "m")) == pytest.approx(1.0)
 

@@ -67,8 +67,8 @@ def test_slq_measure_trace_is_the_hutchinson_sample_of_its_start_vector():
     """dim * sum(w * theta) = dim * q^T A q = v^T A v for the Rademacher v = sqrt(dim) q."""
     op = small_hessian()
     matrix = dense_matrix(op)
-    measure = slq(op, iterations=5, seed=2)
-    v = start_vector(op.dim, 2, 0, "full", normalize=False)
+    measure = slq(op, iterations=5, seed=2, distribution="rademacher")
+    v = start_vector(op.dim, 2, 0, "full", "rademacher", normalize=False)
     assert measure.trace() == pytest.approx(float(v @ matrix @ v), rel=1e-10)
 
 

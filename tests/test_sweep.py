@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import sys
-from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -26,14 +25,14 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 TINY = "--device cpu --no-progress --hessian-iterations 4 --examples_per_class 2 --no-layers"
 
 
-def _probe(argv):
-    if "--fail" in argv:
+def _probe(flags):
+    if "fail" in flags:
         raise RuntimeError("probe asked to fail")
-    return os.environ.get("CUDA_VISIBLE_DEVICES"), list(argv)
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), dict(flags)
 
 
-def _probe_factory(argv):
-    return functools.partial(_probe, list(argv))
+def _probe_factory(task):
+    return functools.partial(_probe, dict(task.flags))
 
 
 def _args(argv):
@@ -58,11 +57,10 @@ def test_parse_gpus():
 
 
 def test_with_device_keeps_the_users_choice():
-    assert launchers.with_device(["-r", "x"], "cuda:0") == ["-r", "x", "--device", "cuda:0"]
-    assert launchers.with_device(["--device", "cpu"], "cuda:0") == ["--device", "cpu"]
-    assert launchers.with_device(["--cuda", "1"], "cuda") == ["--cuda", "1"]
-    assert launchers.with_device(["--device=cpu"], "cuda") == ["--device=cpu"]
-    assert launchers.with_device(["-r", "x"], None) == ["-r", "x"]
+    assert launchers.with_device({"seed": 1}, "cuda:0") == {"seed": 1, "device": "cuda:0"}
+    assert launchers.with_device({"device": "cpu"}, "cuda:0") == {"device": "cpu"}
+    assert launchers.with_device({"cuda": 1}, "cuda") == {"cuda": 1}
+    assert launchers.with_device({"seed": 1}, None) == {"seed": 1}
 
 
 def test_make_launcher_choice_and_misuse(tmp_path):
@@ -107,10 +105,10 @@ def test_slurm_executor_parameters_and_sbatch_script(tmp_path, monkeypatch):
                  "#SBATCH --job-name=lh:model=LeNet,dataset=MNIST,te,run1",
                  f"#SBATCH --output={jobs}/%j_0_log.out"):
         assert line in script.splitlines(), line
-    task = launchers.Task("r", ("-r", "runs/r", "--resume"))
-    assert launcher.task_argv(task)[-2:] == ["--device", "cuda"]
+    task = launchers.Task("r", "runs/r", {"seed": 1})
+    assert launcher.prepare(task).flags == {"seed": 1, "device": "cuda"}
     cpu = launchers.make_launcher(_args(["--launcher", "slurm", "--gpus-per-job", "0"]), tmp_path)
-    assert cpu.task_argv(task) == list(task.argv)
+    assert cpu.prepare(task) == task
     assert "--gpus-per-node=0" in launchers.sbatch_flags(cpu.parameters)
 
 
@@ -129,12 +127,13 @@ def test_slurm_without_srun_is_a_user_error(tmp_path, monkeypatch):
 
 
 def test_train_job_checkpoint_resubmits_the_same_command():
-    job = launchers.TrainJob(["-r", "runs/a", "--resume"])
+    task = launchers.Task("a", "runs/a", {"seed": 1})
+    job = launchers.TrainJob(task)
     assert isinstance(job, submitit.helpers.Checkpointable)
     delayed = job.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     assert isinstance(delayed.function, launchers.TrainJob)
-    assert delayed.function.argv == ["-r", "runs/a", "--resume"]
+    assert delayed.function.task == task
     assert delayed.args == () and delayed.kwargs == {}
 
 
@@ -161,15 +160,15 @@ def test_local_launcher_one_job_per_gpu(tmp_path, capsys):
     """Each job sees only its GPU; a failing job is reported with its reason and log."""
     launcher = launchers.LocalLauncher(tmp_path / ".jobs", gpus=[3, 5], poll_s=0.1,
                                        job_factory=_probe_factory)
-    tasks = [launchers.Task("a", ("-r", "a")), launchers.Task("b", ("-r", "b", "--fail")),
-             launchers.Task("c", ("-r", "c", "--device", "cpu"))]
+    tasks = [launchers.Task("a", "a"), launchers.Task("b", "b", {"fail": True}),
+             launchers.Task("c", "c", {"device": "cpu"})]
     outcomes = launcher.launch(tasks)
     assert [o.run for o in outcomes] == ["a", "b", "c"]
     assert [o.ok for o in outcomes] == [True, False, True]
     gpus = {o.run: o.result[0] for o in outcomes if o.ok}
     assert set(gpus.values()) <= {"3", "5"}
-    assert outcomes[0].result[1] == ["-r", "a", "--device", "cuda:0"]
-    assert outcomes[2].result[1] == ["-r", "c", "--device", "cpu"]
+    assert outcomes[0].result[1] == {"device": "cuda:0"}
+    assert outcomes[2].result[1] == {"device": "cpu"}
     assert "RuntimeError: probe asked to fail" in outcomes[1].reason
     assert outcomes[1].log.parent == tmp_path / ".jobs" and outcomes[1].log.exists()
     printed = capsys.readouterr()

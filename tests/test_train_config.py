@@ -9,7 +9,7 @@ from layerhessians.cli import train as train_cmd
 from layerhessians.cli.main import main
 from layerhessians.errors import UserError
 from layerhessians.training.config import HessianConfig, TrainConfig
-from layerhessians.training.trainer import derive_seed
+from layerhessians.training.seeding import derive_seed
 
 
 def test_defaults_are_the_seeds_and_the_papers():

@@ -18,7 +18,7 @@ from layerhessians import load_run
 from layerhessians.cli.main import main
 from layerhessians.store import runs as runs_module
 from layerhessians.store.runs import RunStore
-from layerhessians.training.trainer import CRASH_ENV
+from layerhessians.training.loop import CRASH_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = ["train_seconds", "spectra_seconds", "eval_seconds"]

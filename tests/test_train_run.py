@@ -17,14 +17,10 @@ from layerhessians.cli.main import main
 from layerhessians.data import TensorData, hessian_subset, load_dataset
 from layerhessians.models import build_model, layer_blocks
 from layerhessians.training.config import HessianConfig, TrainConfig
-from layerhessians.training.trainer import (
-    Setup,
-    build,
-    compute_spectra,
-    derive_seed,
-    evaluate,
-    train_epoch,
-)
+from layerhessians.training.loop import evaluate, train_epoch
+from layerhessians.training.seeding import derive_seed
+from layerhessians.training.setup import Setup, build
+from layerhessians.training.spectra_hook import compute_spectra
 
 REPO = Path(__file__).resolve().parents[1]
 LENET_BLOCKS = ["full", "conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"]

@@ -12,7 +12,6 @@ epochs (0 = initialisation).
 from __future__ import annotations
 
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from layerhessians.store.atomic import atomic_path  # noqa: E402
 
 FORMATS = ("png", "pdf")
 DENSITY_RANGE = 1e-6  # log-density axes reach down to at most peak * DENSITY_RANGE
@@ -49,17 +50,11 @@ def style():
 
 def save_figure(fig, path, dpi: int = 200) -> Path:
     """Write ``fig`` to ``path`` atomically (temp file in the same folder, then
-    ``os.replace``); the format follows the suffix. Closes the figure; returns the path."""
+    ``os.replace``; :func:`~layerhessians.store.atomic.atomic_path`); the format follows the suffix. Closes the figure; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return path
@@ -272,6 +267,21 @@ def plot_training_curves(metrics: pd.DataFrame, title: str | None = None):
         if title:
             fig.suptitle(title)
     return fig
+
+
+def save_training_curves(metrics: pd.DataFrame, folder, title: str | None = None,
+                         dpi: int = 100) -> list:
+    """``folder/loss.png`` and ``folder/acc.png`` (train and test, per epoch) from a run's
+    metrics (``metrics.csv`` columns), drawn by :func:`plot_training_curves`; nothing
+    without rows. Returns the written paths."""
+    if not len(metrics):
+        return []
+    written = []
+    for kind in ("loss", "acc"):
+        columns = ["epoch", f"train_{kind}", f"test_{kind}"]
+        written.append(save_figure(plot_training_curves(metrics[columns], title=title),
+                                   Path(folder) / f"{kind}.png", dpi=dpi))
+    return written
 
 
 def plot_depth_profiles(profiles, metric_labels, title: str | None = None):

@@ -34,10 +34,10 @@ import pandas as pd
 from scipy.stats import wasserstein_distance
 
 from layerhessians.errors import UserError
+from layerhessians.vocabulary import FULL
 
 METRICS = ("wasserstein", "paper")
 NORMALIZATIONS = ("minmax", "joint", "maxabs", "none")
-FULL = "full"
 PAPER_POINTS = 1024  # the original's density grid
 
 # The original match_distros.py's hard-coded peak epochs, as 0-based indices into its 50

@@ -1,11 +1,13 @@
 """``layerhessians datasets``: list the datasets and where they live, or download some."""
 
-from layerhessians.data import DATASETS, dataset_table, download_dataset, get_spec
 
 HELP = "List the datasets (folder, present?, classes, image shape) or download some with checksums."
 
 
 def add_arguments(parser) -> None:
+    # the registry (and torch, through the data package) only when this command is chosen
+    from layerhessians.data import DATASETS
+
     parser.add_argument("--root", default="datasets",
                         help="folder holding one sub-folder per dataset (default: %(default)s)")
     parser.add_argument("--download", nargs="+", metavar="NAME", default=[],
@@ -14,6 +16,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from layerhessians.data import DATASETS, dataset_table, download_dataset, get_spec
+
     names = list(DATASETS) if [n.lower() for n in args.download] == ["all"] else args.download
     for spec in [get_spec(name) for name in names]:  # every name checked before downloading
         print(download_dataset(spec, args.root), flush=True)

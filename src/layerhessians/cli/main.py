@@ -39,8 +39,9 @@ def build_parser(only=None) -> argparse.ArgumentParser:
         if module is None:
             continue
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        if only is not None:  # the top-level help lists the commands only (fast start-up)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 

@@ -21,17 +21,16 @@ looked up in the working directory.
 import sys
 from pathlib import Path
 
-import pandas as pd
-
-from layerhessians.analysis import figures as plots
-from layerhessians.analysis import matching as compare
 from layerhessians.errors import UserError
-from layerhessians.store.runs import load_run, write_csv
 
 HELP = "compare every layer's Hessian spectrum with the full spectrum across runs"
 
 
 def add_arguments(parser):
+    # matplotlib and scipy: only when this command is chosen (fast `layerhessians --help`)
+    from layerhessians.analysis import figures as plots
+    from layerhessians.analysis import matching as compare
+
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="run directories (default: the 12 seed runs in the working "
                              "directory, model=M,dataset=D,te,run1)")
@@ -54,129 +53,16 @@ def add_arguments(parser):
     parser.add_argument("--dpi", type=int, default=200, help="resolution of PNGs (default: 200)")
 
 
-# ----------------------------------------------------------------------------- inputs
-def find_seed_runs(folder=".") -> tuple:
-    """``(present paths, missing names)`` of the 12 seed run directories in ``folder``."""
-    folder = Path(folder)
-    present = [folder / n for n in compare.SEED_RUNS if (folder / n).is_dir()]
-    missing = [n for n in compare.SEED_RUNS if not (folder / n).is_dir()]
-    return present, missing
-
-
-def _run_ids(runs) -> list:
-    names = [r.path.name for r in runs]
-    return [r.path.name if names.count(r.path.name) == 1 else str(r.path) for r in runs]
-
-
-def parse_peaks(specs, runs, ids) -> dict:
-    """``{run id: epoch or None}`` from ``--peak`` values (``RUN=EPOCH`` or ``paper``)."""
-    peaks = {}
-    for spec in specs:
-        if spec.strip().lower() == "paper":
-            for run, rid in zip(runs, ids):
-                epoch = compare.paper_peak_epoch(run.config.get("model"), run.config.get("dataset"))
-                if epoch is None:
-                    print(f"note: no paper peak for {rid} ({run.config.get('model')}+"
-                          f"{run.config.get('dataset')}); its peak is computed", file=sys.stderr)
-                peaks.setdefault(rid, epoch)
-            continue
-        name, sep, value = spec.rpartition("=")
-        try:
-            epoch = int(value)
-        except ValueError:
-            epoch = None
-        if not sep or epoch is None or epoch < 0:
-            raise UserError(f"--peak {spec!r}: give RUN=EPOCH (e.g. --peak "
-                            f"'{compare.SEED_RUNS[0]}=18') or --peak paper")
-        matches = [rid for run, rid in zip(runs, ids)
-                   if name in (rid, run.path.name, str(run.path)) or Path(name) == run.path]
-        if not matches:
-            raise UserError(f"--peak {spec!r}: {name!r} is not one of the runs compared "
-                            f"({', '.join(ids)})")
-        for rid in matches:
-            peaks[rid] = epoch
-    return peaks
-
-
-# ----------------------------------------------------------------------------- output
-def _labels(summary) -> dict:
-    """``{run: "Model+Dataset"}``, with the run's name added where two runs share a label."""
-    runs = summary.drop_duplicates("run")
-    labels = [f"{m}+{d}" if isinstance(m, str) and isinstance(d, str) else run
-              for m, d, run in zip(runs["model"], runs["dataset"], runs["run"])]
-    return {run: lab if labels.count(lab) == 1 else f"{lab} ({run})"
-            for run, lab in zip(runs["run"], labels)}
-
-
-def _metric_label(metric, normalize):
-    if metric == "paper":
-        return "original metric (log-density values)"
-    return f"$W_1$ between spectra ({normalize} axis)"
-
-
-def _print_summary(summary, stream=None):
-    stream = sys.stdout if stream is None else stream
-    print("best-matching layer per run (index 0-based; depth = index / (layers - 1))",
-          file=stream)
-    for run, rows in summary.groupby("run", sort=False):
-        first = rows.iloc[0]
-        print(f"{first['model']}+{first['dataset']}  [{run}]  {first['layers']} layers, "
-              f"{first['epochs']} epochs", file=stream)
-        for _, r in rows.iterrows():
-            name = r["metric"] + (f"/{r['normalize']}" if r["normalize"] else "")
-            print(f"  {name:<18} at peak epoch {r['peak_epoch']} ({r['peak_source']}): "
-                  f"#{r['peak_index']} {r['peak_layer']} (depth {r['peak_depth']:.2f}), "
-                  f"distance {r['peak_distance']:.4g}", file=stream)
-            print(f"  {'':<18} over training: #{r['best_index']} {r['best_layer']} "
-                  f"(depth {r['best_depth']:.2f}), summed distance {r['best_summed']:.4g}",
-                  file=stream)
-
-
-def match(runs, *, metrics=("wasserstein",), normalize="minmax", peaks=None, epochs=None,
-          points=compare.PAPER_POINTS, out=".", fmt="png", dpi=200, ids=None, stream=None):
-    """Compare ``runs`` (loaded :class:`~layerhessians.store.runs.Run` objects), write the CSVs
-    and figures into ``out`` and print the summary. Returns ``(distances, summary, paths)``."""
-    out = Path(out)
-    ids = ids or _run_ids(runs)
-    frames = []
-    for run, rid in zip(runs, ids):
-        measure = compare.measure_lookup(run)
-        for metric in metrics:
-            frame = compare.layer_distances(run, metric, normalize, epochs=epochs,
-                                            points=points, measure=measure)
-            frames.append(frame.assign(run=rid))
-    distances = pd.concat(frames, ignore_index=True)[compare.DISTANCE_COLUMNS]
-    peaks = peaks or {}
-    for rid, epoch in peaks.items():
-        have = set(distances.loc[distances["run"] == rid, "epoch"])
-        if epoch is not None and epoch not in have:
-            raise UserError(f"peak epoch {epoch} of run {rid} is not among its compared epochs "
-                            f"({min(have)}..{max(have)}); give another --peak or --epochs")
-    summary = compare.summarize(distances, peaks)
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "match_distros.csv", out / "match_distros_summary.csv"]
-    write_csv(paths[0], distances)
-    write_csv(paths[1], summary)
-
-    labels = _labels(summary)
-    titles = {m: _metric_label(m, normalize) for m in metrics}
-    for kind, name in (("summed", "match_distros_wasserstein"), ("peak", "match_distros_peak")):
-        profiles = {m: [] for m in metrics}
-        for row in summary.itertuples():
-            rows = distances[(distances["run"] == row.run) & (distances["metric"] == row.metric)]
-            frame = compare.profile(rows, row.peak_epoch if kind == "peak" else None)
-            profiles[row.metric].append((labels[row.run], row.model,
-                                         row.dataset, frame))
-        title = ("layer vs full spectrum: distance summed over training" if kind == "summed"
-                 else "layer vs full spectrum: distance at each run's peak epoch")
-        fig = plots.plot_depth_profiles(profiles, titles, title=title)
-        paths.append(plots.save_figure(fig, out / f"{name}.{fmt}", dpi=dpi))
-    _print_summary(summary, stream)
-    return distances, summary, paths
-
-
 def run(args) -> int:
+    from layerhessians.analysis import matching as compare
+    from layerhessians.analysis.report import (
+        find_seed_runs,
+        match_runs,
+        parse_peaks,
+        run_ids,
+    )
+    from layerhessians.store.runs import load_run
+
     if args.points < 16:
         raise UserError(f"--points {args.points} is too few for a density curve; use >= 16")
     paths = [Path(p) for p in args.runs]
@@ -194,11 +80,11 @@ def run(args) -> int:
             raise UserError(f"run directory {path} does not exist; pass the -r folder of a "
                             "`layerhessians train` run")
     runs = [load_run(p) for p in paths]
-    ids = _run_ids(runs)
+    ids = run_ids(runs)
     metrics = compare.METRICS if args.metric == "both" else (args.metric,)
     epochs = compare.parse_epochs(args.epochs) if args.epochs else None
     peaks = parse_peaks(args.peak, runs, ids)
-    _, _, written = match(runs, metrics=metrics, normalize=args.normalize, peaks=peaks,
+    _, _, written = match_runs(runs, metrics=metrics, normalize=args.normalize, peaks=peaks,
                           epochs=epochs, points=args.points, out=args.out, fmt=args.format,
                           dpi=args.dpi, ids=ids)
     for path in written:

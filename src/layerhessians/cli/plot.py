@@ -10,17 +10,16 @@
 - ``training_curves.<fmt>``: loss and accuracy per epoch.
 """
 
-import numpy as np
-
-from layerhessians.analysis import figures as plots
-from layerhessians.analysis import matching as compare
 from layerhessians.errors import UserError
-from layerhessians.store.runs import load_run
 
 HELP = "plot a run's spectra, layer distances and training curves into RUN/images/"
 
 
 def add_arguments(parser):
+    # matplotlib and scipy: only when this command is chosen (fast `layerhessians --help`)
+    from layerhessians.analysis import figures as plots
+    from layerhessians.analysis import matching as compare
+
     parser.add_argument("-r", "--run", required=True, help="run directory (from `train -r`)")
     parser.add_argument("-m", "--model", help="model name; checked against the run's config.json")
     parser.add_argument("-d", "--dataset", help="dataset name; checked against config.json")
@@ -46,119 +45,10 @@ def _check_identity(run, args):
                             f"({key} {stored} in config.json); drop -{key[0]} or fix -r")
 
 
-def block_dimensions(config) -> dict:
-    """``{block: number of parameters}`` from config.json (``block_dims``), else counted on
-    a freshly built model of the run's architecture; ``{}`` if neither is possible."""
-    for key in ("block_dims", "dims"):
-        if isinstance(config.get(key), dict):
-            return {k: int(v) for k, v in config[key].items()}
-    try:
-        from layerhessians.models import build_model, layer_blocks
-
-        dataset = str(config.get("dataset", ""))
-        channels = config.get("in_channels") or (1 if dataset in ("MNIST", "FashionMNIST", "Digits")
-                                                 else 3)
-        classes = config.get("num_classes") or (100 if dataset == "CIFAR100" else 10)
-        model = build_model(config["model"], in_channels=int(channels), num_classes=int(classes))
-    except Exception:  # unknown architecture: plot the mean eigenvalue instead
-        return {}
-    dims = {name: p.numel() for name, p in layer_blocks(model).items()}
-    dims["full"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return dims
-
-
-def _selected_epochs(run, spec):
-    available = run.epochs
-    if not available:
-        raise UserError(f"run {run.path} has no spectra yet; train it first "
-                        "(or wait for its first epoch)")
-    if spec is None:
-        return available
-    wanted = compare.parse_epochs(spec)
-    chosen = [e for e in wanted if e in available]
-    if not chosen:
-        raise UserError(f"run {run.path} has none of the epochs {spec}; it has "
-                        f"{available[0]}..{available[-1]}")
-    return chosen
-
-
-def _title(run):
-    model, dataset = run.config.get("model"), run.config.get("dataset")
-    return f"{model} on {dataset}" if model and dataset else run.path.name
-
-
-def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None, metric="wasserstein",
-                 normalize="minmax", out=None) -> list:
-    """Write every figure of ``run`` (a :class:`~layerhessians.store.runs.Run`) into ``out``
-    (default ``RUN/images``); returns the written paths."""
-    if points < 16:
-        raise UserError(f"--points {points} is too few for a density curve; use >= 16 "
-                        "(default 1024)")
-    if fmt not in plots.FORMATS:
-        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(plots.FORMATS)}")
-    out = run.path / "images" if out is None else out
-    epochs = _selected_epochs(run, epochs)
-    title = _title(run)
-    written = []
-
-    def save(fig, name):
-        written.append(plots.save_figure(fig, out / f"{name}.{fmt}", dpi=dpi))
-
-    present = set(zip(run.spectra["block"], run.spectra["epoch"].astype(int)))
-    lookup = compare.measure_lookup(run)
-    measures = {(b, e): lookup(b, e) for b in run.blocks for e in epochs if (b, e) in present}
-    for block in run.blocks:
-        curves = {e: measures[block, e].density(points=points) for e in epochs
-                  if (block, e) in measures}
-        if curves:
-            save(plots.plot_block_spectra(curves, block, title=f"{title}: {block}"),
-                 f"spectrum_{plots.safe_name(block)}")
-
-    full_epochs = [e for e in epochs if ("full", e) in measures]
-    if full_epochs:
-        full = [measures["full", e] for e in full_epochs]
-        lo = min(m.nodes[m.weights > 0].min() for m in full)
-        hi = max(m.nodes[m.weights > 0].max() for m in full)
-        pad = 0.05 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.05
-        grid = np.linspace(lo - pad, hi + pad, points)
-        densities = np.stack([m.density(grid=grid)[1] for m in full])
-        top = [m.nodes[m.weights > 0].max() for m in full]
-        dim = block_dimensions(run.config).get("full")
-        means = np.array([np.dot(m.nodes, m.weights) for m in full])
-        if dim:
-            trace, label = means * dim, "trace"
-        else:
-            trace, label = means, "trace / dim (mean eigenvalue)"
-        save(plots.plot_full_overview(grid, full_epochs, densities, top, trace, label,
-                                      title=title), "overview_full")
-
-    if "full" in run.blocks and len(run.blocks) > 1 and full_epochs:
-        distances = compare.layer_distances(run, metric, normalize, epochs=full_epochs,
-                                            points=points, measure=lookup)
-        # the peak among training epochs (epoch 0 only if alone), as `match` chooses it
-        trained = distances["epoch"].isin(compare.default_epochs(full_epochs))
-        peak = compare.peak_epoch(distances[trained])
-        label = (f"$W_1$ to full spectrum\n({normalize} axis)" if metric == "wasserstein"
-                 else "original distance\n(log-density values)")
-        save(plots.plot_distance_heatmap(compare.distance_matrix(distances), label, peak=peak,
-                                         title=f"{title}: distance of each layer to the full "
-                                               "spectrum"), "layer_distances")
-        best = compare.best_layer(distances, peak)
-        full_m, layer_m = measures["full", peak], measures[best["layer"], peak]
-        support = [(m.nodes[m.weights > 0].min(), m.nodes[m.weights > 0].max())
-                   for m in (full_m, layer_m)]
-        short = "$W_1$" if metric == "wasserstein" else "distance"
-        save(plots.plot_best_match(full_m.density(points=points), layer_m.density(points=points),
-                                   support[0], support[1], best["layer"], peak,
-                                   float(best["distance"]), short), "best_match")
-
-    columns = [f"{s}_{k}" for s in ("train", "test") for k in ("loss", "acc")]
-    if len(run.metrics) and run.metrics.reindex(columns=columns).notna().any().any():
-        save(plots.plot_training_curves(run.metrics, title=title), "training_curves")
-    return written
-
-
 def run(args) -> int:
+    from layerhessians.analysis.report import make_figures
+    from layerhessians.store.runs import load_run
+
     run_ = load_run(args.run)
     _check_identity(run_, args)
     written = make_figures(run_, points=args.points, fmt=args.format, dpi=args.dpi,

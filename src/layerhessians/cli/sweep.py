@@ -9,8 +9,7 @@ runs resume. Job logs go to ``ROOT/.jobs/``.
 
 from pathlib import Path
 
-from layerhessians.cli.reproduce import add_common_arguments, run_pipeline, select
-from layerhessians.pipeline.grid import load_grid
+from layerhessians.cli.grid_args import add_common_arguments, run_grid_command
 
 HELP = ("train a grid file's runs (in this process, one job per local GPU, or Slurm jobs), "
         "skipping complete runs, then plot and match them")
@@ -29,5 +28,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from layerhessians.pipeline.grid import load_grid, select
+
     runs = select(load_grid(args.config), args.only)
-    return run_pipeline(runs, Path(args.root), args, command="sweep", match=not args.no_match)
+    return run_grid_command(runs, Path(args.root), args, command="sweep", match=not args.no_match)

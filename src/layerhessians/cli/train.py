@@ -1,5 +1,5 @@
 """``layerhessians train``: train a network and record the full and layer-wise Hessian
-spectra after every epoch into a run directory (see :mod:`layerhessians.training.trainer`).
+spectra after every epoch into a run directory (see :mod:`layerhessians.training.loop`).
 
 Accepts the seed's ``training_eigenspectrum.py`` flags verbatim, plus our own. Flags not
 typed take their defaults, or, when resuming (``--resume``), the values stored in the
@@ -18,27 +18,17 @@ from pathlib import Path
 
 from layerhessians.errors import UserError
 from layerhessians.training.config import (
-    BN_MODES,
-    DIST_BACKENDS,
-    DISTRIBUTIONS,
     HESSIAN_KINDS,
+    IGNORED_FLAGS,
     HessianConfig,
     TrainConfig,
+    apply_flags,
 )
-from layerhessians.training.devices import DEVICE_CHOICES, resolve_device
+from layerhessians.vocabulary import BACKENDS, BN_MODES, DEVICE_CHOICES, DISTRIBUTIONS
 
 HELP = "train a network, measuring full and layer-wise Hessian spectra after every epoch"
 RUNS_ROOT = "runs"  # default parent of run directories (when -r is not given)
-#: flags accepted for the seed's command lines but without effect (as in the original,
-#: which placed logs/, ckpt/, images/ under -r whatever they said)
-IGNORED = ("log_dir", "ckpt_dir", "images_dir")
-# flag destination -> field of HessianConfig
-HESSIAN_FLAGS = {"hessian_iterations": "iterations", "hessian_vectors": "vectors",
-                 "hessian_kind": "kind", "hessian_bn_mode": "bn_mode",
-                 "hessian_every": "every", "hessian_distribution": "distribution",
-                 "layers": "layers", "init_spectra": "init",
-                 "hessian_reorthogonalize": "reorthogonalize"}
-RUN_FLAGS = ("run", "resume", "overwrite", "progress", "with_pdb", "cuda", *IGNORED)
+RUN_FLAGS = ("run", "resume", "overwrite", "progress", "with_pdb")
 _OPTIONS = {}  # destination -> the option string used to rebuild the command line
 
 EPILOG = """\
@@ -128,7 +118,7 @@ def add_arguments(parser):
                                               "(data are held in memory)")
     _add(g, "-pdb", "--with_pdb", action="store_true",
          help="drop into the debugger on an unexpected exception")
-    for name in IGNORED:
+    for name in IGNORED_FLAGS:
         _add(g, f"--{name}", metavar="DIR", help="accepted for the seed's command lines; "
                                                  "ignored (outputs go under -r)")
 
@@ -167,7 +157,7 @@ def add_arguments(parser):
               "the free memory (default auto: 80%% of a GPU's free memory, 50%% of the "
               "host's shared by its processes); graphs that do not fit are rebuilt for "
               "every product (slower, same numbers)")
-    _add(sg, "--dist-backend", choices=DIST_BACKENDS,
+    _add(sg, "--dist-backend", choices=BACKENDS,
          help="torch.distributed backend under torchrun (default auto: nccl on GPUs, gloo "
               "on the CPU)")
     _add(sg, "--sync-bn", action="store_true",
@@ -209,15 +199,7 @@ def _resume_target(value, run):
 
 
 def _apply(config: TrainConfig, flags: dict) -> TrainConfig:
-    hessian = config.hessian.to_dict()
-    main = config.to_dict()
-    for key, value in flags.items():
-        if key in HESSIAN_FLAGS:
-            hessian[HESSIAN_FLAGS[key]] = value
-        elif key not in RUN_FLAGS:
-            main[key] = value
-    main["hessian"] = hessian
-    return TrainConfig.from_dict(main)
+    return apply_flags(config, {k: v for k, v in flags.items() if k not in RUN_FLAGS})
 
 
 def resolve(flags: dict):
@@ -233,6 +215,9 @@ def resolve(flags: dict):
     if isinstance(resume, str):
         run = _resume_target(resume, run)
     if "cuda" in flags or "device" in flags:  # check devices before loading any data
+        # torch: imported only when running, not for --help
+        from layerhessians.training.devices import resolve_device
+
         flags = {**flags, "device": str(resolve_device(flags.get("device"), flags.get("cuda")))}
     config = _apply(TrainConfig(), flags).validated()
     run_dir = Path(run) if run is not None else Path(RUNS_ROOT) / config.run_name()
@@ -265,8 +250,8 @@ def command_line(flags: dict) -> str:
 
 
 def run(args) -> int:
+    from layerhessians.training import train
     from layerhessians.training.distributed import PeerError
-    from layerhessians.training.trainer import train
 
     flags = typed_flags(args)
     try:

@@ -4,8 +4,9 @@ from collections import OrderedDict
 
 from torch import nn
 
+from layerhessians.vocabulary import FULL  # noqa: F401  (re-exported: the whole Hessian's block name)
+
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
-FULL = "full"  # reserved block name for the whole Hessian
 
 
 def layer_blocks(model: nn.Module) -> "OrderedDict[str, nn.Parameter]":

@@ -37,7 +37,7 @@ dtype and device; the result has the input's dtype, on the model's device.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from layerhessians.curvature.conv_double_backward import lean_convolutions
 from layerhessians.errors import UserError
+from layerhessians.vocabulary import BN_MODES, FULL
 
 __all__ = [
     "KINDS",
@@ -59,8 +60,6 @@ __all__ = [
 ]
 
 KINDS = ("hessian", "ggn", "residual")
-BN_MODES = ("eval", "train")
-FULL = "full"
 
 
 class Reduction:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from layerhessians.data.readers import find_idx
 from layerhessians.data.registry import MIRROR_ENV, DatasetSpec, RemoteFile
 from layerhessians.errors import DatasetMissingError
+from layerhessians.store.atomic import atomic_path
 
 #: Seconds a connection may stay silent before a download is abandoned.
 TIMEOUT_S = 60.0
@@ -94,19 +95,15 @@ def fetch(urls, dest, md5, timeout=TIMEOUT_S) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     reasons = []
     for url in urls:
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                got = _stream(url, out, timeout, dest.name)
-            if got != md5:
-                raise _FailedDownload(f"checksum mismatch from {url} (md5 {got}, expected {md5})")
-            os.replace(tmp, dest)
+        try:  # the part file is removed on any failure
+            with atomic_path(dest, suffix=".part") as tmp:
+                with open(tmp, "wb") as out:
+                    got = _stream(url, out, timeout, dest.name)
+                if got != md5:
+                    raise _FailedDownload(f"checksum mismatch from {url} (md5 {got}, expected {md5})")
             return dest
         except (OSError, ValueError, HTTPException, _FailedDownload) as err:  # URLError, timeouts: OSError
             reasons.append(str(err) if isinstance(err, _FailedDownload) else f"{_describe(err)} [{url}]")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     for folder in created:  # deepest first: leave no empty folders behind
         with contextlib.suppress(OSError):
             folder.rmdir()

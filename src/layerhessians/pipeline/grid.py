@@ -1,13 +1,14 @@
-"""Run grids: a list of training runs (run directory name + ``layerhessians train`` flags).
+"""Run grids: a list of training runs (run directory name + settings), read into typed
+:class:`~layerhessians.training.config.TrainConfig` objects (no command line in between).
 
 A grid file is JSON: ``{"description": ..., "runs": [{"run": NAME, "flags": {dest: value}}]}``
-where each flag is named by its ``layerhessians train`` destination (``learning_rate``,
-``weight_decay``, ``hessian_iterations``, ...; see ``layerhessians train --help``). The
-shipped grids are in ``layerhessians/configs/``: ``seed.json`` (the seed README's 12 runs)
-and ``quick.json`` (the embedded-default grid on Digits).
+where each setting is named by its ``layerhessians train`` destination (``learning_rate``,
+``weight_decay``, ``hessian_iterations``, ...; see ``layerhessians train --help`` and
+:func:`~layerhessians.training.config.apply_flags`). The shipped grids are in
+``layerhessians/configs/``: ``seed.json`` (the seed README's 12 runs) and ``quick.json``
+(the embedded-default grid on Digits).
 """
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,13 +16,26 @@ from pathlib import Path
 
 from layerhessians.errors import UserError
 from layerhessians.store.runs import RunStore
+from layerhessians.training.config import TrainConfig, apply_flags, setting_flags
 
 SHIPPED = ("seed", "quick")
 
 
+def flags_to_config(flags: dict, validate: bool = True) -> TrainConfig:
+    """The :class:`TrainConfig` of settings named by ``layerhessians train`` destinations
+    (defaults for the others).
+
+    Raises:
+        UserError: an unknown name (listing the valid ones) or, with ``validate``, a value
+            of the wrong type or range.
+    """
+    config = apply_flags(TrainConfig(), flags)
+    return config.validated() if validate else config
+
+
 @dataclass
 class GridRun:
-    """One run of a grid: its directory name and its ``train`` flags (by destination)."""
+    """One run of a grid: its directory name and its settings (by ``train`` destination)."""
 
     run: str
     flags: dict = field(default_factory=dict)
@@ -29,9 +43,9 @@ class GridRun:
     def path(self, root) -> Path:
         return Path(root) / self.run
 
-    def argv(self, root, extra=()) -> list:
-        """The ``layerhessians train`` command line of this run, under ``root``."""
-        return ["-r", str(self.path(root)), *flags_to_argv(self.flags), *extra]
+    def config(self, overrides=None, validate: bool = True) -> TrainConfig:
+        """This run's settings, with ``overrides`` (same names) applied on top."""
+        return flags_to_config({**self.flags, **(overrides or {})}, validate=validate)
 
     def completed_epoch(self, root):
         """The last committed epoch of this run under ``root``, or ``None``."""
@@ -44,7 +58,12 @@ class GridRun:
 
 
 def load_grid(name_or_path) -> list:
-    """The runs of a shipped grid (``"seed"``, ``"quick"``) or of a grid JSON file."""
+    """The runs of a shipped grid (``"seed"``, ``"quick"``) or of a grid JSON file.
+
+    Raises:
+        UserError: a missing or malformed file, a repeated run name, or a setting name that
+            ``layerhessians train`` does not have.
+    """
     if str(name_or_path) in SHIPPED:
         text = resources.files("layerhessians.configs").joinpath(f"{name_or_path}.json").read_text()
         source = f"shipped grid {name_or_path!r}"
@@ -63,40 +82,20 @@ def load_grid(name_or_path) -> list:
     names = [r.run for r in runs]
     if len(set(names)) != len(names):
         raise UserError(f"{source} names a run directory twice; run names must be unique")
+    valid = setting_flags()
+    for r in runs:
+        unknown = [k for k in r.flags if k not in valid]
+        if unknown:
+            raise UserError(f"grid flag {unknown[0]!r} of run {r.run!r} in {source} is not a "
+                            f"`layerhessians train` setting; use one of {', '.join(valid)}")
     return runs
 
 
-def _train_parser() -> argparse.ArgumentParser:
-    from layerhessians.cli import train
-
-    parser = argparse.ArgumentParser(add_help=False)
-    train.add_arguments(parser)
-    return parser
-
-
-def flags_to_argv(flags: dict) -> list:
-    """``{"learning_rate": 0.01, "augment": True}`` -> ``["--learning_rate", "0.01", "--augment"]``.
-
-    Flags are matched to ``layerhessians train`` options by destination name, so a grid file
-    stays valid whatever spelling (``-lr``, ``--learning_rate``) the option has.
-    """
-    options = {}
-    for action in _train_parser()._actions:
-        if action.option_strings:
-            long = [s for s in action.option_strings if s.startswith("--")]
-            options[action.dest] = (long or action.option_strings)[0], action
-    argv = []
-    for dest, value in flags.items():
-        if dest not in options:
-            raise UserError(f"grid flag {dest!r} is not a `layerhessians train` option; see "
-                            "`layerhessians train --help` (use destination names such as "
-                            "learning_rate)")
-        option, action = options[dest]
-        if action.nargs == 0:  # store_true / store_false switches
-            if bool(value) == (action.const if action.const is not None else True):
-                argv.append(option)
-        elif isinstance(value, (list, tuple)):
-            argv += [option, *map(str, value)]
-        elif value is not None:
-            argv += [option, str(value)]
-    return argv
+def select(runs, only) -> list:
+    """The grid runs named by ``only`` (all when ``only`` is empty), in grid order."""
+    if not only:
+        return runs
+    unknown = sorted(set(only) - {r.run for r in runs})
+    if unknown:
+        raise UserError(f"--only names runs not in the grid: {', '.join(unknown)}")
+    return [r for r in runs if r.run in only]

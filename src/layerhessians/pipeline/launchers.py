@@ -9,10 +9,11 @@ Three launchers share one interface, ``launcher.launch(tasks) -> [Outcome]``:
 - :class:`SlurmLauncher` (``--launcher slurm``): submitit's ``SlurmExecutor``, one job per
   run. A job that is preempted or reaches its time limit is requeued by submitit
   (:class:`TrainJob` is ``Checkpointable``) and continues from its last committed epoch,
-  because every job trains with ``--resume``.
+  because every task resumes.
 
 Job logs (submitit's folder) go to ``ROOT/.jobs/``: ``JOBID_0_log.out`` / ``.err``.
-A :class:`Task` is one run: its name and its ``layerhessians train`` arguments.
+A :class:`Task` is one run: its name, directory and settings; every launcher trains it
+through the library's :func:`~layerhessians.training.train` (jobs pickle the task).
 """
 
 import re
@@ -20,35 +21,63 @@ import shlex
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from layerhessians.errors import UserError
+from layerhessians.pipeline.grid import flags_to_config
+from layerhessians.training import train
+from layerhessians.training.config import TrainConfig
+from layerhessians.vocabulary import INSTALL_HINT, LAUNCHERS, SLURM_DEFAULT_MINUTES  # noqa: F401
 
 try:  # optional: only the submitit launchers need it
     from submitit.helpers import Checkpointable as _Checkpointable
 except ImportError:  # pragma: no cover - exercised only without the cluster extra
     _Checkpointable = object
 
-LAUNCHERS = ("local", "slurm")
 JOBS_FOLDER = ".jobs"
-INSTALL_HINT = "pip install 'layerhessians[cluster]'"
-SLURM_DEFAULT_MINUTES = 24 * 60
 MAX_REQUEUES = 20  # timeouts a Slurm job may be requeued after (preemptions do not count)
 SIGNAL_DELAY_S = 120  # seconds between submitit's warning signal and the time limit
 LOCAL_NO_LIMIT_MINUTES = 60 * 24 * 365
-DEVICE_FLAGS = ("--device", "--cuda")
+DEVICE_FLAGS = ("device", "cuda")
 
 
 @dataclass(frozen=True)
 class Task:
-    """One training run: ``run`` (its grid name) and ``argv`` (``layerhessians train`` args)."""
+    """One training run: ``run`` (its grid name), ``run_dir``, ``flags`` (its settings by
+    ``layerhessians train`` destination, overrides applied) and ``progress`` (bars: ``None``
+    on a terminal only, ``False`` never). It always resumes: a complete epoch is never
+    trained twice."""
 
     run: str
-    argv: tuple
+    run_dir: str
+    flags: dict = field(default_factory=dict)
+    progress: object = None
+
+    def config(self) -> TrainConfig:
+        """The run's settings (validated by :func:`~layerhessians.training.train`)."""
+        return flags_to_config(self.flags, validate=False)
+
+    def with_device(self, device) -> "Task":
+        """This task on ``device`` unless its flags already choose one (``device``/``cuda``)."""
+        return replace(self, flags=with_device(self.flags, device))
 
     def command(self) -> str:
-        return f"layerhessians train {shlex.join(self.argv)}"
+        """What runs, for logs: ``layerhessians train -r RUN_DIR --resume`` and the settings."""
+        settings = ", ".join(f"{k}={v}" for k, v in self.flags.items())
+        return (f"layerhessians train -r {shlex.quote(str(self.run_dir))} --resume"
+                + (f"  # {settings}" if settings else ""))
+
+
+def run_task(task: Task) -> Path:
+    """Train (or resume) ``task`` in this process through the library's
+    :func:`~layerhessians.training.train`; returns the run directory.
+
+    Raises:
+        UserError: bad settings or a run that cannot continue (see ``train``).
+    """
+    return train(task.config(), task.run_dir, resume=True, progress=task.progress,
+                 command=task.command())
 
 
 @dataclass
@@ -60,51 +89,33 @@ class Outcome:
     job_id: "str | None" = None
     reason: str = ""
     log: "Path | None" = None
-    result: object = None  # what the job returned (train's exit status 0)
+    result: object = None  # what the job returned (the run directory)
 
 
 class TrainJob(_Checkpointable):
-    """``layerhessians train ARGV`` as a submitit job (run in the job's process).
+    """A :class:`Task` as a submitit job: submitit pickles it (its settings) and calls it in
+    the job's process, which trains through the library.
 
-    Raises when training exits non-zero, so the job is marked failed. On preemption or
-    timeout, submitit calls :meth:`checkpoint`, which resubmits the same command: with
-    ``--resume`` in ``argv`` the requeued job continues from the last committed epoch.
+    A failing run raises, so the job is marked failed. On preemption or timeout, submitit
+    calls :meth:`checkpoint`, which resubmits the same task: it resumes from the last
+    committed epoch.
     """
 
-    def __init__(self, argv):
-        self.argv = list(argv)
+    def __init__(self, task: Task):
+        self.task = task
 
-    def __call__(self) -> int:
-        print(f"$ layerhessians train {shlex.join(self.argv)}", flush=True)
-        code = _train(self.argv)
-        if code != 0:
-            raise RuntimeError(f"layerhessians train exited with status {code}")
-        return code
+    def __call__(self) -> Path:
+        print(f"$ {self.task.command()}", flush=True)
+        return run_task(self.task)
 
     def checkpoint(self, *args, **kwargs):
-        from submitit.helpers import DelayedSubmission
+        from submitit.helpers import DelayedSubmission  # optional dependency
 
         print("requeued: the run continues from its last committed epoch (--resume)", flush=True)
-        return DelayedSubmission(TrainJob(self.argv), *args, **kwargs)
+        return DelayedSubmission(TrainJob(self.task), *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- helpers
-def _train(argv) -> int:
-    """``layerhessians train ARGV`` in this process; its exit status (argparse errors: 2).
-
-    Flags are parsed first on their own, so that only argparse's ``SystemExit`` becomes a
-    status: the ``SystemExit`` of submitit's requeue (raised from its signal handler while
-    training) must propagate.
-    """
-    from layerhessians.cli.main import build_parser, main
-
-    try:
-        build_parser("train").parse_args(["train", *argv])
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else 2
-    return main(["train", *argv])
-
-
 def _require_submitit(what: str):
     try:
         import submitit
@@ -127,15 +138,15 @@ def parse_gpus(text) -> list:
     return gpus
 
 
-def names_device(argv) -> bool:
-    """Whether ``argv`` already chooses a device (``--device``/``--cuda``)."""
-    return any(a in DEVICE_FLAGS or a.startswith(tuple(f + "=" for f in DEVICE_FLAGS)) for a in argv)
+def names_device(flags: dict) -> bool:
+    """Whether ``flags`` already choose a device (``device`` or ``cuda``)."""
+    return any(flags.get(name) is not None for name in DEVICE_FLAGS)
 
 
-def with_device(argv, device) -> list:
-    """``argv`` plus ``--device DEVICE`` unless the user's arguments already name a device."""
-    argv = list(argv)
-    return argv if device is None or names_device(argv) else [*argv, "--device", device]
+def with_device(flags: dict, device) -> dict:
+    """``flags`` plus ``device`` unless they already name a device."""
+    flags = dict(flags)
+    return flags if device is None or names_device(flags) else {**flags, "device": device}
 
 
 def _failure_reason(err, log) -> str:
@@ -193,9 +204,13 @@ class SequentialLauncher:
         outcomes = []
         for task in tasks:
             print(f"$ {task.command()}", flush=True)
-            code = _train(task.argv)
-            outcomes.append(Outcome(task.run, code == 0,
-                                    reason="" if code == 0 else f"exit status {code}"))
+            try:
+                result = run_task(task)
+            except UserError as err:  # reported; the other runs go on
+                print(f"{task.run}: error: {err}", file=sys.stderr, flush=True)
+                outcomes.append(Outcome(task.run, False, reason=str(err)))
+            else:
+                outcomes.append(Outcome(task.run, True, result=result))
         return outcomes
 
 
@@ -204,8 +219,8 @@ class LocalLauncher:
 
     Each job sees only its GPU (``CUDA_VISIBLE_DEVICES=G``) and trains with
     ``--device cuda:0`` unless the train arguments name a device. ``timeout_min`` (minutes)
-    limits each job; a job reaching it is requeued and resumes. ``job_factory(argv)`` makes
-    the callable a job runs (default :class:`TrainJob`).
+    limits each job; a job reaching it is requeued and resumes. ``job_factory(task)`` makes
+    the callable a job runs from a :class:`Task` (default :class:`TrainJob`).
     """
 
     name = "local"
@@ -228,12 +243,13 @@ class LocalLauncher:
         """Raise :class:`UserError` unless submitit is installed."""
         _require_submitit("--gpus (local parallel jobs)")
 
-    def task_argv(self, task: Task) -> list:
-        return with_device(task.argv, "cuda:0")
+    def prepare(self, task: Task) -> Task:
+        """The task as a job runs it: on ``cuda:0`` unless it names a device."""
+        return task.with_device("cuda:0")
 
     def task_command(self, task: Task) -> str:
         return f"CUDA_VISIBLE_DEVICES=<one of {','.join(map(str, self.gpus))}> " \
-               f"layerhessians train {shlex.join(self.task_argv(task))}"
+               f"{self.prepare(task).command()}"
 
     def executor(self):
         submitit = _require_submitit("--gpus (local parallel jobs)")
@@ -251,7 +267,7 @@ class LocalLauncher:
                 while pending and free:
                     gpu, task = free.pop(0), pending.popleft()
                     executor.update_parameters(visible_gpus=(gpu,), gpus_per_node=1)
-                    job = executor.submit(self.job_factory(self.task_argv(task)))
+                    job = executor.submit(self.job_factory(self.prepare(task)))
                     running[job] = (task, gpu)
                     print(f"[job {job.job_id}] {task.run}: started on GPU {gpu} "
                           f"(log {job.paths.stdout})", flush=True)
@@ -302,11 +318,12 @@ class SlurmLauncher:
             raise UserError("--launcher slurm: no Slurm here (srun not found); run the sweep on "
                             "a Slurm login node")
 
-    def task_argv(self, task: Task) -> list:
-        return with_device(task.argv, "cuda" if self.gpus_per_job > 0 else None)
+    def prepare(self, task: Task) -> Task:
+        """The task as a job runs it: on ``cuda`` when jobs get GPUs, unless it names a device."""
+        return task.with_device("cuda" if self.gpus_per_job > 0 else None)
 
     def task_command(self, task: Task) -> str:
-        return f"layerhessians train {shlex.join(self.task_argv(task))}"
+        return self.prepare(task).command()
 
     def executor(self):
         submitit = _require_submitit("--launcher slurm")
@@ -322,7 +339,7 @@ class SlurmLauncher:
         jobs = []
         for task in tasks:
             executor.update_parameters(job_name=job_name(task.run))
-            job = executor.submit(self.job_factory(self.task_argv(task)))
+            job = executor.submit(self.job_factory(self.prepare(task)))
             jobs.append((job, task))
             print(f"[job {job.job_id}] {task.run}: submitted (log {job.paths.stdout})", flush=True)
         outcomes, waiting = {}, list(jobs)
@@ -395,33 +412,7 @@ def parse_options(items) -> dict:
     return options
 
 
-# ----------------------------------------------------------------------------- CLI glue
-def add_arguments(parser):
-    """The launcher flags shared by ``reproduce`` and ``sweep``."""
-    group = parser.add_argument_group(
-        "launcher", "where the runs train: by default in this process, one after another")
-    group.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                       help="local: this machine (in this process, or one job per GPU with "
-                            "--gpus); slurm: one Slurm job per run through submitit "
-                            f"({INSTALL_HINT})")
-    group.add_argument("--gpus", default=None, metavar="0,1",
-                       help="local: train in parallel, one submitit job per listed GPU at a "
-                            "time (CUDA_VISIBLE_DEVICES set per job, --device cuda:0)")
-    group.add_argument("--partition", default=None, help="slurm: the partition (sbatch --partition)")
-    group.add_argument("--time", type=float, default=None, metavar="MINUTES",
-                       help="time limit of each job in minutes; a job reaching it is requeued "
-                            f"and resumes (slurm default {SLURM_DEFAULT_MINUTES}; local: none)")
-    group.add_argument("--gpus-per-job", type=int, default=1, metavar="N",
-                       help="slurm: GPUs per job (default 1; a run trains on one GPU, "
-                            "0 trains on CPU)")
-    group.add_argument("--cpus-per-task", type=int, default=None, metavar="N",
-                       help="slurm: CPU cores per job (default: the cluster's)")
-    group.add_argument("--mem", type=float, default=None, metavar="GB",
-                       help="slurm: memory per job in GB (default: the cluster's)")
-    group.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="slurm: any other sbatch option, repeatable (account=abc, qos=high)")
-
-
+# ----------------------------------------------------------------------------- choice
 def make_launcher(args, root):
     """The launcher the parsed flags ask for; jobs log to ``ROOT/.jobs``. Checks the flags."""
     folder = Path(root).absolute() / JOBS_FOLDER

@@ -15,6 +15,7 @@ from layerhessians.spectra.estimators import (
 )
 from layerhessians.spectra.exact import exact_spectrum
 from layerhessians.spectra.lanczos import (
+    DEFAULT_DISTRIBUTION,
     DISTRIBUTIONS,
     LanczosRun,
     lanczos,
@@ -30,6 +31,7 @@ from layerhessians.spectra.measure import (
 )
 
 __all__ = [
+    "DEFAULT_DISTRIBUTION",
     "DISTRIBUTIONS",
     "LanczosRun",
     "SpectralMeasure",

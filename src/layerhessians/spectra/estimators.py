@@ -21,6 +21,7 @@ from layerhessians.spectra.lanczos import (
     start_vector,
     tridiagonal_eigh,
 )
+from layerhessians.vocabulary import FULL
 
 __all__ = ["TraceEstimate", "hessian_trace", "top_eigenvalues"]
 
@@ -56,7 +57,7 @@ def hessian_trace(op, samples: int = 100, seed: int = 0) -> TraceEstimate:
     """
     samples = check_count(samples, "samples")
     check_count(seed, "seed", minimum=0)
-    name = "trace/" + str(getattr(op, "name", "full"))
+    name = "trace/" + str(getattr(op, "name", FULL))
     values = np.empty(samples)
     for i in range(samples):
         v = start_vector(op.dim, seed, i, name, "rademacher", normalize=False)
@@ -92,7 +93,7 @@ def top_eigenvalues(op, k: int = 1, iterations: int | None = None, seed: int = 0
         min(dim, max(100, 10 * k))
     steps = min(steps, dim)
     _check_basis_memory([op], steps)
-    name = "top/" + str(getattr(op, "name", "full"))
+    name = "top/" + str(getattr(op, "name", FULL))
     start = start_vector(dim, seed, 0, name, "gaussian")
     run = _Recurrence(op, start, steps, reorthogonalize=True, keep_basis=True,
                       breakdown_rtol=1e-10)

@@ -39,11 +39,17 @@ from tqdm.auto import tqdm
 
 from layerhessians.errors import UserError
 from layerhessians.spectra.measure import SpectralMeasure
+from layerhessians.vocabulary import (
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_ITERATIONS,
+    DEFAULT_VECTORS,
+    DISTRIBUTIONS,
+    FULL,
+)
 
-__all__ = ["DISTRIBUTIONS", "LanczosRun", "lanczos", "slq", "slq_many", "start_vector",
-           "check_count", "available_memory"]
+__all__ = ["DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "LanczosRun", "lanczos", "slq", "slq_many",
+           "start_vector",           "check_count", "available_memory"]
 
-DISTRIBUTIONS = ("rademacher", "gaussian")
 BREAKDOWN_RTOL = 1e-10
 _DGKS = 2 ** -0.5  # repeat Gram-Schmidt when it removed more than 1 - 1/sqrt(2) of the norm
 
@@ -55,8 +61,8 @@ def check_count(value, what: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def start_vector(dim: int, seed: int = 0, vector: int = 0, block: str = "full",
-                 distribution: str = "rademacher", device=None,
+def start_vector(dim: int, seed: int = 0, vector: int = 0, block: str = FULL,
+                 distribution: str = DEFAULT_DISTRIBUTION, device=None,
                  normalize: bool = True) -> Tensor:
     """A random float64 vector [dim], reproducible from ``(seed, vector, block)``.
 
@@ -292,8 +298,9 @@ def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
     return [r.result(keep_basis) for r in runs]
 
 
-def slq_many(operators: Sequence, names: Sequence[str], iterations: int = 128, vectors: int = 1,
-             seed: int = 0, distribution: str = "rademacher", reorthogonalize: bool = True,
+def slq_many(operators: Sequence, names: Sequence[str], iterations: int = DEFAULT_ITERATIONS,
+             vectors: int = DEFAULT_VECTORS, seed: int = 0,
+             distribution: str = DEFAULT_DISTRIBUTION, reorthogonalize: bool = True,
              progress: bool = False) -> list[SpectralMeasure]:
     """SLQ for several operators at once: for each random vector index, one lockstep
     Lanczos run over all operators (start vectors seeded by ``(seed, vector, name)``).
@@ -321,8 +328,9 @@ def slq_many(operators: Sequence, names: Sequence[str], iterations: int = 128, v
     return [SpectralMeasure(n, w, dim=op.dim) for n, w, op in zip(nodes, weights, operators)]
 
 
-def slq(op, iterations: int = 128, vectors: int = 1, seed: int = 0,
-        distribution: str = "rademacher", reorthogonalize: bool = True,
+def slq(op, iterations: int = DEFAULT_ITERATIONS,
+        vectors: int = DEFAULT_VECTORS, seed: int = 0,
+        distribution: str = DEFAULT_DISTRIBUTION, reorthogonalize: bool = True,
         progress: bool = False) -> SpectralMeasure:
     """Stochastic Lanczos quadrature: the spectral measure of ``op``.
 
@@ -333,7 +341,7 @@ def slq(op, iterations: int = 128, vectors: int = 1, seed: int = 0,
             ``dim`` are taken, fewer on breakdown.
         vectors: number of random start vectors averaged (default 1).
         seed: the start vectors are drawn from ``(seed, vector index, op.name)``.
-        distribution: ``"rademacher"`` (default) or ``"gaussian"`` start vectors.
+        distribution: ``"gaussian"`` (default, the paper's) or ``"rademacher"`` start vectors.
         reorthogonalize: full float64 re-orthogonalisation (default; memory
             ``iterations * dim * 8`` bytes) or none (``O(dim)``).
         progress: tqdm bar over the steps (hidden when not writing to a terminal).
@@ -342,6 +350,6 @@ def slq(op, iterations: int = 128, vectors: int = 1, seed: int = 0,
         A :class:`SpectralMeasure` (nodes = Ritz values, weights = squared first components,
         one row per vector).
     """
-    name = getattr(op, "name", "full")
+    name = getattr(op, "name", FULL)
     return slq_many([op], [name], iterations, vectors, seed, distribution, reorthogonalize,
                     progress)[0]

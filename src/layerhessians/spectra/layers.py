@@ -18,6 +18,11 @@ from layerhessians.curvature.operators import (
 from layerhessians.errors import UserError
 from layerhessians.spectra.lanczos import slq_many
 from layerhessians.spectra.measure import SpectralMeasure
+from layerhessians.vocabulary import (
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_ITERATIONS,
+    DEFAULT_VECTORS,
+)
 
 __all__ = ["layer_operators", "layer_spectra", "operator_dims"]
 
@@ -79,8 +84,9 @@ def operator_dims(model: nn.Module, layers=True) -> "OrderedDict[str, int]":
     return dims
 
 
-def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = 128, vectors: int = 1,
-                  seed: int = 0, distribution: str = "rademacher",
+def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITERATIONS,
+                  vectors: int = DEFAULT_VECTORS,
+                  seed: int = 0, distribution: str = DEFAULT_DISTRIBUTION,
                   reorthogonalize=True, kind: str = "hessian", bn_mode: str = "eval",
                   layers=True, progress: bool = False,
                   reduction: Reduction | None = None, micro_batch_size=None,
@@ -99,7 +105,7 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = 128, vector
         iterations: Lanczos steps per vector (default 128, the paper's run).
         vectors: random start vectors per block (default 1).
         seed: base seed (default 0).
-        distribution: ``"rademacher"`` (default) or ``"gaussian"``.
+        distribution: ``"gaussian"`` (default, the paper's) or ``"rademacher"``.
         reorthogonalize: full float64 re-orthogonalisation (default); its memory is
             ``iterations * 8`` bytes per parameter, twice the model size in all
             (full + blocks); ``False`` keeps ``O(dim)``; ``"auto"``: full when the bases fit

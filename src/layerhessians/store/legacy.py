@@ -21,6 +21,7 @@ epochs are written (the original's readers assume every epoch).
 import numpy as np
 
 from layerhessians.store.runs import atomic_path, load_run
+from layerhessians.vocabulary import FULL
 
 LEGACY_DIR = "ckpt"
 FULL_FILE = "training_eigenspectrum_full.npy"
@@ -66,8 +67,8 @@ def export_legacy(run_dir, epochs=None, points: int = 1024) -> list:
                 written.append(path)
     rows = []
     for epoch in measured:
-        if ("full", epoch) in present:
-            rows += [np.asarray(a, np.float64) for a in run.density("full", epoch, points=points)]
+        if (FULL, epoch) in present:
+            rows += [np.asarray(a, np.float64) for a in run.density(FULL, epoch, points=points)]
     if rows:
         path = run.path / LEGACY_DIR / FULL_FILE
         _save_npy(path, np.stack(rows))

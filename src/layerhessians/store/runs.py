@@ -20,8 +20,6 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,8 @@ import pandas as pd
 import torch
 
 from layerhessians.errors import UserError
+from layerhessians.store.atomic import atomic_path
+from layerhessians.vocabulary import FULL
 
 CONFIG = "config.json"
 METRICS = "metrics.csv"
@@ -50,23 +50,6 @@ OWNED = (CONFIG, METRICS, SPECTRA, CHECKPOINTS, "logs", "images", "ckpt")
 
 
 # ----------------------------------------------------------------------------- atomic I/O
-@contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_text(path, text: str):
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -314,7 +297,7 @@ class Run:
 
     @property
     def layers(self) -> list:
-        return [b for b in self.blocks if b != "full"]
+        return [b for b in self.blocks if b != FULL]
 
     @property
     def epochs(self) -> list:

@@ -18,13 +18,18 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 
 from layerhessians.errors import UserError
+from layerhessians.vocabulary import (
+    BACKENDS,
+    BN_MODES,
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_ITERATIONS,
+    DEFAULT_VECTORS,
+    DISTRIBUTIONS,
+)
 
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("ce",)
 HESSIAN_KINDS = ("hessian", "ggn", "residual")
-BN_MODES = ("eval", "train")
-DISTRIBUTIONS = ("gaussian", "rademacher")
-DIST_BACKENDS = ("auto", "gloo", "nccl")
 SGD_MOMENTUM = 0.9  # the seed's SGD momentum (fixed, recorded in config.json)
 
 
@@ -108,14 +113,14 @@ class HessianConfig:
     ``subset_seed``: seed of the class-balanced Hessian subset (the original's fixed 0).
     """
 
-    iterations: int = 128
-    vectors: int = 1
+    iterations: int = DEFAULT_ITERATIONS
+    vectors: int = DEFAULT_VECTORS
     kind: str = "hessian"
     bn_mode: str = "eval"
     every: int = 1
     layers: bool = True
     init: bool = False
-    distribution: str = "gaussian"
+    distribution: str = DEFAULT_DISTRIBUTION
     reorthogonalize: object = "auto"  # True, False or "auto"
     subset_seed: int = 0  # the original's fixed seed of the Hessian subset (not --seed)
 
@@ -230,7 +235,7 @@ class TrainConfig:
             hessian_batch_size=_int("--hessian-batch-size", self.hessian_batch_size,
                                     allow_none=True),
             memory_budget=_budget(self.memory_budget),
-            dist_backend=_choice("--dist-backend", self.dist_backend, DIST_BACKENDS),
+            dist_backend=_choice("--dist-backend", self.dist_backend, BACKENDS),
             sync_bn=_bool("--sync-bn", self.sync_bn),
             hessian=hessian.validated(),
         )
@@ -260,3 +265,49 @@ class TrainConfig:
 
 def _names(cls) -> set:
     return {f.name for f in fields(cls)}
+
+
+# ----------------------------------------------------------------------------- flags
+#: ``layerhessians train`` flag destinations that set a :class:`HessianConfig` field
+HESSIAN_FLAGS = {"hessian_iterations": "iterations", "hessian_vectors": "vectors",
+                 "hessian_kind": "kind", "hessian_bn_mode": "bn_mode",
+                 "hessian_every": "every", "hessian_distribution": "distribution",
+                 "layers": "layers", "init_spectra": "init",
+                 "hessian_reorthogonalize": "reorthogonalize"}
+#: flags of the seed's command lines accepted and ignored (outputs go under the run directory)
+IGNORED_FLAGS = ("log_dir", "ckpt_dir", "images_dir")
+
+
+def setting_flags() -> tuple:
+    """Every flag destination that names a setting (grid files use these names)."""
+    main = [f for f in _names(TrainConfig) if f != "hessian"]
+    return tuple(sorted([*main, *HESSIAN_FLAGS, "cuda", *IGNORED_FLAGS]))
+
+
+def apply_flags(config: TrainConfig, flags: dict) -> TrainConfig:
+    """``config`` with the settings ``flags`` name by their ``layerhessians train``
+    destination (``{"learning_rate": 0.01, "hessian_iterations": 64, "cuda": 1}``) replaced;
+    ``None`` values keep the setting. Not validated (call :meth:`TrainConfig.validated`).
+
+    Raises:
+        UserError: a name that is not a setting (the message lists the valid ones).
+    """
+    valid = setting_flags()
+    unknown = [k for k in flags if k not in valid]
+    if unknown:
+        raise UserError(f"unknown setting {unknown[0]!r}; use `layerhessians train` "
+                        f"destinations: {', '.join(valid)}")
+    main, hessian = config.to_dict(), config.hessian.to_dict()
+    for key, value in flags.items():
+        if value is None or key in IGNORED_FLAGS:
+            continue
+        if key in HESSIAN_FLAGS:
+            hessian[HESSIAN_FLAGS[key]] = value
+        elif key == "cuda":
+            if flags.get("device") is None:
+                main["device"] = f"cuda:{value}"
+        else:
+            main[key] = value
+    main["hessian"] = hessian
+    return TrainConfig.from_dict(main)
+

@@ -11,8 +11,8 @@ import re
 import torch
 
 from layerhessians.errors import UserError
+from layerhessians.vocabulary import DEVICE_CHOICES
 
-DEVICE_CHOICES = "cpu, cuda, cuda:N, mps or auto"
 _CUDA = re.compile(r"^cuda(?::(\d+))?$")
 
 

@@ -32,11 +32,11 @@ from torch import nn
 
 from layerhessians.curvature.operators import Reduction
 from layerhessians.errors import UserError
+from layerhessians.vocabulary import BACKENDS
 
 __all__ = ["BACKENDS", "Context", "SINGLE", "AllReduce", "PeerError", "env_layout",
            "process_group", "shard_indices"]
 
-BACKENDS = ("auto", "gloo", "nccl")
 #: how long a collective waits for the other ranks before failing
 TIMEOUT = timedelta(minutes=30)
 
@@ -179,6 +179,41 @@ class Context:
         if len(ys) == 0:
             return x[:1], y[:1], 0.0
         return xs, ys, self.world_size * len(ys) / len(y)
+
+    def shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's positions ``r, r + W, ...`` of ``tensor`` (all of it alone)."""
+        return tensor[self.rank::self.world_size] if self.active else tensor
+
+    def batch_loss(self, network: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor):
+        """One training batch's forward pass: ``(loss to backpropagate, mean loss of the
+        whole batch in nats, correct predictions in the whole batch)``.
+
+        Alone: ``loss_fn(network(x), y)`` itself. With several processes, this rank's part
+        (:meth:`split_batch`) weighted so that DDP's averaged gradient is the whole batch's,
+        and the batch's loss sum and hits all-reduced (every rank gets them).
+        """
+        if not self.active:
+            output = network(x)
+            loss = loss_fn(output, y)
+            return loss, loss.item(), int((output.argmax(1) == y).sum())
+        x_local, y_local, weight = self.split_batch(x, y)
+        output = network(x_local)
+        loss = loss_fn(output, y_local)
+        if weight > 0:
+            hits = (output.argmax(1) == y_local).sum()
+            stats = torch.stack([loss.detach().double() * len(y_local), hits.double()])
+        else:  # a placeholder example: counts nothing
+            stats = torch.zeros(2, dtype=torch.float64)
+        stats = self.all_reduce_sum(stats.to(self.comm_device)).cpu()
+        return loss * weight, float(stats[0]) / len(y), int(round(float(stats[1])))
+
+    def sum_totals(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> tuple:
+        """``(loss sum, correct count)`` summed over the ranks, as ``(float, int)``."""
+        if not self.active:
+            return float(loss_sum), int(correct)
+        sums = self.all_reduce_sum(torch.stack([loss_sum, correct.double()])
+                                   .to(self.comm_device)).cpu()
+        return float(sums[0]), int(round(float(sums[1])))
 
     def reduction(self) -> "AllReduce | None":
         """The engine's reduction hook for data sharded across the ranks (``None`` alone)."""

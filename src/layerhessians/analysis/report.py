@@ -1,0 +1,253 @@
+"""Reports of runs: every figure of one run (:func:`make_figures`, ``layerhessians plot``)
+and the comparison of layer spectra with the full spectrum across runs (:func:`match_runs`,
+``layerhessians match``): the computations of :mod:`~layerhessians.analysis.matching` drawn
+by :mod:`~layerhessians.analysis.figures` and written as CSVs."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from layerhessians.analysis import figures as plots
+from layerhessians.analysis import matching as compare
+from layerhessians.data.registry import get_spec
+from layerhessians.errors import UserError
+from layerhessians.models import build_model, layer_blocks
+from layerhessians.store.runs import write_csv
+from layerhessians.vocabulary import FULL
+
+
+# ----------------------------------------------------------------------------- one run
+def block_dimensions(config) -> dict:
+    """``{block: number of parameters}`` from config.json (``block_dims``), else counted on
+    a freshly built model of the run's architecture (input channels and classes from the
+    config, else from the dataset registry); ``{}`` if neither is possible."""
+    for key in ("block_dims", "dims"):
+        if isinstance(config.get(key), dict):
+            return {k: int(v) for k, v in config[key].items()}
+    try:
+        channels, classes = config.get("in_channels"), config.get("num_classes")
+        if not (channels and classes):
+            spec = get_spec(config.get("dataset"))
+            channels, classes = channels or spec.in_channels, classes or spec.num_classes
+        model = build_model(config["model"], in_channels=int(channels), num_classes=int(classes))
+    except Exception:  # unknown architecture or dataset: plot the mean eigenvalue instead
+        return {}
+    dims = {name: p.numel() for name, p in layer_blocks(model).items()}
+    dims[FULL] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dims
+
+
+def _selected_epochs(run, spec):
+    available = run.epochs
+    if not available:
+        raise UserError(f"run {run.path} has no spectra yet; train it first "
+                        "(or wait for its first epoch)")
+    if spec is None:
+        return available
+    wanted = compare.parse_epochs(spec)
+    chosen = [e for e in wanted if e in available]
+    if not chosen:
+        raise UserError(f"run {run.path} has none of the epochs {spec}; it has "
+                        f"{available[0]}..{available[-1]}")
+    return chosen
+
+
+def _title(run):
+    model, dataset = run.config.get("model"), run.config.get("dataset")
+    return f"{model} on {dataset}" if model and dataset else run.path.name
+
+
+def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None, metric="wasserstein",
+                 normalize="minmax", out=None) -> list:
+    """Write every figure of ``run`` (a :class:`~layerhessians.store.runs.Run`) into ``out``
+    (default ``RUN/images``); returns the written paths."""
+    if points < 16:
+        raise UserError(f"--points {points} is too few for a density curve; use >= 16 "
+                        "(default 1024)")
+    if fmt not in plots.FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(plots.FORMATS)}")
+    out = run.path / "images" if out is None else out
+    epochs = _selected_epochs(run, epochs)
+    title = _title(run)
+    written = []
+
+    def save(fig, name):
+        written.append(plots.save_figure(fig, out / f"{name}.{fmt}", dpi=dpi))
+
+    present = set(zip(run.spectra["block"], run.spectra["epoch"].astype(int)))
+    lookup = compare.measure_lookup(run)
+    measures = {(b, e): lookup(b, e) for b in run.blocks for e in epochs if (b, e) in present}
+    for block in run.blocks:
+        curves = {e: measures[block, e].density(points=points) for e in epochs
+                  if (block, e) in measures}
+        if curves:
+            save(plots.plot_block_spectra(curves, block, title=f"{title}: {block}"),
+                 f"spectrum_{plots.safe_name(block)}")
+
+    full_epochs = [e for e in epochs if (FULL, e) in measures]
+    if full_epochs:
+        full = [measures[FULL, e] for e in full_epochs]
+        lo = min(m.nodes[m.weights > 0].min() for m in full)
+        hi = max(m.nodes[m.weights > 0].max() for m in full)
+        pad = 0.05 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.05
+        grid = np.linspace(lo - pad, hi + pad, points)
+        densities = np.stack([m.density(grid=grid)[1] for m in full])
+        top = [m.nodes[m.weights > 0].max() for m in full]
+        dim = block_dimensions(run.config).get(FULL)
+        means = np.array([np.dot(m.nodes, m.weights) for m in full])
+        if dim:
+            trace, label = means * dim, "trace"
+        else:
+            trace, label = means, "trace / dim (mean eigenvalue)"
+        save(plots.plot_full_overview(grid, full_epochs, densities, top, trace, label,
+                                      title=title), "overview_full")
+
+    if FULL in run.blocks and len(run.blocks) > 1 and full_epochs:
+        distances = compare.layer_distances(run, metric, normalize, epochs=full_epochs,
+                                            points=points, measure=lookup)
+        # the peak among training epochs (epoch 0 only if alone), as `match` chooses it
+        trained = distances["epoch"].isin(compare.default_epochs(full_epochs))
+        peak = compare.peak_epoch(distances[trained])
+        label = (f"$W_1$ to full spectrum\n({normalize} axis)" if metric == "wasserstein"
+                 else "original distance\n(log-density values)")
+        save(plots.plot_distance_heatmap(compare.distance_matrix(distances), label, peak=peak,
+                                         title=f"{title}: distance of each layer to the full "
+                                               "spectrum"), "layer_distances")
+        best = compare.best_layer(distances, peak)
+        full_m, layer_m = measures[FULL, peak], measures[best["layer"], peak]
+        support = [(m.nodes[m.weights > 0].min(), m.nodes[m.weights > 0].max())
+                   for m in (full_m, layer_m)]
+        short = "$W_1$" if metric == "wasserstein" else "distance"
+        save(plots.plot_best_match(full_m.density(points=points), layer_m.density(points=points),
+                                   support[0], support[1], best["layer"], peak,
+                                   float(best["distance"]), short), "best_match")
+
+    columns = [f"{s}_{k}" for s in ("train", "test") for k in ("loss", "acc")]
+    if len(run.metrics) and run.metrics.reindex(columns=columns).notna().any().any():
+        save(plots.plot_training_curves(run.metrics, title=title), "training_curves")
+    return written
+
+
+
+# ----------------------------------------------------------------------------- across runs
+def find_seed_runs(folder=".") -> tuple:
+    """``(present paths, missing names)`` of the 12 seed run directories in ``folder``."""
+    folder = Path(folder)
+    present = [folder / n for n in compare.SEED_RUNS if (folder / n).is_dir()]
+    missing = [n for n in compare.SEED_RUNS if not (folder / n).is_dir()]
+    return present, missing
+
+
+def run_ids(runs) -> list:
+    names = [r.path.name for r in runs]
+    return [r.path.name if names.count(r.path.name) == 1 else str(r.path) for r in runs]
+
+
+def parse_peaks(specs, runs, ids) -> dict:
+    """``{run id: epoch or None}`` from ``--peak`` values (``RUN=EPOCH`` or ``paper``)."""
+    peaks = {}
+    for spec in specs:
+        if spec.strip().lower() == "paper":
+            for run, rid in zip(runs, ids):
+                epoch = compare.paper_peak_epoch(run.config.get("model"), run.config.get("dataset"))
+                if epoch is None:
+                    print(f"note: no paper peak for {rid} ({run.config.get('model')}+"
+                          f"{run.config.get('dataset')}); its peak is computed", file=sys.stderr)
+                peaks.setdefault(rid, epoch)
+            continue
+        name, sep, value = spec.rpartition("=")
+        try:
+            epoch = int(value)
+        except ValueError:
+            epoch = None
+        if not sep or epoch is None or epoch < 0:
+            raise UserError(f"--peak {spec!r}: give RUN=EPOCH (e.g. --peak "
+                            f"'{compare.SEED_RUNS[0]}=18') or --peak paper")
+        matches = [rid for run, rid in zip(runs, ids)
+                   if name in (rid, run.path.name, str(run.path)) or Path(name) == run.path]
+        if not matches:
+            raise UserError(f"--peak {spec!r}: {name!r} is not one of the runs compared "
+                            f"({', '.join(ids)})")
+        for rid in matches:
+            peaks[rid] = epoch
+    return peaks
+
+
+# ----------------------------------------------------------------------------- output
+def _labels(summary) -> dict:
+    """``{run: "Model+Dataset"}``, with the run's name added where two runs share a label."""
+    runs = summary.drop_duplicates("run")
+    labels = [f"{m}+{d}" if isinstance(m, str) and isinstance(d, str) else run
+              for m, d, run in zip(runs["model"], runs["dataset"], runs["run"])]
+    return {run: lab if labels.count(lab) == 1 else f"{lab} ({run})"
+            for run, lab in zip(runs["run"], labels)}
+
+
+def _metric_label(metric, normalize):
+    if metric == "paper":
+        return "original metric (log-density values)"
+    return f"$W_1$ between spectra ({normalize} axis)"
+
+
+def _print_summary(summary, stream=None):
+    stream = sys.stdout if stream is None else stream
+    print("best-matching layer per run (index 0-based; depth = index / (layers - 1))",
+          file=stream)
+    for run, rows in summary.groupby("run", sort=False):
+        first = rows.iloc[0]
+        print(f"{first['model']}+{first['dataset']}  [{run}]  {first['layers']} layers, "
+              f"{first['epochs']} epochs", file=stream)
+        for _, r in rows.iterrows():
+            name = r["metric"] + (f"/{r['normalize']}" if r["normalize"] else "")
+            print(f"  {name:<18} at peak epoch {r['peak_epoch']} ({r['peak_source']}): "
+                  f"#{r['peak_index']} {r['peak_layer']} (depth {r['peak_depth']:.2f}), "
+                  f"distance {r['peak_distance']:.4g}", file=stream)
+            print(f"  {'':<18} over training: #{r['best_index']} {r['best_layer']} "
+                  f"(depth {r['best_depth']:.2f}), summed distance {r['best_summed']:.4g}",
+                  file=stream)
+
+
+def match_runs(runs, *, metrics=("wasserstein",), normalize="minmax", peaks=None, epochs=None,
+          points=compare.PAPER_POINTS, out=".", fmt="png", dpi=200, ids=None, stream=None):
+    """Compare ``runs`` (loaded :class:`~layerhessians.store.runs.Run` objects), write the CSVs
+    and figures into ``out`` and print the summary. Returns ``(distances, summary, paths)``."""
+    out = Path(out)
+    ids = ids or run_ids(runs)
+    frames = []
+    for run, rid in zip(runs, ids):
+        measure = compare.measure_lookup(run)
+        for metric in metrics:
+            frame = compare.layer_distances(run, metric, normalize, epochs=epochs,
+                                            points=points, measure=measure)
+            frames.append(frame.assign(run=rid))
+    distances = pd.concat(frames, ignore_index=True)[compare.DISTANCE_COLUMNS]
+    peaks = peaks or {}
+    for rid, epoch in peaks.items():
+        have = set(distances.loc[distances["run"] == rid, "epoch"])
+        if epoch is not None and epoch not in have:
+            raise UserError(f"peak epoch {epoch} of run {rid} is not among its compared epochs "
+                            f"({min(have)}..{max(have)}); give another --peak or --epochs")
+    summary = compare.summarize(distances, peaks)
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "match_distros.csv", out / "match_distros_summary.csv"]
+    write_csv(paths[0], distances)
+    write_csv(paths[1], summary)
+
+    labels = _labels(summary)
+    titles = {m: _metric_label(m, normalize) for m in metrics}
+    for kind, name in (("summed", "match_distros_wasserstein"), ("peak", "match_distros_peak")):
+        profiles = {m: [] for m in metrics}
+        for row in summary.itertuples():
+            rows = distances[(distances["run"] == row.run) & (distances["metric"] == row.metric)]
+            frame = compare.profile(rows, row.peak_epoch if kind == "peak" else None)
+            profiles[row.metric].append((labels[row.run], row.model,
+                                         row.dataset, frame))
+        title = ("layer vs full spectrum: distance summed over training" if kind == "summed"
+                 else "layer vs full spectrum: distance at each run's peak epoch")
+        fig = plots.plot_depth_profiles(profiles, titles, title=title)
+        paths.append(plots.save_figure(fig, out / f"{name}.{fmt}", dpi=dpi))
+    _print_summary(summary, stream)
+    return distances, summary, paths

@@ -1,0 +1,90 @@
+"""The seed README's pipeline over a grid, shared by ``reproduce`` and ``sweep``: train the
+runs (skipping complete ones, resuming the others) with a launcher, plot each run, then
+match layer spectra to full spectra across the runs."""
+
+import sys
+import time
+from pathlib import Path
+
+from layerhessians.analysis.report import make_figures, match_runs
+from layerhessians.errors import UserError
+from layerhessians.pipeline import launchers
+from layerhessians.store.runs import load_run
+
+
+def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True, match=True,
+             dry_run=False, command="reproduce") -> bool:
+    """Train ``runs`` (:class:`~layerhessians.pipeline.grid.GridRun`) under ``root`` with
+    ``launcher``, then plot and match them.
+
+    Args:
+        runs: the grid's runs, in order.
+        root: folder of the run directories and the match outputs.
+        launcher: one of :mod:`~layerhessians.pipeline.launchers`' launchers.
+        overrides: settings (``train`` destinations) applied to every run.
+        progress: progress bars (``None``: on a terminal only, ``False``: never).
+        plots, match: also plot each run, match the runs.
+        dry_run: print what would run, train nothing.
+        command: the name used in messages.
+
+    Returns:
+        ``True`` when every run, plot and the match succeeded (runs that failed are named on
+        stderr; running the same grid again resumes them).
+
+    Raises:
+        UserError: the launcher cannot run here (checked before anything trains).
+    """
+    root = Path(root)
+    if not dry_run:
+        launcher.check()
+    job_root = root if isinstance(launcher, launchers.SequentialLauncher) else root.absolute()
+    failed, started, tasks = [], time.time(), []
+    for i, entry in enumerate(runs, 1):
+        done = entry.completed_epoch(root)
+        complete = entry.is_complete(root)
+        status = "complete" if complete else (
+            f"resumes after epoch {done}" if done is not None else "new")
+        print(f"[{i}/{len(runs)}] {entry.run}: {status}", flush=True)
+        task = launchers.Task(entry.run, str(entry.path(job_root)),
+                              {**entry.flags, **(overrides or {})}, progress)
+        if dry_run:
+            print(f"  {launcher.task_command(task)}")
+        if not complete:
+            tasks.append(task)
+    if dry_run:
+        print(f"{command}: {len(tasks)} of {len(runs)} runs to train, {launcher.describe()}")
+        return True
+
+    if tasks and not isinstance(launcher, launchers.SequentialLauncher):
+        print(f"{command}: {len(tasks)} runs to train, {launcher.describe()}", flush=True)
+    failed += [o.run for o in launcher.launch(tasks) if not o.ok]
+
+    present = [r for r in runs if r.run not in failed and r.completed_epoch(root) is not None]
+    if plots:
+        for entry in present:
+            try:
+                for path in make_figures(load_run(entry.path(root))):
+                    print(f"image saved at: {path}")
+            except UserError as err:
+                print(f"{command}: plot {entry.run}: error: {err}", file=sys.stderr)
+                failed.append(entry.run)
+    match_ok = True
+    if match and present:
+        try:
+            _, _, written = match_runs([load_run(r.path(root)) for r in present], out=root)
+            for path in written:
+                print(f"saved: {path}")
+        except UserError as err:
+            print(f"{command}: match: error: {err}", file=sys.stderr)
+            match_ok = False
+    elif match:
+        match_ok = False
+        print(f"{command}: no run has spectra yet; nothing to match", file=sys.stderr)
+
+    minutes = (time.time() - started) / 60
+    print(f"{command}: {len(present)}/{len(runs)} runs with spectra, {minutes:.1f} min; "
+          f"figures in {root}", flush=True)
+    if failed:
+        print(f"{command}: failed: {', '.join(dict.fromkeys(failed))} (see their messages above; "
+              "run the same command again to resume)", file=sys.stderr)
+    return not failed and match_ok

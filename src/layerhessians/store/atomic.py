@@ -1,0 +1,53 @@
+"""The one atomic file writer: a temporary file in the destination's folder, fsynced, then
+``os.replace``d over the destination, and the folder fsynced, so a reader (or a crash) sees
+the old file or the new one, never a part. Files get the mode the umask gives new files
+(``0o666 & ~umask``), not ``mkstemp``'s 0600."""
+
+import os
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _fsync_folder(folder: Path):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - folders cannot be opened on some systems
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path, suffix: str = ".tmp"):
+    """Yield a new, empty temporary path beside ``path`` (folders created); when the block
+    ends without an exception, the file written there replaces ``path`` atomically (after
+    fsync of the file and then of the folder). On an exception it is removed.
+
+    Args:
+        path: the destination file.
+        suffix: the temporary file's suffix (writers that infer a format from it pass
+            ``path``'s own suffix).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:  # pragma: no cover - a name clash: draw another
+            continue
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,26 @@
+"""The settings' vocabularies and defaults, defined once, free of torch.
+
+The packages that own a vocabulary re-export it (``curvature.BN_MODES``,
+``spectra.DISTRIBUTIONS``, ``training.distributed.BACKENDS``, ``curvature.blocks.FULL``);
+the CLI reads them from here so that ``layerhessians --help`` starts without torch.
+"""
+
+#: the reserved block name of the whole Hessian (beside the layer blocks' parameter names)
+FULL = "full"
+#: batch-norm mode the curvature is taken in: running statistics or the batch's own
+BN_MODES = ("eval", "train")
+#: distributions of the random start vectors of Lanczos / SLQ
+DISTRIBUTIONS = ("gaussian", "rademacher")
+#: the paper's start vectors (API and CLI default)
+DEFAULT_DISTRIBUTION = "gaussian"
+#: Lanczos steps per random vector and random vectors per spectrum (the paper's setting)
+DEFAULT_ITERATIONS = 128
+DEFAULT_VECTORS = 1
+#: the devices ``--device`` accepts (resolved by ``training.devices.resolve_device``)
+DEVICE_CHOICES = "cpu, cuda, cuda:N, mps or auto"
+#: where a grid's runs train (pipeline.launchers), and how to get the job launchers
+LAUNCHERS = ("local", "slurm")
+INSTALL_HINT = "pip install 'layerhessians[cluster]'"
+SLURM_DEFAULT_MINUTES = 24 * 60  # a Slurm job's time limit unless --time
+#: torch.distributed backends under torchrun (auto: nccl on GPUs, gloo on CPUs)
+BACKENDS = ("auto", "gloo", "nccl")
