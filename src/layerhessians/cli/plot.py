@@ -56,7 +56,7 @@ def block_dimensions(config) -> dict:
         from layerhessians.models import build_model, layer_blocks
 
         dataset = str(config.get("dataset", ""))
-        channels = config.get("in_channels") or (1 if dataset in ("MNIST", "FashionMNIST", "Digits")
+        channels = config.get("in_channels") or (1 if dataset in ("MNIST", "MNIST5k", "FashionMNIST", "Digits")
                                                  else 3)
         classes = config.get("num_classes") or (100 if dataset == "CIFAR100" else 10)
         model = build_model(config["model"], in_channels=int(channels), num_classes=int(classes))
