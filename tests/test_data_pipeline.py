@@ -80,7 +80,9 @@ def _toy(n=23, c=2, side=6):
 
 def test_batches_deterministic_per_seed_and_cover_everything():
     x, y = _toy()
-    run = lambda seed, **kw: [(a.clone(), b.clone()) for a, b in batches(x, y, 5, seed=seed, **kw)]
+    def run(seed, **kw):
+        return [(a.clone(), b.clone()) for a, b in batches(x, y, 5, seed=seed, **kw)]
+
     first, again, other = run(0), run(0), run(1)
     assert [len(b) for _, b in first] == [5, 5, 5, 5, 3]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
@@ -111,8 +113,8 @@ def test_batches_on_cuda_match_cpu():
 def _matching_crops(image, padded, side):
     """Every (top, left, mirrored) whose crop of ``padded`` equals ``image``."""
     width = padded.shape[-1] - side + 1
-    return [(t, l, m) for t in range(width) for l in range(width) for m in (False, True)
-            if torch.equal(image, padded[:, t:t + side, l:l + side].flip(-1) if m else padded[:, t:t + side, l:l + side])]
+    return [(t, c, m) for t in range(width) for c in range(width) for m in (False, True)
+            if torch.equal(image, padded[:, t:t + side, c:c + side].flip(-1) if m else padded[:, t:t + side, c:c + side])]
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -154,7 +156,7 @@ def test_datasets_command_prints_table(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "folder", "present", "classes", "image_shape", "flip"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert list(rows) == ["Digits", "MNIST", "FashionMNIST", "SVHN", "CIFAR10", "CIFAR100"]
+    assert list(rows) == ["Digits", "MNIST5k", "MNIST", "FashionMNIST", "SVHN", "CIFAR10", "CIFAR100"]
     assert rows["MNIST"][1:] == [str(tmp_path / "MNIST"), "True", "10", "1x32x32", "False"]
     assert rows["CIFAR100"][1:] == [str(tmp_path / "CIFAR100"), "False", "100", "3x32x32", "True"]
     table = dataset_table(tmp_path)

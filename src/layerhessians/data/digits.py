@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from layerhessians.data.readers import RawSplits
+from layerhessians.data.split import stratified_split
 
 #: Number of images in scikit-learn's digits.
 DIGITS_SIZE = 1797
@@ -21,21 +22,6 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 #: Side of the upsampled images (MNIST's).
 DIGITS_SIDE = 28
-
-
-def stratified_split(labels, test_fraction=DIGITS_TEST_FRACTION, seed=DIGITS_SPLIT_SEED):
-    """Indices ``(train, test)`` (int64 numpy, ascending): per class, ``round(test_fraction *
-    n_class)`` examples chosen by a ``torch.Generator`` seeded with ``seed`` go to test."""
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    generator = torch.Generator().manual_seed(int(seed))
-    test = []
-    for cls in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == cls).flatten()
-        count = int(round(test_fraction * len(members)))
-        test.append(members[torch.randperm(len(members), generator=generator)[:count]])
-    is_test = torch.zeros(len(labels), dtype=torch.bool)
-    is_test[torch.cat(test)] = True
-    return (torch.nonzero(~is_test).flatten().numpy(), torch.nonzero(is_test).flatten().numpy())
 
 
 def upsample(images8, side=DIGITS_SIDE) -> np.ndarray:
@@ -52,7 +38,7 @@ def load_digits_raw() -> tuple[RawSplits, RawSplits]:
     bunch = load_digits()
     images8 = np.asarray(bunch.images).astype(np.uint8)  # values 0..16, exact in float64
     labels = np.asarray(bunch.target, dtype=np.int64)
-    train, test = stratified_split(labels)
+    train, test = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
     source = RawSplits(images8[train][:, None], labels[train], images8[test][:, None], labels[test])
     images = RawSplits(upsample(images8[train]), labels[train], upsample(images8[test]), labels[test])
     return source, images

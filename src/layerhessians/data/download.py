@@ -11,6 +11,7 @@ Archives (CIFAR) are verified, extracted into a temporary folder, then moved int
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -32,6 +33,8 @@ from layerhessians.store.atomic import atomic_path
 #: Seconds a connection may stay silent before a download is abandoned.
 TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
+#: Import name of each package shipping a bundled dataset, where it differs from the pip name.
+_IMPORT_NAMES = {"scikit-learn": "sklearn"}
 
 
 class _FailedDownload(Exception):
@@ -80,8 +83,11 @@ def missing_files(spec: DatasetSpec, root) -> list[str]:
 
 
 def is_present(spec: DatasetSpec, root) -> bool:
-    """True when the dataset can be read without downloading (bundled ones always are)."""
-    return spec.bundled or not missing_files(spec, root)
+    """True when the dataset can be read without downloading (bundled ones: when the package
+    shipping them is installed)."""
+    if spec.bundled:
+        return importlib.util.find_spec(_IMPORT_NAMES.get(spec.package, spec.package)) is not None
+    return not missing_files(spec, root)
 
 
 def fetch(urls, dest, md5, timeout=TIMEOUT_S) -> Path:

