@@ -17,11 +17,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 
+from layerhessians.curvature.kinds import KINDS as HESSIAN_KINDS
 from layerhessians.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("ce",)
-HESSIAN_KINDS = ("hessian", "ggn", "residual")
 BN_MODES = ("eval", "train")
 DISTRIBUTIONS = ("gaussian", "rademacher")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
