@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from problems import CE, PROBLEMS, TinyConvNet, rel_error
+from problems import CE, PROBLEMS, rel_error
 from torch import nn
 
 from layerhessians.curvature import (
@@ -136,10 +136,10 @@ def test_ef_leaves_the_model_unchanged():
     model, data = PROBLEMS["conv"].build()
     model.train()
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    hessian_operator(model, CE, data, kind="ef").matvec(torch.ones(91, dtype=torch.float64))
+    op = hessian_operator(model, CE, data, kind="ef")
+    op.matvec(torch.ones(op.dim, dtype=torch.float64))
     assert all(m.training for m in model.modules())
     assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
-    assert isinstance(model, TinyConvNet)
 
 
 def test_ef_graph_cost_is_the_per_example_gradients():

@@ -10,6 +10,7 @@ from problems import CE, PROBLEMS, rel_error
 from layerhessians.curvature import (
     KIND_CLASSES,
     KINDS,
+    CurvatureGraph,
     GGNOperator,
     HessianOperator,
     LinearCombination,
@@ -76,9 +77,13 @@ def test_combinations_refuse_other_graphs_or_blocks():
 
 
 def test_a_graph_for_one_kind_refuses_another():
-    _, _, graph, names = shared_graph("mlp", "hessian")
+    model, data, graph, names = shared_graph("mlp", "hessian")
     with pytest.raises(UserError, match="cannot give"):
         GGNOperator(graph, range(len(names)), names)
+    with pytest.raises(UserError, match="not a kind"):
+        CurvatureGraph(model, CE, data, graph.params, "hessian")
+    with pytest.raises(UserError, match="kind"):
+        curvature_graph(model, CE, data, graph.params, "fisher")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -248,6 +248,9 @@ class CurvatureGraph:
                  needs: Iterable[str] = (GRADIENT,), bn_mode: str = "eval",
                  reuse_graph: bool = True, reduction: Reduction | None = None,
                  conv_double_backward: str = "lean"):
+        if isinstance(needs, str):
+            raise UserError("CurvatureGraph takes needs (e.g. {GRADIENT}), not a kind: build "
+                            "it with curvature_graph(..., kinds) for a kind")
         needs = frozenset(needs)
         for need in needs:
             check_choice(need, NEEDS, "a graph need")
