@@ -284,22 +284,18 @@ def bench_model(name, args, device, timer, log):
     ops["full"].release()
     del ops
     if not big:  # the same products with PyTorch's own convolution double backward
-        CurvatureGraph.lean_convolutions = False
-        try:
-            native = layer_operators(model, loss_fn, (x, y))
-            native["full"].graph.build()
-            native_times = timer.interleaved(
-                {"full": lambda: native["full"].matvec(v64),
-                 "all": lambda: [op.matvec(block_vectors[k]) for k, op in native.items()
-                                 if k != "full"],
-                 "gradient": gradient}, repeats)
-            t["reused_hvp_native_conv"] = native_times["full"]
-            t["all_block_products_native_conv"] = native_times["all"]
-            t["gradient_beside_native_conv"] = native_times["gradient"]
-            native["full"].release()
-            del native
-        finally:
-            CurvatureGraph.lean_convolutions = True
+        native = layer_operators(model, loss_fn, (x, y), conv_double_backward="native")
+        native["full"].graph.build()
+        native_times = timer.interleaved(
+            {"full": lambda: native["full"].matvec(v64),
+             "all": lambda: [op.matvec(block_vectors[k]) for k, op in native.items()
+                             if k != "full"],
+             "gradient": gradient}, repeats)
+        t["reused_hvp_native_conv"] = native_times["full"]
+        t["all_block_products_native_conv"] = native_times["all"]
+        t["gradient_beside_native_conv"] = native_times["gradient"]
+        native["full"].release()
+        del native
     log(f"all {len(blocks)} block products {t['all_block_products'] * 1e3:.1f} ms "
         f"(full {t.get('full_product_beside_blocks', t['reused_hvp']) * 1e3:.1f} ms)")
 

@@ -129,10 +129,10 @@ def test_bad_arguments():
 def test_basis_too_big_for_memory_is_refused(monkeypatch):
     import importlib
 
-    lanczos_module = importlib.import_module("layerhessians.spectra.lanczos")
+    memory_module = importlib.import_module("layerhessians.curvature.memory")
 
     op = MatrixOperator(torch.eye(50, dtype=torch.float64))
-    monkeypatch.setattr(lanczos_module, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(memory_module, "available_memory", lambda device: 1000)
     with pytest.raises(UserError, match="reorthogonalize=False"):
         slq(op, iterations=10)
     assert slq(op, iterations=10, reorthogonalize=False).nodes == pytest.approx([1.0])

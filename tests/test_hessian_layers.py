@@ -3,13 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from test_hessian_operators import (
-    CE,
-    assert_state_equal,
-    conv_data,
-    state_of,
-    tiny_convnet,
-)
+from problems import CE, conv_data, tiny_convnet
+from test_hessian_operators import assert_state_equal, state_of
 
 from layerhessians.curvature import dense_matrix, hessian_operator
 from layerhessians.errors import UserError

@@ -7,6 +7,9 @@ the CLI reads them from here so that ``layerhessians --help`` starts without tor
 
 #: the reserved block name of the whole Hessian (beside the layer blocks' parameter names)
 FULL = "full"
+#: curvature kinds by name; `curvature.kinds.KIND_CLASSES` maps each to its operator class
+#: (checked equal at import), in the order of help texts and choices
+KINDS = ("hessian", "ggn", "residual", "ef")
 #: batch-norm mode the curvature is taken in: running statistics or the batch's own
 BN_MODES = ("eval", "train")
 #: distributions of the random start vectors of Lanczos / SLQ

@@ -1,14 +1,35 @@
-"""Curvature operators of a model's mean loss: Hessian, GGN and residual products on one
-shared first-order graph, dense float64 references, memory planning and layer blocks.
+"""Curvature operators of a model's mean loss: the Hessian, the generalized Gauss-Newton
+matrix (GGN), the residual H - G and the empirical Fisher, as linear operators on one shared
+first-order graph; dense float64 references, memory planning and layer blocks.
 
-- :func:`hessian_operator` -> :class:`CurvatureOperator` (``.dim``, ``.matvec``, ``.matmat``)
+- :func:`hessian_operator` -> a :class:`CurvatureOperator` of the chosen kind (:data:`KINDS`)
+  with ``.dim``, ``.matvec``, ``.matmat``, ``@``, ``.to_scipy()`` and arithmetic (``H - G``)
+- :class:`CurvatureGraph` (built for kinds by :func:`curvature_graph`), :class:`Reduction`
 - :func:`dense_matrix`, :func:`reference_matrix`: float64 references for small problems
 - :func:`layer_blocks`: the weight of every Conv2d/Linear, the paper's "layers"
 - :func:`plan_memory` -> :class:`MemoryPlan`, :func:`split_batches`
 """
 
+from layerhessians.curvature.base import (
+    CurvatureOperator,
+    LinearCombination,
+    SymmetricOperator,
+)
 from layerhessians.curvature.blocks import LAYER_TYPES, layer_blocks
+from layerhessians.curvature.conv_double_backward import CONV_DOUBLE_BACKWARDS
 from layerhessians.curvature.dense import MAX_DENSE_DIM, dense_matrix, reference_matrix
+from layerhessians.curvature.ef import EmpiricalFisherOperator
+from layerhessians.curvature.ggn import GGNOperator
+from layerhessians.curvature.graph import BN_MODES, CurvatureGraph, Reduction
+from layerhessians.curvature.hessian import HessianOperator
+from layerhessians.curvature.kinds import (
+    KIND_CLASSES,
+    KINDS,
+    curvature_graph,
+    hessian_operator,
+    kind_class,
+)
+from layerhessians.curvature.matrix import MatrixOperator
 from layerhessians.curvature.memory import (
     GraphCost,
     MemoryPlan,
@@ -18,30 +39,32 @@ from layerhessians.curvature.memory import (
     plan_memory,
     split_batches,
 )
-from layerhessians.curvature.operators import (
-    BN_MODES,
-    KINDS,
-    CurvatureGraph,
-    CurvatureOperator,
-    MatrixOperator,
-    Reduction,
-    hessian_operator,
-)
+from layerhessians.curvature.residual import ResidualOperator
 
 __all__ = [
     "BN_MODES",
+    "CONV_DOUBLE_BACKWARDS",
     "KINDS",
+    "KIND_CLASSES",
     "LAYER_TYPES",
     "MAX_DENSE_DIM",
     "CurvatureGraph",
     "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
     "GraphCost",
+    "HessianOperator",
+    "LinearCombination",
     "MatrixOperator",
     "MemoryPlan",
     "Reduction",
+    "ResidualOperator",
+    "SymmetricOperator",
     "choose_reorthogonalize",
+    "curvature_graph",
     "dense_matrix",
     "hessian_operator",
+    "kind_class",
     "layer_blocks",
     "measure_graph_cost",
     "memory_budget",

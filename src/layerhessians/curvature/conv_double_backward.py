@@ -1,10 +1,11 @@
 """Leaner second-order products through 2-D convolutions.
 
-Used while a first-order graph is built (:func:`lean_convolutions`). PyTorch's double backward
+Used while a first-order graph is built, when ``conv_double_backward="lean"`` (the default of
+:class:`~layerhessians.curvature.graph.CurvatureGraph`; ``"native"`` keeps PyTorch's own). PyTorch's double backward
 of a convolution (``_convolution_double_backward``) computes every term whether or not the
 product needs it: the input term ``convT(dY, V)`` of a weight gradient even when the input is
 data, and a weight term for every convolution a layer-block product passes through, though
-only the block's own weight is wanted. Inside :func:`lean_convolutions` every ``conv2d`` is
+only the block's own weight is wanted. Inside :func:`conv_double_backward` ``("lean")`` every ``conv2d`` is
 recorded as :class:`_Conv2d`, whose backward is made of separate differentiable pieces
 (:class:`_ConvInputGrad`, :class:`_ConvWeightGrad`) that compute only the terms the current
 backward pass will use (asked of the autograd engine per edge; the weight enters through a
@@ -22,7 +23,10 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["lean_convolutions", "UNFOLD_LIMIT_BYTES"]
+__all__ = ["CONV_DOUBLE_BACKWARDS", "UNFOLD_LIMIT_BYTES", "conv_double_backward"]
+
+#: ``"lean"``: record conv2d as :class:`_Conv2d`; ``"native"``: PyTorch's double backward
+CONV_DOUBLE_BACKWARDS = ("lean", "native")
 
 UNFOLD_LIMIT_BYTES = 512 * 2**20  # largest unfolded first-layer input kept for the GEMM form
 
@@ -164,9 +168,12 @@ class _LeanMode(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def lean_convolutions(enabled: bool = True):
-    """Within this context, ``conv2d`` calls record the lean double backward (module doc)."""
-    if not enabled:
+def conv_double_backward(mode: str = "lean"):
+    """Within this context, ``conv2d`` calls record the double backward ``mode``:
+    ``"lean"`` (this module's, see the module docstring) or ``"native"`` (PyTorch's)."""
+    if mode not in CONV_DOUBLE_BACKWARDS:
+        raise ValueError(f"conv_double_backward must be one of {CONV_DOUBLE_BACKWARDS}")
+    if mode == "native":
         yield
         return
     with _LeanMode():

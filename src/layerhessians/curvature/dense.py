@@ -1,16 +1,28 @@
 """Dense references (float64): the matrix of a small operator, and the curvature matrix
-of a model computed independently by ``torch.func``."""
+of a model computed independently by ``torch.func`` (each kind gives its own, through the
+registry of :mod:`~layerhessians.curvature.kinds`)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
+from layerhessians.curvature.graph import (
+    BN_MODES,
+    PER_EXAMPLE_GRADIENTS,
+    as_batches,
+    check_choice,
+    has_batch_norm,
+    resolve_params,
+)
+from layerhessians.curvature.kinds import kind_class
 from layerhessians.errors import UserError
 
-__all__ = ["MAX_DENSE_DIM", "dense_matrix", "reference_matrix"]
+__all__ = ["MAX_DENSE_DIM", "ReferenceProblem", "dense_matrix", "reference_matrix"]
 
 MAX_DENSE_DIM = 20_000  # 20,000^2 float64 = 3.2 GB, and 20,000 products
 
@@ -42,74 +54,91 @@ def dense_matrix(op, max_dim: int = MAX_DENSE_DIM,
     return (matrix + matrix.T) / 2
 
 
+class ReferenceProblem:
+    """The helpers a kind's dense reference uses: the loss and outputs as functions of the
+    flattened parameter block, and the differentiation routines.
+
+    Attributes:
+        flat0: the block's current value, flattened [dim] (model dtype).
+        dim: its length.
+        loss_fn: the batch-mean loss ``loss_fn(outputs, targets)``.
+        hessian_of, jacobian_of: ``torch.func.hessian``/``jacrev``, or with
+            ``bn_mode="train"`` the non-vectorised ``torch.autograd.functional`` versions
+            (in torch 2.13, ``torch.func.hessian`` through a batch-norm layer using batch
+            statistics is wrong: relative error ~0.09 on a tiny conv net, against central
+            differences).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, params, names, bn_mode: str):
+        self.loss_fn = loss_fn
+        self.names = list(names)
+        self.shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.dim = sum(self.sizes)
+        self.flat0 = torch.cat([p.detach().reshape(-1) for p in params])
+        self.model = copy.deepcopy(model).eval()  # nothing of the caller's model changes
+        if bn_mode == "train":
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+                    m.track_running_stats = False  # batch statistics, no buffer updates
+                    m.running_mean = m.running_var = m.num_batches_tracked = None
+            self.hessian_of = _functional_hessian
+            self.jacobian_of = _functional_jacobian
+        else:
+            self.hessian_of, self.jacobian_of = torch.func.hessian, torch.func.jacrev
+
+    def outputs(self, flat: Tensor, x: Tensor) -> Tensor:
+        """The model's outputs on ``x`` with the block set to ``flat`` [dim]."""
+        values = {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes),
+                                                   self.shapes)}
+        return torch.func.functional_call(self.model, values, (x,))
+
+    def loss(self, flat: Tensor, x: Tensor, y) -> Tensor:
+        """The batch-mean loss on ``(x, y)`` with the block set to ``flat``."""
+        return self.loss_fn(self.outputs(flat, x), y)
+
+
+def _functional_hessian(f):
+    return lambda z: torch.autograd.functional.hessian(f, z)
+
+
+def _functional_jacobian(f):
+    return lambda z: torch.autograd.functional.jacobian(f, z)
+
+
 def reference_matrix(model, loss_fn, data, params=None, kind: str = "hessian",
                      bn_mode: str = "eval", max_dim: int = 5_000) -> torch.Tensor:
-    """The dense curvature matrix [dim, dim] by ``torch.func``, independently of the operators.
+    """The dense curvature matrix [dim, dim] (float64) by ``torch.func``, independently of
+    the operators.
 
-    Hessian: ``torch.func.hessian`` of the loss as a function of the flattened block.
-    GGN: ``J^T H_f J`` with ``J = jacrev(model outputs)`` and ``H_f = hessian(loss_fn)`` at
-    the outputs. Residual: their difference. Batches weighted by ``n_b / N``; batch norm as
-    in :func:`~layerhessians.spectra.hessian_operator` (a deep copy of the model is used, so
-    nothing of ``model`` changes). For tests and small problems (``dim <= max_dim``).
+    Each batch's matrix is the kind's :meth:`~layerhessians.curvature.base.CurvatureOperator.reference`
+    (Hessian: ``torch.func.hessian`` of the loss as a function of the flattened block; GGN:
+    ``J^T H_f J``; residual: their difference; empirical Fisher: ``J_l^T J_l / n_b`` with
+    ``J_l`` the Jacobian of the per-example losses); batches weighted by ``n_b / N``; batch
+    norm as in :func:`~layerhessians.curvature.kinds.hessian_operator` (on a deep copy of the
+    model). For tests and small problems.
 
-    With ``bn_mode="train"`` the non-vectorised ``torch.autograd.functional`` versions are
-    used instead: in torch 2.13, ``torch.func.hessian`` (and ``jacrev(jacrev)``) of a loss
-    through a batch-norm layer using batch statistics is wrong (relative error ~0.09 on a
-    tiny conv net, against central differences), the vmapped double backward of batch norm.
+    Raises:
+        UserError: an unknown kind or ``bn_mode``, ``dim > max_dim``, or per-example
+            gradients asked with batch norm in ``bn_mode="train"``.
     """
-    import copy
-
-    from torch import nn
-
-    from layerhessians.curvature.operators import (
-        BN_MODES,
-        KINDS,
-        as_batches,
-        resolve_params,
-    )
-
-    if kind not in KINDS or bn_mode not in BN_MODES:
-        raise UserError(f"kind must be one of {KINDS} and bn_mode one of {BN_MODES}")
+    cls = kind_class(kind)
+    check_choice(bn_mode, BN_MODES, "bn_mode")
     chosen, names = resolve_params(model, params)
     dim = sum(p.numel() for p in chosen)
     if dim > max_dim:
         raise UserError(f"dim {dim:,} > {max_dim:,}: too large for a dense reference")
+    if PER_EXAMPLE_GRADIENTS in cls.needs and bn_mode == "train" and has_batch_norm(model):
+        raise UserError(f"kind {kind!r} needs per-example losses, undefined with batch norm "
+                        "in bn_mode 'train': use bn_mode 'eval'")
     dtype, device = chosen[0].dtype, chosen[0].device
-    shapes = [p.shape for p in chosen]
-    sizes = [p.numel() for p in chosen]
-    flat0 = torch.cat([p.detach().reshape(-1) for p in chosen])
-    clone = copy.deepcopy(model).eval()
-    if bn_mode == "train":
-        for m in clone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
-                m.track_running_stats = False  # batch statistics, no buffer updates
-                m.running_mean = m.running_var = m.num_batches_tracked = None
-
-    def outputs(flat, x):
-        values = {n: t.view(s) for n, t, s in zip(names, flat.split(sizes), shapes)}
-        return torch.func.functional_call(clone, values, (x,))
-
+    problem = ReferenceProblem(model, loss_fn, chosen, names, bn_mode)
     pairs = [(x.to(device=device, dtype=dtype if x.is_floating_point() else None),
               y.to(device=device, dtype=dtype if y.is_floating_point() else None))
              for x, y in as_batches(data)]
     total_examples = sum(x.shape[0] for x, _ in pairs)
-    if bn_mode == "train":
-        hessian_of = lambda f: lambda z: torch.autograd.functional.hessian(f, z)  # noqa: E731
-        jacobian_of = lambda f: lambda z: torch.autograd.functional.jacobian(f, z)  # noqa: E731
-    else:
-        hessian_of, jacobian_of = torch.func.hessian, torch.func.jacrev
     result = torch.zeros(dim, dim, dtype=torch.float64, device=device)
     for x, y in pairs:
-        weight = x.shape[0] / total_examples
-        if kind in ("hessian", "residual"):
-            hessian = hessian_of(lambda f: loss_fn(outputs(f, x), y))(flat0)
-            result += weight * hessian.to(torch.float64)
-        if kind in ("ggn", "residual"):
-            out0 = outputs(flat0, x).detach()
-            jac = jacobian_of(lambda f: outputs(f, x))(flat0).reshape(-1, dim)
-            h_out = hessian_of(lambda o: loss_fn(o, y))(out0)
-            h_out = h_out.reshape(out0.numel(), out0.numel())
-            ggn = (jac.T @ h_out @ jac).to(torch.float64)
-            result += (-weight if kind == "residual" else weight) * ggn
+        result += (x.shape[0] / total_examples) * cls.reference(problem, x, y)
     return result

@@ -4,10 +4,12 @@ and the first-order graphs.
 - :func:`parse_budget` / :func:`memory_budget`: ``"8GB"``, ``"512MiB"``, ``"40%"`` (of the
   free memory) or ``None``/``"auto"`` (the default: 80% of a GPU's free memory, 50% of the
   host's, divided among the processes sharing it) -> bytes.
-- :func:`basis_bytes` and :func:`choose_reorthogonalize`: ``reorthogonalize="auto"`` is full
-  re-orthogonalisation when the bases (``steps x dim x 8`` bytes per concurrent recurrence)
-  take at most :data:`BASIS_SHARE` of the budget, else none (the original method's
-  behaviour), with a logged warning.
+- :func:`basis_bytes` (the one formula for the Lanczos bases: ``min(steps, dim) x dim x 8``
+  bytes per concurrent recurrence), :func:`choose_reorthogonalize` (``reorthogonalize="auto"``
+  is full re-orthogonalisation when the bases take at most :data:`BASIS_SHARE` of the budget,
+  else none, the original method's behaviour, with a logged warning) and
+  :func:`check_basis_fits` (a requested basis larger than :data:`BASIS_REFUSE_SHARE` of the
+  free memory is refused).
 - :func:`measure_graph_cost`: the bytes a kept first-order graph costs, per example and per
   batch, measured by building one small graph with ``saved_tensors_hooks``.
 - :func:`plan_micro_batches` / :func:`plan_memory`: the micro-batch size and whether the
@@ -33,15 +35,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from layerhessians.curvature.graph import (
+    PER_EXAMPLE_GRADIENTS,
+    as_batches,
+    has_batch_norm,
+    resolve_params,
+)
+from layerhessians.curvature.kinds import curvature_graph
 from layerhessians.errors import UserError
-from layerhessians.spectra.lanczos import available_memory
 
 __all__ = [
+    "BASIS_REFUSE_SHARE",
     "BASIS_SHARE",
     "GraphCost",
     "MemoryPlan",
     "basis_bytes",
+    "available_memory",
     "basis_warning",
+    "check_basis_fits",
     "choose_reorthogonalize",
     "default_budget",
     "format_bytes",
@@ -61,6 +72,8 @@ log = logging.getLogger("layerhessians.spectra")
 GPU_FRACTION, HOST_FRACTION = 0.8, 0.5
 #: the Lanczos bases may take at most this share of the budget; the graphs get the rest
 BASIS_SHARE = 0.5
+#: bases asked for explicitly are refused above this share of the free memory
+BASIS_REFUSE_SHARE = 0.9
 #: examples in the graph built to measure the cost per example
 PROBE_EXAMPLES = 8
 
@@ -132,6 +145,21 @@ def _cgroup_free() -> int | None:
     return None
 
 
+def available_memory(device) -> int | None:
+    """Free bytes on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable``), or None."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None
+
+
 def free_memory(device) -> int | None:
     """Free bytes on ``device``: the GPU's free memory, or the host's ``MemAvailable`` capped
     by a container's cgroup limit; ``None`` when unknown."""
@@ -175,6 +203,29 @@ def basis_bytes(dims: Sequence[int], iterations: int) -> int:
     """Bytes of the float64 Lanczos bases of concurrent recurrences on operators of
     dimensions ``dims``: ``sum_d min(iterations, d) * d * 8``."""
     return int(sum(min(int(iterations), int(d)) * int(d) * 8 for d in dims))
+
+
+def check_basis_fits(operators: Sequence, iterations: int) -> None:
+    """Refuse Lanczos bases (:func:`basis_bytes` of the operators on each device) larger than
+    :data:`BASIS_REFUSE_SHARE` of that device's free memory (:func:`available_memory`).
+
+    Raises:
+        UserError: the bases do not fit; the message says to pass reorthogonalize=False or
+            fewer iterations.
+    """
+    dims_on = {}
+    for op in operators:
+        device = torch.device(getattr(op, "device", "cpu"))
+        dims_on.setdefault(device, []).append(int(op.dim))
+    for device, dims in dims_on.items():
+        size = basis_bytes(dims, iterations)
+        free = available_memory(device)
+        if free is not None and size > BASIS_REFUSE_SHARE * free:
+            raise UserError(
+                f"full re-orthogonalisation needs {size / 2**30:.1f} GiB for the Lanczos "
+                f"bases (steps x parameters x 8 bytes) but {device} has {free / 2**30:.1f} "
+                "GiB free: pass reorthogonalize=False or fewer iterations"
+            )
 
 
 def _reorthogonalize_value(value):
@@ -237,14 +288,12 @@ def measure_graph_cost(model: nn.Module, loss_fn, inputs: torch.Tensor, targets,
     storages other than the parameters and the inputs, divided by the examples) and the
     gradients kept per batch (on a GPU: the allocator's growth while building). The model is
     left unchanged; the graph is freed."""
-    from layerhessians.curvature.operators import CurvatureGraph, resolve_params
-
     count = max(1, min(int(probe), int(inputs.shape[0])))
     params, _ = resolve_params(model)
-    graph = CurvatureGraph(model, loss_fn, (inputs[:count], targets[:count]), params, kind,
-                           bn_mode)
+    graph = curvature_graph(model, loss_fn, (inputs[:count], targets[:count]), params, kind,
+                            bn_mode)
     shared = {_storage_key(p)[0] for p in params}
-    shared |= {_storage_key(t)[0] for t in (graph._data[0][0], inputs) if torch.is_tensor(t)}
+    shared |= {_storage_key(t)[0] for t in (graph.inputs[0], inputs) if torch.is_tensor(t)}
     saved = {}
 
     def pack(tensor):
@@ -260,20 +309,19 @@ def measure_graph_cost(model: nn.Module, loss_fn, inputs: torch.Tensor, targets,
         graph.build()
         torch.cuda.synchronize(graph.device)
         allocated = torch.cuda.memory_allocated(graph.device) - before
+    elif PER_EXAMPLE_GRADIENTS in graph.needs:
+        # torch.func refuses saved-tensor hooks; its activations are freed once the
+        # per-example gradients (counted below) are computed
+        graph.build()
     else:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             graph.build()
-    (batch,) = graph._built
-    per_batch = 0
-    for kept in (batch.grads, batch.jt_dummy):
-        per_batch += sum(t.numel() * t.element_size() for t in kept or () if t is not None)
+    (batch,) = graph.built
+    per_batch, kept_per_example = batch.kept_bytes()
     if cuda:
         activations = max(0, allocated - per_batch)
     else:
-        activations = sum(saved.values())
-        for kept in (batch.outputs, batch.dloss_doutputs, batch.dummy):
-            if kept is not None:
-                activations += kept.numel() * kept.element_size()
+        activations = sum(saved.values()) + kept_per_example
     graph.release()
     return GraphCost(per_example=int(math.ceil(activations / count)), per_batch=int(per_batch))
 
@@ -281,8 +329,7 @@ def measure_graph_cost(model: nn.Module, loss_fn, inputs: torch.Tensor, targets,
 def splitting_changes_operator(model: nn.Module, bn_mode: str) -> bool:
     """Whether splitting the data changes the operator: batch norm in ``bn_mode="train"``
     normalises each batch by its own statistics."""
-    return bn_mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                      for m in model.modules())
+    return bn_mode == "train" and has_batch_norm(model)
 
 
 def split_batches(pairs, micro_batch_size: int | None) -> list:
@@ -416,8 +463,6 @@ def plan_memory(model: nn.Module, loss_fn, data, *, dims: Sequence[int], iterati
         cost: a known :class:`GraphCost` (else measured on the first batch).
         warn: log the notes (re-orthogonalisation off, budget exceeded) as warnings.
     """
-    from layerhessians.curvature.operators import as_batches
-
     pairs = as_batches(data)
     device = next(model.parameters()).device
     budget = budget if isinstance(budget, int) and not isinstance(budget, bool) \

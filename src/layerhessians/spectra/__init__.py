@@ -1,8 +1,9 @@
-"""Spectra of curvature operators: stochastic Lanczos quadrature (SLQ), spectral measures,
-exact spectra of small operators, trace and top-eigenvalue estimators, and the full plus
-layer-wise spectra of a model in one pass.
+"""Spectra of curvature operators: the Lanczos recurrence, stochastic Lanczos quadrature
+(SLQ), spectral measures, exact spectra of small operators, trace and top-eigenvalue
+estimators, and the full plus layer-wise spectra of a model in one pass.
 
 - :func:`slq` -> :class:`SpectralMeasure` (``.nodes``, ``.weights``, ``.density()``)
+- :class:`LanczosRecurrence`, :func:`lanczos` -> :class:`LanczosRun`
 - :func:`exact_spectrum` (float64 ``eigvalsh`` of a small operator)
 - :func:`top_eigenvalues`, :func:`hessian_trace`
 - :func:`layer_spectra` -> ``{"full": measure, layer: measure, ...}``
@@ -14,25 +15,19 @@ from layerhessians.spectra.estimators import (
     top_eigenvalues,
 )
 from layerhessians.spectra.exact import exact_spectrum
-from layerhessians.spectra.lanczos import (
-    DEFAULT_DISTRIBUTION,
-    DISTRIBUTIONS,
-    LanczosRun,
-    lanczos,
-    slq,
-    slq_many,
-    start_vector,
-)
+from layerhessians.spectra.lanczos import LanczosRecurrence, LanczosRun, lanczos
 from layerhessians.spectra.layers import layer_operators, layer_spectra, operator_dims
 from layerhessians.spectra.measure import (
     SpectralMeasure,
     concatenate_rows,
     papyan_sigma,
 )
+from layerhessians.spectra.slq import DEFAULT_DISTRIBUTION, DISTRIBUTIONS, slq, slq_many, start_vector
 
 __all__ = [
     "DEFAULT_DISTRIBUTION",
     "DISTRIBUTIONS",
+    "LanczosRecurrence",
     "LanczosRun",
     "SpectralMeasure",
     "TraceEstimate",

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from layerhessians.curvature.memory import check_basis_fits
 from layerhessians.errors import UserError
+from layerhessians.vocabulary import FULL
 from layerhessians.spectra.lanczos import (
-    _check_basis_memory,
-    _Recurrence,
+    LanczosRecurrence,
     check_count,
-    start_vector,
     tridiagonal_eigh,
 )
-from layerhessians.vocabulary import FULL
+from layerhessians.spectra.slq import start_vector
 
 __all__ = ["TraceEstimate", "hessian_trace", "top_eigenvalues"]
 
@@ -92,10 +92,10 @@ def top_eigenvalues(op, k: int = 1, iterations: int | None = None, seed: int = 0
     steps = check_count(iterations, "iterations") if iterations is not None else \
         min(dim, max(100, 10 * k))
     steps = min(steps, dim)
-    _check_basis_memory([op], steps)
+    check_basis_fits([op], steps)
     name = "top/" + str(getattr(op, "name", FULL))
     start = start_vector(dim, seed, 0, name, "gaussian")
-    run = _Recurrence(op, start, steps, reorthogonalize=True, keep_basis=True,
+    run = LanczosRecurrence(op, start, steps, reorthogonalize=True, keep_basis=True,
                       breakdown_rtol=1e-10)
     restarts = 0
     converged = False
@@ -131,7 +131,7 @@ def top_eigenvalues(op, k: int = 1, iterations: int | None = None, seed: int = 0
     return eigenvalues, eigenvectors
 
 
-def _restart(run: _Recurrence, dim: int, seed: int, name: str, restarts: int) -> bool:
+def _restart(run: LanczosRecurrence, dim: int, seed: int, name: str, restarts: int) -> bool:
     """After a breakdown, continue ``run`` from a fresh vector orthogonal to its basis
     (coupling ``beta = 0``: the tridiagonal becomes block diagonal). False if none is left."""
     m = len(run.alphas)
@@ -142,9 +142,5 @@ def _restart(run: _Recurrence, dim: int, seed: int, name: str, restarts: int) ->
     norm = float(torch.linalg.vector_norm(w))
     if norm <= 1e-8:
         return False
-    w.div_(norm)
-    run.basis[m].copy_(w)
-    run.betas.append(0.0)
-    run.q_prev, run.q, run.beta_prev = None, run.basis[m], 0.0
-    run.done = run.breakdown = False
+    run.restart(w.div_(norm))
     return True

@@ -1,5 +1,5 @@
-"""Lanczos iterations, advanced in lockstep over several operators, and stochastic Lanczos
-quadrature (SLQ).
+"""Lanczos iterations (:class:`LanczosRecurrence`), advanced in lockstep over several
+operators (:func:`lanczos`); stochastic Lanczos quadrature is in :mod:`.slq`.
 
 One Lanczos run from a unit start vector ``q`` builds the tridiagonal ``T_m`` (diagonal
 ``alphas``, off-diagonal ``betas``). Its eigenvalues (Ritz values) are the quadrature nodes and
@@ -18,7 +18,7 @@ eigenvalues; it stores the
 basis: ``steps * dim * 8`` bytes per concurrent run (LeNet, 128 steps: 63 MB; ResNet18:
 11.4 GB; VGG11_bn: 29 GB; twice that for full + layer spectra), so switch it off or use
 fewer steps for big models; a run whose bases exceed 90% of the free memory is refused with
-a :class:`UserError` saying so. ``reorthogonalize=False`` keeps two
+a :class:`UserError` saying so (:func:`~layerhessians.curvature.memory.check_basis_fits`). ``reorthogonalize=False`` keeps two
 vectors (``O(dim)`` memory), like the original method. A run stops early on breakdown
 (``beta <= breakdown_rtol * ||T||``: the Krylov space is invariant and the quadrature is
 exact) and never takes more than ``dim`` steps.
@@ -26,7 +26,6 @@ exact) and never takes more than ``dim`` steps.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,19 +35,12 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
+from layerhessians.curvature.memory import check_basis_fits
 from layerhessians.errors import UserError
 from layerhessians.progress import Progress
-from layerhessians.spectra.measure import SpectralMeasure
-from layerhessians.vocabulary import (
-    DEFAULT_DISTRIBUTION,
-    DEFAULT_ITERATIONS,
-    DEFAULT_VECTORS,
-    DISTRIBUTIONS,
-    FULL,
-)
 
-__all__ = ["DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "LanczosRun", "lanczos", "slq", "slq_many",
-           "start_vector",           "check_count", "available_memory"]
+__all__ = ["BREAKDOWN_RTOL", "LanczosRecurrence", "LanczosRun", "check_count", "lanczos",
+           "tridiagonal_eigh"]
 
 BREAKDOWN_RTOL = 1e-10
 _DGKS = 2 ** -0.5  # repeat Gram-Schmidt when it removed more than 1 - 1/sqrt(2) of the norm
@@ -59,29 +51,6 @@ def check_count(value, what: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise UserError(f"{what} must be an integer >= {minimum}; got {value!r}")
     return int(value)
-
-
-def start_vector(dim: int, seed: int = 0, vector: int = 0, block: str = FULL,
-                 distribution: str = DEFAULT_DISTRIBUTION, device=None,
-                 normalize: bool = True) -> Tensor:
-    """A random float64 vector [dim], reproducible from ``(seed, vector, block)``.
-
-    Drawn on the CPU by a ``torch.Generator`` seeded from a hash of the three keys (so a
-    block's vectors do not depend on which other blocks are computed), then moved to
-    ``device``. Rademacher entries are +-1, Gaussian N(0, 1); ``normalize`` scales to unit norm.
-    """
-    if distribution not in DISTRIBUTIONS:
-        raise UserError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}; "
-                        f"got {distribution!r}")
-    key = hashlib.sha256(f"{int(seed)}/{int(vector)}/{block}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-    if distribution == "rademacher":
-        v = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.float64).mul_(2).sub_(1)
-    else:
-        v = torch.randn(dim, generator=generator, dtype=torch.float64)
-    if normalize:
-        v /= torch.linalg.vector_norm(v)
-    return v.to(device) if device is not None else v
 
 
 @dataclass
@@ -130,11 +99,31 @@ def tridiagonal_eigh(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray,
         return np.linalg.eigh(dense)
 
 
-class _Recurrence:
-    """One Lanczos recurrence for ``op`` from ``start``, advanced one product per ``step()``."""
+class LanczosRecurrence:
+    """One Lanczos recurrence for ``op`` from ``start``, advanced one product per :meth:`step`.
 
-    def __init__(self, op, start: Tensor, steps: int, reorthogonalize: bool, keep_basis: bool,
-                 breakdown_rtol: float):
+    Args:
+        op: a symmetric operator with ``.dim`` and ``.matvec`` (``matvec(v, out=...)`` when
+            ``op.matvec_accepts_out``).
+        start: the start vector [dim] (any scale; normalised, in float64).
+        steps: at most this many steps (and at most ``dim``).
+        reorthogonalize: full classical Gram-Schmidt against the basis (DGKS repeat).
+        keep_basis: keep the basis [steps, dim] float64 even without re-orthogonalisation.
+        breakdown_rtol: stop when ``beta <= breakdown_rtol * ||T||`` (invariant subspace).
+
+    Attributes:
+        alphas, betas: the tridiagonal so far (lists of floats).
+        q: the current unit Lanczos vector (float64 [dim], on the operator's device).
+        basis: float64 [steps, dim] when kept, else ``None``.
+        residual: ``||r_m||`` after the last step; ``done``, ``breakdown``: flags.
+        max_steps: ``min(steps, dim)``.
+
+    Raises:
+        UserError: a start vector of the wrong length, or zero.
+    """
+
+    def __init__(self, op, start: Tensor, steps: int, reorthogonalize: bool = True,
+                 keep_basis: bool = False, breakdown_rtol: float = BREAKDOWN_RTOL):
         self.op = op
         dim = int(op.dim)
         self.max_steps = min(int(steps), dim)
@@ -202,48 +191,34 @@ class _Recurrence:
             self.spare[0] = self.q_prev if self.q_prev is not None else self.spare.pop()
         self.q_prev, self.q, self.beta_prev = self.q, w, beta
 
+    def restart(self, vector: Tensor) -> None:
+        """Continue after a breakdown from ``vector``, a unit float64 vector [dim]
+        orthogonal to the kept basis, with coupling ``beta = 0`` (the tridiagonal becomes
+        block diagonal).
+
+        Raises:
+            UserError: no basis is kept, or the recurrence has no step left.
+        """
+        m = len(self.alphas)
+        if self.basis is None or m >= self.max_steps:
+            raise UserError("restart needs a kept basis and a step left")
+        self.basis[m].copy_(vector)
+        self.betas.append(0.0)
+        self.q_prev, self.q, self.beta_prev = None, self.basis[m], 0.0
+        self.done = self.breakdown = False
+
     def result(self, keep_basis: bool) -> LanczosRun:
+        """The :class:`LanczosRun` so far (with the basis if ``keep_basis`` and kept)."""
         m = len(self.alphas)
         basis = self.basis[:m] if keep_basis and self.basis is not None else None
         return LanczosRun(np.array(self.alphas), np.array(self.betas), self.residual,
                           self.breakdown, basis)
 
 
-def available_memory(device) -> int | None:
-    """Free bytes on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable``), or None."""
-    device = torch.device(device)
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError):
-        return None
-    return None
-
-
-def _check_basis_memory(operators: Sequence, iterations: int) -> None:
-    """Refuse (UserError) Lanczos bases that cannot fit in the free memory."""
-    needed = {}
-    for op in operators:
-        device = torch.device(getattr(op, "device", "cpu"))
-        needed[device] = needed.get(device, 0) + min(iterations, int(op.dim)) * int(op.dim) * 8
-    for device, size in needed.items():
-        free = available_memory(device)
-        if free is not None and size > 0.9 * free:
-            raise UserError(
-                f"full re-orthogonalisation needs {size / 2**30:.1f} GiB for the Lanczos "
-                f"bases (steps x parameters x 8 bytes) but {device} has {free / 2**30:.1f} "
-                "GiB free: pass reorthogonalize=False or fewer iterations"
-            )
-
-
-def _step_all(runs: Sequence[_Recurrence]) -> None:
+def _step_all(runs: Sequence[LanczosRecurrence]) -> None:
     """One step of every run. Runs whose operators share a graph that is rebuilt for every
     product (``reuse_graph=False``) get their products from one pass over its batches
-    (:meth:`~layerhessians.curvature.operators.CurvatureGraph.products`)."""
+    (:meth:`~layerhessians.curvature.graph.CurvatureGraph.products`)."""
     shared = {}
     for run in runs:
         graph = getattr(run.op, "graph", None)
@@ -265,7 +240,7 @@ def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
             ) -> list[LanczosRun]:
     """Run one Lanczos recurrence per operator, all advanced together step by step.
 
-    Operators that share a :class:`~layerhessians.curvature.operators.CurvatureGraph` share
+    Operators that share a :class:`~layerhessians.curvature.graph.CurvatureGraph` share
     its first-order graph, so a step costs one product per operator and no forward pass.
 
     Args:
@@ -285,71 +260,15 @@ def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
     if len(operators) != len(starts):
         raise UserError("lanczos needs one start vector per operator")
     if reorthogonalize or keep_basis:
-        _check_basis_memory(operators, iterations)
-    runs = [_Recurrence(op, s, iterations, reorthogonalize, keep_basis, breakdown_rtol)
+        check_basis_fits(operators, iterations)
+    runs = [LanczosRecurrence(op, s, iterations, reorthogonalize, keep_basis, breakdown_rtol)
             for op, s in zip(operators, starts)]
     total = max(r.max_steps for r in runs)
-    with Progress(total=total, desc=description or "Lanczos", unit="step", disable=not progress) as bar:
+    with Progress(total=total, desc=description or "Lanczos", unit="step",
+                  disable=not progress) as bar:
         for _ in range(total):
             _step_all([run for run in runs if not run.done])
             bar.update()
             if all(r.done for r in runs):
                 break
     return [r.result(keep_basis) for r in runs]
-
-
-def slq_many(operators: Sequence, names: Sequence[str], iterations: int = DEFAULT_ITERATIONS,
-             vectors: int = DEFAULT_VECTORS, seed: int = 0,
-             distribution: str = DEFAULT_DISTRIBUTION, reorthogonalize: bool = True,
-             progress: bool = False) -> list[SpectralMeasure]:
-    """SLQ for several operators at once: for each random vector index, one lockstep
-    Lanczos run over all operators (start vectors seeded by ``(seed, vector, name)``).
-
-    Returns one :class:`SpectralMeasure` per operator, in order.
-    """
-    iterations = check_count(iterations, "iterations")
-    vectors = check_count(vectors, "vectors")
-    check_count(seed, "seed", minimum=0)
-    if distribution not in DISTRIBUTIONS:
-        raise UserError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}; "
-                        f"got {distribution!r}")
-    nodes = [[] for _ in operators]
-    weights = [[] for _ in operators]
-    for index in range(vectors):
-        starts = [start_vector(op.dim, seed, index, name, distribution) for op, name in
-                  zip(operators, names)]
-        desc = f"SLQ vector {index + 1}/{vectors}"
-        runs = lanczos(operators, starts, iterations, reorthogonalize, progress=progress,
-                       description=desc)
-        for k, run in enumerate(runs):
-            node, weight = run.quadrature()
-            nodes[k].append(node)
-            weights[k].append(weight)
-    return [SpectralMeasure(n, w, dim=op.dim) for n, w, op in zip(nodes, weights, operators)]
-
-
-def slq(op, iterations: int = DEFAULT_ITERATIONS,
-        vectors: int = DEFAULT_VECTORS, seed: int = 0,
-        distribution: str = DEFAULT_DISTRIBUTION, reorthogonalize: bool = True,
-        progress: bool = False) -> SpectralMeasure:
-    """Stochastic Lanczos quadrature: the spectral measure of ``op``.
-
-    Args:
-        op: a symmetric operator with ``.dim`` and ``.matvec`` (e.g. from
-            :func:`~layerhessians.spectra.hessian_operator`).
-        iterations: Lanczos steps per vector (default 128, the paper's setting); at most
-            ``dim`` are taken, fewer on breakdown.
-        vectors: number of random start vectors averaged (default 1).
-        seed: the start vectors are drawn from ``(seed, vector index, op.name)``.
-        distribution: ``"gaussian"`` (default, the paper's) or ``"rademacher"`` start vectors.
-        reorthogonalize: full float64 re-orthogonalisation (default; memory
-            ``iterations * dim * 8`` bytes) or none (``O(dim)``).
-        progress: progress over the steps: a bar on a terminal, else a log line every 30 s.
-
-    Returns:
-        A :class:`SpectralMeasure` (nodes = Ritz values, weights = squared first components,
-        one row per vector).
-    """
-    name = getattr(op, "name", FULL)
-    return slq_many([op], [name], iterations, vectors, seed, distribution, reorthogonalize,
-                    progress)[0]

@@ -8,29 +8,28 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from layerhessians.curvature.operators import (
-    FULL,
-    CurvatureGraph,
-    CurvatureOperator,
-    Reduction,
-    resolve_params,
+from layerhessians.curvature.base import CurvatureOperator
+from layerhessians.curvature.blocks import FULL, layer_blocks
+from layerhessians.curvature.graph import Reduction, as_batches, resolve_params
+from layerhessians.curvature.kinds import curvature_graph, kind_class
+from layerhessians.curvature.memory import (
+    choose_reorthogonalize,
+    plan_memory,
+    split_batches,
+)
+from layerhessians.curvature.memory import (
+    memory_budget as budget_bytes,
 )
 from layerhessians.errors import UserError
-from layerhessians.spectra.lanczos import slq_many
+from layerhessians.vocabulary import DEFAULT_DISTRIBUTION, DEFAULT_ITERATIONS, DEFAULT_VECTORS
 from layerhessians.spectra.measure import SpectralMeasure
-from layerhessians.vocabulary import (
-    DEFAULT_DISTRIBUTION,
-    DEFAULT_ITERATIONS,
-    DEFAULT_VECTORS,
-)
+from layerhessians.spectra.slq import slq_many
 
 __all__ = ["layer_operators", "layer_spectra", "operator_dims"]
 
 
 def _layer_mapping(model: nn.Module, layers) -> "OrderedDict[str, list]":
     if layers is True:
-        from layerhessians.curvature.blocks import layer_blocks
-
         mapping = layer_blocks(model)
     elif layers is False or layers is None:
         return OrderedDict()
@@ -50,7 +49,7 @@ def _layer_mapping(model: nn.Module, layers) -> "OrderedDict[str, list]":
 
 def layer_operators(model: nn.Module, loss_fn, data, kind: str = "hessian",
                     bn_mode: str = "eval", layers=True, reuse_graph: bool = True,
-                    reduction: Reduction | None = None
+                    reduction: Reduction | None = None, conv_double_backward: str = "lean"
                     ) -> "OrderedDict[str, CurvatureOperator]":
     """``{"full": operator, layer name: block operator, ...}`` on ONE shared graph.
 
@@ -58,18 +57,20 @@ def layer_operators(model: nn.Module, loss_fn, data, kind: str = "hessian",
     order); a block operator for layer ``l`` differentiates only ``l``'s parameters, so
     a Lanczos step costs one forward-free product per operator. ``layers``: ``True``
     (``layer_blocks(model)``: every Conv2d/Linear weight), ``False`` (full only) or a
-    ``{name: parameter or list of parameters}`` mapping. See :func:`hessian_operator` for
-    the other arguments.
+    ``{name: parameter or list of parameters}`` mapping. See
+    :func:`~layerhessians.curvature.kinds.hessian_operator` for the other arguments.
     """
+    cls = kind_class(kind)
     params, names = resolve_params(model)
-    graph = CurvatureGraph(model, loss_fn, data, params, kind, bn_mode, reuse_graph, reduction)
+    graph = curvature_graph(model, loss_fn, data, params, kind, bn_mode, reuse_graph, reduction,
+                            conv_double_backward)
     index = {id(p): i for i, p in enumerate(params)}
     operators = OrderedDict()
-    operators[FULL] = CurvatureOperator(graph, range(len(params)), names, name=FULL)
+    operators[FULL] = cls(graph, range(len(params)), names, name=FULL)
     for name, block in _layer_mapping(model, layers).items():
         block_params, block_names = resolve_params(model, block)
-        operators[name] = CurvatureOperator(graph, [index[id(p)] for p in block_params],
-                                            block_names, name=name)
+        operators[name] = cls(graph, [index[id(p)] for p in block_params], block_names,
+                              name=name)
     return operators
 
 
@@ -113,7 +114,7 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
             (:func:`~layerhessians.curvature.memory.choose_reorthogonalize`).
         layers: ``True`` (every Conv2d/Linear weight), ``False`` (full spectrum only) or a
             ``{name: parameter(s)}`` mapping.
-        progress: tqdm bar over the Lanczos steps (hidden when not writing to a terminal).
+        progress: progress over the Lanczos steps (a bar on a terminal, else log lines).
         reduction: the distributed reduction hook (identity by default).
         micro_batch_size: cut the data into micro-batches of at most this many examples
             (``None``: as given; ``"auto"``: the largest whose graphs fit the budget); the
@@ -127,16 +128,6 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
         ``OrderedDict`` ``{"full": SpectralMeasure, layer name: SpectralMeasure, ...}`` in
         layer order. The model's parameters, buffers and modes are left unchanged.
     """
-    from layerhessians.curvature.memory import (
-        choose_reorthogonalize,
-        plan_memory,
-        split_batches,
-    )
-    from layerhessians.curvature.memory import (
-        memory_budget as budget_bytes,
-    )
-    from layerhessians.curvature.operators import as_batches
-
     if "auto" in (micro_batch_size, reuse_graph):
         data = as_batches(data)
         if micro_batch_size is None:  # keep the batches as given

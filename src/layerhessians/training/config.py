@@ -26,10 +26,10 @@ from layerhessians.vocabulary import (
     DEFAULT_VECTORS,
     DISTRIBUTIONS,
 )
+from layerhessians.vocabulary import KINDS as HESSIAN_KINDS
 
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("ce",)
-HESSIAN_KINDS = ("hessian", "ggn", "residual")
 SGD_MOMENTUM = 0.9  # the seed's SGD momentum (fixed, recorded in config.json)
 
 

@@ -1,0 +1,276 @@
+"""Linear-operator base classes: :class:`SymmetricOperator` (products, scipy export) and
+:class:`CurvatureOperator` (a curvature matrix of a model's mean loss on a shared
+:class:`~layerhessians.curvature.graph.CurvatureGraph`, with arithmetic).
+
+A curvature kind subclasses :class:`CurvatureOperator` and implements one per-batch product
+(:meth:`CurvatureOperator.batch_product`), declares what the graph must keep
+(:attr:`CurvatureOperator.needs`) and gives its dense float64 reference
+(:meth:`CurvatureOperator.reference`); matvec, matmat, ``@``, :meth:`~SymmetricOperator.to_scipy`
+and arithmetic (``A - B``, ``A + B``, ``c * A``) come from here.
+
+Vectors: products take and return 1-D tensors of length ``dim``: the parameters of the block,
+flattened and concatenated in the block's parameter order. The product runs in the model's
+dtype and device; the result has the input's dtype, on the model's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Real
+from typing import ClassVar
+
+import numpy as np
+import scipy.sparse.linalg
+import torch
+from torch import Tensor
+
+from layerhessians.curvature.graph import BatchGraph, CurvatureGraph
+from layerhessians.errors import UserError
+
+__all__ = ["SymmetricOperator", "CurvatureOperator", "LinearCombination"]
+
+
+class SymmetricOperator:
+    """A symmetric ``dim x dim`` linear operator given by its products.
+
+    Subclasses set ``dim``, ``dtype``, ``device``, ``name`` and implement :meth:`matvec`.
+    """
+
+    matvec_accepts_out = True  # Lanczos passes a reused output buffer
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(dim, dim)``."""
+        return (self.dim, self.dim)
+
+    def matvec(self, vector: Tensor, out: Tensor | None = None) -> Tensor:
+        """``A v`` for a 1-D ``vector`` [dim]; ``out`` (optional) receives the result."""
+        raise NotImplementedError
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        """``A V``: ``matrix`` [dim, k] -> [dim, k], one product per column, in the
+        matrix's dtype on the operator's device.
+
+        Raises:
+            UserError: ``matrix`` is not [dim, k].
+        """
+        matrix = torch.as_tensor(matrix)
+        if matrix.ndim != 2 or matrix.shape[0] != self.dim:
+            raise UserError(f"matrix must have shape ({self.dim}, k); got {tuple(matrix.shape)}")
+        if not matrix.shape[1]:
+            return matrix.new_zeros(self.dim, 0).to(self.device)
+        return torch.stack([self.matvec(matrix[:, j]) for j in range(matrix.shape[1])], dim=1)
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self.matvec(other) if torch.as_tensor(other).ndim == 1 else self.matmat(other)
+
+    def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
+        """The operator as a float64 :class:`scipy.sparse.linalg.LinearOperator` (numpy in
+        and out, computed on the operator's device; ``rmatvec = matvec``: symmetric), for
+        scipy's solvers (``eigsh``, ``cg``, ...)."""
+        def matvec(vector):
+            v = torch.as_tensor(np.asarray(vector, dtype=np.float64).reshape(-1))
+            return self.matvec(v.to(self.device)).cpu().numpy()
+
+        def matmat(matrix):
+            m = torch.as_tensor(np.asarray(matrix, dtype=np.float64))
+            return self.matmat(m.to(self.device)).cpu().numpy()
+
+        return scipy.sparse.linalg.LinearOperator(self.shape, matvec=matvec, rmatvec=matvec,
+                                                  matmat=matmat, rmatmat=matmat,
+                                                  dtype=np.float64)
+
+    def release(self) -> None:
+        """Free what the operator keeps (nothing by default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class CurvatureOperator(SymmetricOperator):
+    """A curvature matrix block ``A_PP`` of a model's mean loss, on a :class:`CurvatureGraph`.
+
+    Subclasses (one per kind, registered in :mod:`~layerhessians.curvature.kinds`) set
+    :attr:`kind` and :attr:`needs` and implement :meth:`batch_product` and :meth:`reference`.
+
+    Args:
+        graph: the shared :class:`CurvatureGraph`; it must keep :attr:`needs`.
+        indices: positions in ``graph.params`` of the block's parameters, in vector order.
+        names: their qualified names.
+        name: ``"full"`` for every trainable parameter, else the names joined by ``"+"``
+            (default); seeds of random start vectors derive from it.
+
+    Attributes:
+        dim: number of scalars in the block (the operator is ``dim x dim``).
+        params, names, indices: the block's parameters, names and graph positions.
+        dtype, device: of the model (products run there).
+
+    Raises:
+        UserError: the graph does not keep what this kind needs.
+    """
+
+    #: the registry name of the kind
+    kind: ClassVar[str] = ""
+    #: what the graph keeps per batch for this kind (a subset of :data:`~layerhessians.curvature.graph.NEEDS`)
+    needs: ClassVar[frozenset] = frozenset()
+
+    def __init__(self, graph: CurvatureGraph, indices: Sequence[int], names: Sequence[str],
+                 name: str | None = None):
+        missing = set(self.needs) - set(graph.needs)
+        if missing:
+            raise UserError(f"a graph keeping {sorted(graph.needs)} cannot give "
+                            f"{self.kind or type(self).__name__!r} products (needs "
+                            f"{sorted(missing)}): build the graph for this kind")
+        self.graph = graph
+        self.indices = list(indices)
+        self.params = [graph.params[i] for i in self.indices]
+        self.names = list(names)
+        self.name = name if name is not None else "+".join(self.names)
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.dim = int(sum(self.sizes))
+        self.dtype, self.device = graph.dtype, graph.device
+        self._input_buffer = None
+
+    # -- what a kind implements
+    def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:
+        """The batch's term of ``A_PP v_P`` (already weighted by ``batch.scale``), one tensor
+        per block parameter, or ``None`` when it is zero.
+
+        Args:
+            batch: what the graph kept for one batch.
+            parts: ``v_P`` as tensors shaped like the block's parameters (model dtype).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def reference(cls, problem, x: Tensor, y) -> Tensor:
+        """The dense float64 curvature [dim, dim] of the mean loss of the batch ``(x, y)``,
+        computed independently of :meth:`batch_product` (``torch.func``), with the helpers
+        of ``problem`` (a :class:`~layerhessians.curvature.dense.ReferenceProblem`)."""
+        raise NotImplementedError
+
+    # -- vectors
+    def unflatten(self, vector: Tensor) -> list[Tensor]:
+        """Views of a 1-D ``vector`` [dim] shaped like the block's parameters."""
+        return [t.view(s) for t, s in zip(vector.split(self.sizes), self.shapes)]
+
+    def model_vector(self, vector: Tensor) -> Tensor:
+        """``vector`` in the model's dtype/device; conversions reuse one buffer (fresh large
+        allocations cost page faults)."""
+        if vector.dtype == self.dtype and vector.device == self.device:
+            return vector.contiguous()
+        buffer = self._input_buffer
+        if buffer is None:
+            buffer = self._input_buffer = torch.empty(self.dim, dtype=self.dtype,
+                                                      device=self.device)
+        return buffer.copy_(vector)
+
+    # -- products
+    def matvec(self, vector: Tensor, out: Tensor | None = None) -> Tensor:
+        """``A v``: ``vector`` 1-D [dim] (any floating dtype) -> 1-D [dim], same dtype as
+        ``vector``, on the model's device. ``out`` (optional, 1-D [dim] on that device)
+        receives the result and is returned.
+
+        Raises:
+            UserError: a vector of the wrong shape, or parameters changed since the graph
+                was built (call :meth:`release`).
+        """
+        return self.graph.products([self], [vector], [out])[0]
+
+    def release(self) -> None:
+        """Free the shared graph (all operators on it); later products rebuild it."""
+        self.graph.release()
+
+    # -- arithmetic: combinations on the same graph and block, one pass over the batches
+    def _terms(self) -> list[tuple[float, CurvatureOperator]]:
+        return [(1.0, self)]
+
+    def _combine(self, other, sign: float) -> LinearCombination:
+        if not isinstance(other, CurvatureOperator):
+            return NotImplemented
+        return LinearCombination(self._terms() + [(sign * c, op) for c, op in other._terms()])
+
+    def __add__(self, other):
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other):
+        return self._combine(other, -1.0)
+
+    def __neg__(self):
+        return LinearCombination([(-c, op) for c, op in self._terms()])
+
+    def __mul__(self, factor):
+        if isinstance(factor, bool) or not isinstance(factor, Real):
+            return NotImplemented
+        return LinearCombination([(float(factor) * c, op) for c, op in self._terms()])
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, name={self.name!r}, dim={self.dim})"
+
+
+class LinearCombination(CurvatureOperator):
+    """``sum_k c_k A_k`` for operators on one graph and one block (``A - B``, ``c * A``):
+    each batch's term is the combination of the terms' batch products, so a product is one
+    pass over the batches. ``kind`` is ``"combination"`` unless a subclass names it.
+
+    Args:
+        terms: ``[(c_k, A_k)]`` with real ``c_k``; every ``A_k`` on the same graph and block.
+        name: defaults to the first operator's name.
+
+    Raises:
+        UserError: no terms, or operators on different graphs or blocks.
+    """
+
+    kind: ClassVar[str] = "combination"
+
+    def __init__(self, terms: Sequence[tuple[float, CurvatureOperator]],
+                 name: str | None = None):
+        terms = [(float(c), op) for c, op in terms]
+        if not terms:
+            raise UserError("a linear combination needs at least one operator")
+        first = terms[0][1]
+        for _, op in terms:
+            if op.graph is not first.graph or op.indices != first.indices:
+                raise UserError("operators combine only on the same graph and parameter "
+                                "block (build them with layer_operators or one graph)")
+        self.terms = terms
+        self.needs = frozenset().union(*(op.needs for _, op in terms))
+        super().__init__(first.graph, first.indices, first.names,
+                         name=first.name if name is None else name)
+
+    def _terms(self) -> list[tuple[float, CurvatureOperator]]:
+        return list(self.terms)
+
+    def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:
+        total = None
+        for coefficient, op in self.terms:
+            pieces = op.batch_product(batch, parts)
+            if pieces is None:
+                continue
+            if total is None:
+                total = tuple(p if coefficient == 1.0 else coefficient * p for p in pieces)
+            else:
+                total = tuple(t.add(p, alpha=coefficient) if coefficient not in (1.0, -1.0)
+                              else (t + p if coefficient == 1.0 else t - p)
+                              for t, p in zip(total, pieces))
+        return total
+
+    @classmethod
+    def reference(cls, problem, x, y):
+        raise UserError("a linear combination has no dense reference of its own: combine "
+                        "the references of its terms")
+
+    def __repr__(self) -> str:
+        terms = " ".join(f"{c:+g}*{op.kind}" for c, op in self.terms)
+        return f"{type(self).__name__}({terms}, name={self.name!r}, dim={self.dim})"
+

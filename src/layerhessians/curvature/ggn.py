@@ -1,0 +1,55 @@
+"""The generalized Gauss-Newton matrix ``G = J^T H_f J`` of the mean loss (Schraudolph 2002):
+``J = df/dtheta`` the Jacobian of the model outputs, ``H_f = d^2 loss / df^2`` the Hessian of
+the loss in the outputs; exact for any loss (no closed form of ``H_f`` is assumed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from layerhessians.curvature.base import CurvatureOperator
+from layerhessians.curvature.graph import OUTPUT_CURVATURE, BatchGraph, differentiable
+
+__all__ = ["GGNOperator"]
+
+
+class GGNOperator(CurvatureOperator):
+    """Products with the GGN block ``G_PP = J_P^T H_f J_P``.
+
+    Per batch, with the outputs ``f``, ``dL_b/df`` (``create_graph``) and ``w = J^T u`` for a
+    dummy ``u`` kept in the graph: ``J v = d(w . v)/du``, then ``H_f (J v) =
+    d(dL_b/df . Jv)/df``, then ``J^T z = d(f . z)/dtheta``: three backward passes, no
+    forward pass. See :class:`~layerhessians.curvature.base.CurvatureOperator` for the
+    arguments.
+    """
+
+    kind = "ggn"
+    needs = frozenset({OUTPUT_CURVATURE})
+
+    def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:
+        outputs, grad_outputs = [], []
+        for i, part in zip(self.indices, parts):
+            if differentiable(batch.jt_dummy[i]):
+                outputs.append(batch.jt_dummy[i])
+                grad_outputs.append(part)
+        if not outputs or not differentiable(batch.dloss_doutputs):
+            return None  # the outputs do not depend on P, or the loss is linear in them
+        (jvp,) = torch.autograd.grad(outputs, batch.dummy, grad_outputs, retain_graph=True)
+        (hjvp,) = torch.autograd.grad(batch.dloss_doutputs, batch.outputs, jvp,
+                                      retain_graph=True, allow_unused=True,
+                                      materialize_grads=True)
+        return torch.autograd.grad(batch.outputs, self.params, hjvp, retain_graph=True,
+                                   allow_unused=True, materialize_grads=True)
+
+    @classmethod
+    def reference(cls, problem, x: Tensor, y) -> Tensor:
+        """``J^T H_f J`` with ``J = jacrev(outputs)`` and ``H_f = hessian(loss_fn)`` at the
+        outputs, float64 [dim, dim]."""
+        out0 = problem.outputs(problem.flat0, x).detach()
+        jac = problem.jacobian_of(lambda flat: problem.outputs(flat, x))(problem.flat0)
+        jac = jac.reshape(-1, problem.dim)
+        h_out = problem.hessian_of(lambda o: problem.loss_fn(o, y))(out0)
+        h_out = h_out.reshape(out0.numel(), out0.numel())
+        return (jac.T @ h_out @ jac).to(torch.float64)

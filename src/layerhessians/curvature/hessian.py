@@ -1,0 +1,43 @@
+"""The Hessian ``H = d^2 L / dtheta^2`` of the mean loss (Hessian-vector products by double
+backward, Pearlmutter 1994)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from layerhessians.curvature.base import CurvatureOperator
+from layerhessians.curvature.graph import GRADIENT, BatchGraph, differentiable
+
+__all__ = ["HessianOperator"]
+
+
+class HessianOperator(CurvatureOperator):
+    """Products with the Hessian block ``H_PP`` of the mean loss.
+
+    Per batch, ``H_PP v_P = d(g_P . v_P)/dtheta_P`` with the kept gradient ``g`` (one
+    backward pass through the first-order graph, no forward pass). See
+    :class:`~layerhessians.curvature.base.CurvatureOperator` for the arguments.
+    """
+
+    kind = "hessian"
+    needs = frozenset({GRADIENT})
+
+    def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:
+        outputs, grad_outputs = [], []
+        for i, part in zip(self.indices, parts):
+            if differentiable(batch.grads[i]):
+                outputs.append(batch.grads[i])
+                grad_outputs.append(part)
+        if not outputs:
+            return None  # the gradient of the block is constant: zero Hessian block
+        return torch.autograd.grad(outputs, self.params, grad_outputs, retain_graph=True,
+                                   allow_unused=True, materialize_grads=True)
+
+    @classmethod
+    def reference(cls, problem, x: Tensor, y) -> Tensor:
+        """``hessian(loss)`` of the flattened block at its value, float64 [dim, dim]."""
+        hessian = problem.hessian_of(lambda flat: problem.loss(flat, x, y))(problem.flat0)
+        return hessian.to(torch.float64)

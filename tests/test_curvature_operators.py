@@ -1,0 +1,114 @@
+"""The operator base class: arithmetic on one graph (H - G is the residual kind), scipy
+export, and the registry of kinds (every kind against its own dense reference)."""
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+from problems import CE, PROBLEMS, rel_error
+
+from layerhessians.curvature import (
+    KIND_CLASSES,
+    KINDS,
+    CurvatureGraph,
+    GGNOperator,
+    HessianOperator,
+    LinearCombination,
+    MatrixOperator,
+    ResidualOperator,
+    curvature_graph,
+    dense_matrix,
+    hessian_operator,
+    reference_matrix,
+)
+from layerhessians.curvature.graph import resolve_params
+from layerhessians.errors import UserError
+
+RTOL = 1e-10
+
+
+def shared_graph(problem, kinds):
+    model, data = PROBLEMS[problem].build()
+    params, names = resolve_params(model)
+    return model, data, curvature_graph(model, CE, data, params, kinds), names
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("problem", ["mlp", "conv"])
+def test_every_kind_matches_its_dense_reference(problem, kind):
+    model, data = PROBLEMS[problem].build()
+    op = hessian_operator(model, CE, data, kind=kind)
+    assert isinstance(op, KIND_CLASSES[kind]) and op.kind == kind
+    reference = reference_matrix(model, CE, data, kind=kind)
+    assert rel_error(dense_matrix(op), reference) < RTOL
+
+
+@pytest.mark.parametrize("problem", ["mlp", "conv"])
+def test_hessian_minus_ggn_is_the_residual_in_one_pass(problem):
+    model, data, graph, names = shared_graph(problem, ["hessian", "ggn"])
+    indices = range(len(names))
+    h, g = HessianOperator(graph, indices, names), GGNOperator(graph, indices, names)
+    difference = h - g
+    assert isinstance(difference, LinearCombination) and difference.dim == h.dim
+    residual = ResidualOperator(graph, indices, names)
+    assert torch.equal(dense_matrix(difference), dense_matrix(residual))
+    expected = reference_matrix(model, CE, data, kind="residual")
+    assert rel_error(dense_matrix(difference), expected) < RTOL
+    before = graph.forward_passes
+    v = torch.randn(h.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    hv, gv = h.matvec(v), g.matvec(v)
+    assert rel_error((2.5 * h + g).matvec(v), 2.5 * hv + gv) < 1e-13
+    assert rel_error((-(h * 0.5)).matvec(v), -0.5 * hv) < 1e-13
+    assert rel_error((h - 3 * g - h).matvec(v), -3 * gv) < 1e-13
+    assert graph.forward_passes == before  # kept graph: no forward pass for combinations
+
+
+def test_combinations_refuse_other_graphs_or_blocks():
+    model, data, graph, names = shared_graph("mlp", ["hessian", "ggn"])
+    h = HessianOperator(graph, range(len(names)), names)
+    other = hessian_operator(model, CE, data)
+    with pytest.raises(UserError, match="same graph"):
+        h - other
+    block = HessianOperator(graph, [0], names[:1])
+    with pytest.raises(UserError, match="same graph"):
+        h + block
+    with pytest.raises(TypeError):
+        h * torch.ones(3)
+
+
+def test_a_graph_for_one_kind_refuses_another():
+    model, data, graph, names = shared_graph("mlp", "hessian")
+    with pytest.raises(UserError, match="cannot give"):
+        GGNOperator(graph, range(len(names)), names)
+    with pytest.raises(UserError, match="not a kind"):
+        CurvatureGraph(model, CE, data, graph.params, "hessian")
+    with pytest.raises(UserError, match="kind"):
+        curvature_graph(model, CE, data, graph.params, "fisher")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_to_scipy_products_match(kind):
+    model, data = PROBLEMS["conv"].build()
+    op = hessian_operator(model, CE, data, kind=kind)
+    linear = op.to_scipy()
+    assert isinstance(linear, scipy.sparse.linalg.LinearOperator) and linear.shape == op.shape
+    rng = np.random.default_rng(0)
+    v, block = rng.standard_normal(op.dim), rng.standard_normal((op.dim, 3))
+    expected = op.matvec(torch.from_numpy(v)).numpy()
+    assert np.allclose(linear.matvec(v), expected, rtol=1e-13, atol=0)
+    assert np.allclose(linear.rmatvec(v), expected, rtol=1e-13, atol=0)
+    assert np.allclose(linear.matmat(block), op.matmat(torch.from_numpy(block)).numpy(),
+                       rtol=1e-13, atol=0)
+    # scipy's eigensolver on the export gives the dense top eigenvalue
+    top = scipy.sparse.linalg.eigsh(linear, k=1, which="LA", return_eigenvectors=False)
+    dense = torch.linalg.eigvalsh(dense_matrix(op)).max().item()
+    assert abs(top[0] - dense) <= 1e-8 * abs(dense)
+
+
+def test_matrix_operator_shares_the_base_interface():
+    matrix = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    op = MatrixOperator(matrix)
+    assert op.shape == (2, 2)
+    assert np.allclose(op.to_scipy().matvec(np.array([1.0, -1.0])), [1.0, -2.0])
+    with op as same:
+        assert torch.equal(same @ torch.eye(2, dtype=torch.float64), matrix)
