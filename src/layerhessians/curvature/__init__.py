@@ -7,7 +7,13 @@ shared first-order graph, dense float64 references, memory planning and layer bl
 - :func:`plan_memory` -> :class:`MemoryPlan`, :func:`split_batches`
 """
 
-from layerhessians.curvature.blocks import LAYER_TYPES, layer_blocks
+from layerhessians.curvature.blocks import (
+    BLOCK_TYPES,
+    LAYER_TYPES,
+    block_dims,
+    layer_blocks,
+    select_blocks,
+)
 from layerhessians.curvature.dense import MAX_DENSE_DIM, dense_matrix, reference_matrix
 from layerhessians.curvature.memory import (
     GraphCost,
@@ -49,3 +55,4 @@ __all__ = [
     "reference_matrix",
     "split_batches",
 ]
+__all__ += ["BLOCK_TYPES", "block_dims", "select_blocks"]  # blocks for any architecture

@@ -121,7 +121,7 @@ class Setup:
 
     ``hessian_batch``: ``(x [n, C, 32, 32], y [n])``, this rank's part of the fixed
     Hessian set (all of it on one process); ``blocks``: ``layer_blocks(model)`` (name ->
-    weight). Distributed runs add ``dist`` (the :class:`~layerhessians.training.distributed.Context`),
+    [leaf parameters]). Distributed runs add ``dist`` (the :class:`~layerhessians.training.distributed.Context`),
     ``ddp`` (the DistributedDataParallel wrapper that trains ``model``), ``reduction`` (the
     engine's all-reduce hook, ``None`` when the set is not sharded) and ``hessian_examples``
     (the whole set's size); ``plan`` is the spectra's
@@ -136,7 +136,7 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: nn.Module
     hessian_batch: tuple
-    blocks: "OrderedDict[str, nn.Parameter]"
+    blocks: "OrderedDict[str, list[nn.Parameter]]"
     dist: Context = SINGLE
     ddp: nn.Module = None
     reduction: object = None
@@ -281,7 +281,7 @@ def describe(setup: Setup, command=None) -> dict:
     """The run's ``config.json``: every setting plus the facts needed to interpret it."""
     config, data = setup.config, setup.data
     blocks = ["full", *setup.blocks] if config.hessian.layers else ["full"]
-    dims = {"full": setup.num_params, **{k: p.numel() for k, p in setup.blocks.items()}}
+    dims = {"full": setup.num_params, **{k: sum(p.numel() for p in ps) for k, ps in setup.blocks.items()}}
     return {
         **config.to_dict(),
         "blocks": blocks,
