@@ -7,6 +7,7 @@ shared first-order graph, dense float64 references, memory planning and layer bl
 - :func:`plan_memory` -> :class:`MemoryPlan`, :func:`split_batches`
 """
 
+from layerhessians.curvature.attention import math_attention
 from layerhessians.curvature.blocks import (
     BLOCK_TYPES,
     LAYER_TYPES,
@@ -55,4 +56,4 @@ __all__ = [
     "reference_matrix",
     "split_batches",
 ]
-__all__ += ["BLOCK_TYPES", "block_dims", "select_blocks"]  # blocks for any architecture
+__all__ += ["BLOCK_TYPES", "block_dims", "math_attention", "select_blocks"]  # blocks, attention
