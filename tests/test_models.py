@@ -114,14 +114,15 @@ def test_lenet_layer_blocks_in_order():
     blocks = layer_blocks(build_model("LeNet"))
     names = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"]
     assert list(blocks) == names
-    assert [tuple(b.shape) for b in blocks.values()] == [
+    assert all(len(b) == 1 for b in blocks.values())  # one leaf each
+    assert [tuple(b[0].shape) for b in blocks.values()] == [
         (6, 1, 5, 5), (16, 6, 5, 5), (120, 400), (84, 120), (10, 84)]
 
 
 def test_vgg11_bn_layer_blocks():
     blocks = layer_blocks(build_model("VGG11_bn", in_channels=3))
     assert len(blocks) == 8 + 3  # 8 convolutions + 3 linear layers
-    assert [b.dim() for b in blocks.values()] == [4] * 8 + [2] * 3
+    assert [b.dim() for [b] in blocks.values()] == [4] * 8 + [2] * 3
     assert list(blocks)[0] == "features.0.weight" and list(blocks)[-1] == "classifier.6.weight"
 
 
@@ -216,7 +217,7 @@ def test_second_order_autograd_works(name):
     model = build_model(name, in_channels=1)
     model.eval()
     loss = F.cross_entropy(model(torch.randn(2, 1, 32, 32)), torch.tensor([0, 1]))
-    weight = next(iter(layer_blocks(model).values()))
+    [weight] = next(iter(layer_blocks(model).values()))
     (grad,) = torch.autograd.grad(loss, weight, create_graph=True)
     vector = torch.randn_like(weight)
     (hvp,) = torch.autograd.grad(grad, weight, vector)

@@ -2,9 +2,10 @@
 
 The public API is imported lazily so that ``layerhessians --version`` stays fast:
 
-- models: :func:`build_model`, :func:`layer_blocks`
-- spectra engine: :func:`hessian_operator`, :func:`slq`, :func:`exact_spectrum`,
-  :func:`top_eigenvalues`, :func:`hessian_trace`, :func:`layer_spectra`, :class:`SpectralMeasure`
+- models: :func:`build_model`; blocks: :func:`layer_blocks`, :func:`select_blocks`
+- curvature: :func:`hessian_operator` (kinds :data:`KINDS`), :func:`math_attention`
+- spectra: :func:`slq`, :func:`exact_spectrum`, :func:`top_eigenvalues`, :func:`hessian_trace`,
+  :func:`layer_spectra`, :class:`SpectralMeasure`
 - run store: :func:`load_run`
 """
 
@@ -15,7 +16,10 @@ __version__ = "0.1.0"
 _API = {
     "build_model": "layerhessians.models",
     "layer_blocks": "layerhessians.models",
+    "select_blocks": "layerhessians.curvature",
     "hessian_operator": "layerhessians.curvature",
+    "KINDS": "layerhessians.curvature",
+    "math_attention": "layerhessians.curvature",
     "slq": "layerhessians.spectra",
     "exact_spectrum": "layerhessians.spectra",
     "top_eigenvalues": "layerhessians.spectra",
@@ -33,3 +37,7 @@ def __getattr__(name):
     if name in _API:
         return getattr(import_module(_API[name]), name)
     raise AttributeError(f"module 'layerhessians' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_API})

@@ -34,7 +34,7 @@ def block_dimensions(config) -> dict:
         model = build_model(config["model"], in_channels=int(channels), num_classes=int(classes))
     except Exception:  # unknown architecture or dataset: plot the mean eigenvalue instead
         return {}
-    dims = {name: p.numel() for name, p in layer_blocks(model).items()}
+    dims = {name: sum(p.numel() for p in ps) for name, ps in layer_blocks(model).items()}
     dims[FULL] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return dims
 

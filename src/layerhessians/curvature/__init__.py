@@ -6,16 +6,25 @@ first-order graph; dense float64 references, memory planning and layer blocks.
   with ``.dim``, ``.matvec``, ``.matmat``, ``@``, ``.to_scipy()`` and arithmetic (``H - G``)
 - :class:`CurvatureGraph` (built for kinds by :func:`curvature_graph`), :class:`Reduction`
 - :func:`dense_matrix`, :func:`reference_matrix`: float64 references for small problems
-- :func:`layer_blocks`: the weight of every Conv2d/Linear, the paper's "layers"
+- :func:`layer_blocks`: the weight of every Conv2d/Linear, the paper's "layers";
+  :func:`select_blocks`: blocks by module type, name pattern or mapping (leaf parameters)
+- :func:`math_attention`: the twice-differentiable attention path of every engine forward
 - :func:`plan_memory` -> :class:`MemoryPlan`, :func:`split_batches`
 """
 
+from layerhessians.curvature.attention import math_attention
 from layerhessians.curvature.base import (
     CurvatureOperator,
     LinearCombination,
     SymmetricOperator,
 )
-from layerhessians.curvature.blocks import LAYER_TYPES, layer_blocks
+from layerhessians.curvature.blocks import (
+    BLOCK_TYPES,
+    LAYER_TYPES,
+    block_dims,
+    layer_blocks,
+    select_blocks,
+)
 from layerhessians.curvature.conv_double_backward import CONV_DOUBLE_BACKWARDS
 from layerhessians.curvature.dense import MAX_DENSE_DIM, dense_matrix, reference_matrix
 from layerhessians.curvature.ef import EmpiricalFisherOperator
@@ -43,6 +52,7 @@ from layerhessians.curvature.residual import ResidualOperator
 
 __all__ = [
     "BN_MODES",
+    "BLOCK_TYPES",
     "CONV_DOUBLE_BACKWARDS",
     "KINDS",
     "KIND_CLASSES",
@@ -60,15 +70,18 @@ __all__ = [
     "Reduction",
     "ResidualOperator",
     "SymmetricOperator",
+    "block_dims",
     "choose_reorthogonalize",
     "curvature_graph",
     "dense_matrix",
     "hessian_operator",
     "kind_class",
     "layer_blocks",
+    "math_attention",
     "measure_graph_cost",
     "memory_budget",
     "plan_memory",
     "reference_matrix",
+    "select_blocks",
     "split_batches",
 ]

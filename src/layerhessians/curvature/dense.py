@@ -62,11 +62,11 @@ class ReferenceProblem:
         flat0: the block's current value, flattened [dim] (model dtype).
         dim: its length.
         loss_fn: the batch-mean loss ``loss_fn(outputs, targets)``.
-        hessian_of, jacobian_of: ``torch.func.hessian``/``jacrev``, or with
-            ``bn_mode="train"`` the non-vectorised ``torch.autograd.functional`` versions
-            (in torch 2.13, ``torch.func.hessian`` through a batch-norm layer using batch
-            statistics is wrong: relative error ~0.09 on a tiny conv net, against central
-            differences).
+        hessian_of, jacobian_of: the non-vectorised ``torch.autograd.functional`` versions.
+            In torch 2.13 the vmapped ``torch.func.hessian`` is wrong through a batch-norm
+            layer using batch statistics (relative error ~0.09 on a tiny conv net) and through
+            an affine ``LayerNorm`` (mixed input-weight second derivatives), both against
+            central differences; the plain double backward is right in both.
     """
 
     def __init__(self, model: nn.Module, loss_fn, params, names, bn_mode: str):
@@ -83,10 +83,8 @@ class ReferenceProblem:
                     m.train()
                     m.track_running_stats = False  # batch statistics, no buffer updates
                     m.running_mean = m.running_var = m.num_batches_tracked = None
-            self.hessian_of = _functional_hessian
-            self.jacobian_of = _functional_jacobian
-        else:
-            self.hessian_of, self.jacobian_of = torch.func.hessian, torch.func.jacrev
+        self.hessian_of = _functional_hessian
+        self.jacobian_of = _functional_jacobian
 
     def outputs(self, flat: Tensor, x: Tensor) -> Tensor:
         """The model's outputs on ``x`` with the block set to ``flat`` [dim]."""

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from layerhessians.curvature.attention import math_attention
 from layerhessians.curvature.conv_double_backward import (
     CONV_DOUBLE_BACKWARDS,
     conv_double_backward,
@@ -332,7 +333,7 @@ class CurvatureGraph:
         with self._model_modes():
             buffers = {name: b.clone() for name, b in self.model.named_buffers()}
             self.forward_passes += 1
-            with conv_double_backward(self.conv_double_backward):
+            with conv_double_backward(self.conv_double_backward), math_attention():
                 if buffers:
                     return torch.func.functional_call(self.model, buffers, (x,))
                 return self.model(x)
@@ -356,7 +357,7 @@ class CurvatureGraph:
                                                  (xn.unsqueeze(0),))
             return self.loss_fn(outputs, yn.unsqueeze(0)).reshape(())
 
-        with self._model_modes():
+        with self._model_modes(), math_attention():
             buffers = {name: b.clone() for name, b in self.model.named_buffers()}
             self.forward_passes += 1
             grads, losses = torch.func.vmap(torch.func.grad_and_value(example_loss),

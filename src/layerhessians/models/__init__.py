@@ -2,7 +2,7 @@
 paper's layer blocks (the weight of every Conv2d/Linear).
 
 - :func:`build_model` ``(name, in_channels=1, num_classes=10) -> nn.Module``; :data:`MODELS`.
-- :func:`layer_blocks` ``(model) -> OrderedDict[str, Parameter]``.
+- :func:`layer_blocks` ``(model) -> OrderedDict[str, list[Parameter]]`` (leaf parameters).
 """
 
 from layerhessians.curvature.blocks import FULL, LAYER_TYPES, layer_blocks

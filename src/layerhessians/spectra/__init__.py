@@ -22,7 +22,13 @@ from layerhessians.spectra.measure import (
     concatenate_rows,
     papyan_sigma,
 )
-from layerhessians.spectra.slq import DEFAULT_DISTRIBUTION, DISTRIBUTIONS, slq, slq_many, start_vector
+from layerhessians.spectra.slq import (
+    DEFAULT_DISTRIBUTION,
+    DISTRIBUTIONS,
+    slq,
+    slq_many,
+    start_vector,
+)
 
 __all__ = [
     "DEFAULT_DISTRIBUTION",

@@ -21,9 +21,13 @@ from layerhessians.curvature.memory import (
     memory_budget as budget_bytes,
 )
 from layerhessians.errors import UserError
-from layerhessians.vocabulary import DEFAULT_DISTRIBUTION, DEFAULT_ITERATIONS, DEFAULT_VECTORS
 from layerhessians.spectra.measure import SpectralMeasure
 from layerhessians.spectra.slq import slq_many
+from layerhessians.vocabulary import (
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_ITERATIONS,
+    DEFAULT_VECTORS,
+)
 
 __all__ = ["layer_operators", "layer_spectra", "operator_dims"]
 

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from layerhessians.errors import UserError
+from layerhessians.spectra.lanczos import check_count, lanczos
+from layerhessians.spectra.measure import SpectralMeasure
 from layerhessians.vocabulary import (
     DEFAULT_DISTRIBUTION,
     DEFAULT_ITERATIONS,
@@ -23,8 +25,6 @@ from layerhessians.vocabulary import (
     DISTRIBUTIONS,
     FULL,
 )
-from layerhessians.spectra.lanczos import check_count, lanczos
-from layerhessians.spectra.measure import SpectralMeasure
 
 __all__ = ["DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "slq", "slq_many", "start_vector"]
 

@@ -45,7 +45,7 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: nn.Module
     hessian_batch: tuple
-    blocks: "OrderedDict[str, nn.Parameter]"
+    blocks: "OrderedDict[str, list[nn.Parameter]]"
     dist: Context = SINGLE
     ddp: nn.Module = None
     reduction: object = None
@@ -120,7 +120,7 @@ def describe(setup: Setup, command=None) -> dict:
     """The run's ``config.json``: every setting plus the facts needed to interpret it."""
     config, data = setup.config, setup.data
     blocks = [FULL, *setup.blocks] if config.hessian.layers else [FULL]
-    dims = {FULL: setup.num_params, **{k: p.numel() for k, p in setup.blocks.items()}}
+    dims = {FULL: setup.num_params, **{k: sum(p.numel() for p in ps) for k, ps in setup.blocks.items()}}
     return {
         **config.to_dict(),
         "blocks": blocks,
