@@ -546,3 +546,54 @@ def test_commit_fsyncs_files_and_folders(tmp_path, monkeypatch):
         assert any(f.startswith(f".{name}.") for f in files), (name, files)
     assert str(run.resolve()) in folders and str((run / "checkpoints").resolve()) in folders
     assert json.loads((run / MANIFEST).read_text())["files"]
+
+
+# ----------------------------------------------------------------------------- end to end
+def _train(run, *extra):
+    return main(["train", "-r", str(run), "-d", "digits", "-m", "LeNet", "-n", "2", "-b", "128",
+                 "--hessian-iterations", "4", "--examples_per_class", "1", "--no-layers",
+                 "--no-progress", *extra])
+
+
+def test_cli_overwrite_killed_then_rerun_trains_afresh(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "ow"
+    assert _train(run, "-lr", "0.05") == 0
+    real_unlink = type(run).unlink
+
+    def dying_unlink(self, *args, **kwargs):
+        if self.name == "last.pt":
+            raise Crash
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(run), "unlink", dying_unlink)
+    with pytest.raises(Crash):
+        _train(run, "-lr", "0.02", "--overwrite")
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert _train(run, "-lr", "0.02", "--overwrite") == 0
+    assert "is complete" not in capsys.readouterr().out
+    result = load_run(run)
+    assert list(result.metrics["epoch"]) == [1, 2] and result.config["learning_rate"] == 0.02
+    assert RunStore(run).completed_epoch == 2
+
+    # garbled checkpoint: one line, never "diverged"
+    path = run / "checkpoints" / "last.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = b"\x00" * 64
+    path.write_bytes(bytes(data))
+    assert _train(run, "-lr", "0.02", "--resume", "-n", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a readable checkpoint this tool wrote" in err[0]
+    assert "diverged" not in err[0]
+
+
+def test_cli_checkpoint_without_config_is_refused(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert _train(run, "-lr", "0.05") == 0
+    (run / "config.json").unlink()
+    capsys.readouterr()
+    assert _train(run, "-lr", "0.01", "-n", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "but no config.json" in err[0]
+    assert main(["train", "-r", str(run), "--resume"]) == 2
+    assert "no config.json" in capsys.readouterr().err
