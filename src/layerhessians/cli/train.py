@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from layerhessians.errors import UserError
+from layerhessians.store.runs import resume_source, run_path  # issue 12
 from layerhessians.training.config import (
     HESSIAN_KINDS,
     IGNORED_FLAGS,
@@ -183,16 +184,11 @@ def typed_flags(args) -> dict:
 
 def _resume_target(value, run):
     """The run directory named by ``--resume PATH`` (a run directory or a checkpoint in it)."""
-    path = Path(value)
-    if not path.exists():
-        raise UserError(f"--resume {value}: no such file or directory; pass a run directory "
-                        "or its checkpoints/last.pt")
-    if path.is_file():
-        if path.parent.name == "checkpoints" and (path.parent.parent / "config.json").is_file():
-            path = path.parent.parent
-        else:
-            raise UserError(f"--resume {value} is not inside a run directory "
-                            "(RUN/checkpoints/*.pt); pass the run directory instead")
+    # issue 12: the store checks the path (empty, weights-only epoch_EEEE.pt, damaged)
+    path, checkpoint = resume_source(value)
+    if checkpoint is not None:  # a full training state other than last.pt
+        raise UserError(f"--resume {value}: resuming from a checkpoint other than "
+                        "checkpoints/last.pt is not supported by `train`; pass the run directory")
     if run is not None and Path(run).resolve() != path.resolve():
         raise UserError(f"--resume {value} and -r {run} name different runs; give one of them")
     return path
@@ -220,7 +216,7 @@ def resolve(flags: dict):
 
         flags = {**flags, "device": str(resolve_device(flags.get("device"), flags.get("cuda")))}
     config = _apply(TrainConfig(), flags).validated()
-    run_dir = Path(run) if run is not None else Path(RUNS_ROOT) / config.run_name()
+    run_dir = run_path(run) if run is not None else Path(RUNS_ROOT) / config.run_name()
     stored = run_dir / "config.json"
     if resume and stored.is_file():
         import json
@@ -232,7 +228,9 @@ def resolve(flags: dict):
         config = _apply(base, flags).validated()
     elif resume and isinstance(flags.get("resume"), str):
         raise UserError(f"--resume {flags['resume']}: {run_dir} holds no run (no config.json)")
-    return config, run_dir, bool(resume), overwrite
+    elif resume and any(k not in RUN_FLAGS for k in flags):
+        resume = "allow"  # issue 12: settings given (grids): continue the run, or start it
+    return config, run_dir, resume if resume == "allow" else bool(resume), overwrite
 
 
 def command_line(flags: dict) -> str:

@@ -90,8 +90,11 @@ def is_present(spec: DatasetSpec, root) -> bool:
     return not missing_files(spec, root)
 
 
-def fetch(urls, dest, md5, timeout=TIMEOUT_S) -> Path:
+def fetch(urls, dest, md5, timeout=TIMEOUT_S, max_bytes=None) -> Path:
     """Download the first of ``urls`` that yields a file with MD5 ``md5`` to ``dest``.
+
+    ``max_bytes``: the most bytes the file may have; a server announcing or sending more is
+    stopped there (and that URL fails) instead of being read to the end.
 
     Raises ``_FailedDownload`` (reasons of every URL, one line) when none does; nothing is
     left at ``dest`` or in its folder then.
@@ -104,7 +107,7 @@ def fetch(urls, dest, md5, timeout=TIMEOUT_S) -> Path:
         try:  # the part file is removed on any failure
             with atomic_path(dest, suffix=".part") as tmp:
                 with open(tmp, "wb") as out:
-                    got = _stream(url, out, timeout, dest.name)
+                    got = _stream(url, out, timeout, dest.name, max_bytes)
                 if got != md5:
                     raise _FailedDownload(f"checksum mismatch from {url} (md5 {got}, expected {md5})")
             return dest
@@ -127,17 +130,28 @@ def _describe(err) -> str:
     return " ".join(text.split())
 
 
-def _stream(url, out, timeout, label) -> str:
-    """Copy ``url`` into the open binary file ``out``; return the MD5 of what was written."""
+def _stream(url, out, timeout, label, max_bytes=None) -> str:
+    """Copy ``url`` into the open binary file ``out``; return the MD5 of what was written.
+
+    Raises ``_FailedDownload`` as soon as the server announces (Content-Length) or has sent
+    more than ``max_bytes`` bytes."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"unsupported URL {url!r}")
     print(f"downloading {url}", file=sys.stderr)
     digest = hashlib.md5(usedforsecurity=False)
     with urllib.request.urlopen(url, timeout=timeout) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
+        if max_bytes is not None and total is not None and total > max_bytes:
+            raise _FailedDownload(f"{url} announces {total} bytes, more than the expected "
+                                  f"at most {max_bytes}; not downloaded (a wrong file)")
+        received = 0
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
                   disable=None, file=sys.stderr, leave=False) as bar:
             for chunk in iter(lambda: response.read(_CHUNK), b""):
+                received += len(chunk)
+                if max_bytes is not None and received > max_bytes:
+                    raise _FailedDownload(f"{url} sent more than the expected at most "
+                                          f"{max_bytes} bytes; stopped (a wrong file)")
                 out.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
@@ -204,7 +218,8 @@ def ensure_files(spec: DatasetSpec, root, download=False, timeout=TIMEOUT_S) -> 
                     f"{spec.name} not found in {dataset_folder(spec, root).resolve()}: "
                     f"{_advice(spec, root)}, or download it with `layerhessians datasets --download {spec.name}`")
             try:
-                fetch(file_urls(spec, remote), path, remote.md5, timeout=timeout)
+                fetch(file_urls(spec, remote), path, remote.md5, timeout=timeout,
+                      max_bytes=remote.max_bytes)
             except _FailedDownload as err:
                 mirrored = bool(os.environ.get(MIRROR_ENV, "").strip())
                 hint = f"check {MIRROR_ENV}" if mirrored else f"or set {MIRROR_ENV} to a mirror"

@@ -21,13 +21,19 @@ from layerhessians.errors import unknown_name
 MIRROR_ENV = "LAYERHESSIANS_DATASET_MIRROR"
 
 
+MiB = 1 << 20
+
+
 @dataclass(frozen=True)
 class RemoteFile:
-    """One file as distributed: its name, MD5 hex digest and mirrors (full URLs, tried in order)."""
+    """One file as distributed: its name, MD5 hex digest, mirrors (full URLs, tried in
+    order) and ``max_bytes``, an upper bound on its size (about 1.5 times the official
+    file's) at which a download is stopped: a mirror serving more is wrong."""
 
     filename: str
     md5: str
     urls: tuple[str, ...]
+    max_bytes: int = 256 * MiB
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,10 @@ class DatasetSpec:
         return not self.downloads
 
 
-def _files(bases, pairs):
-    return tuple(RemoteFile(name, md5, tuple(base + name for base in bases)) for name, md5 in pairs)
+def _files(bases, entries):
+    """``RemoteFile``s from ``(filename, md5, max_bytes)`` entries."""
+    return tuple(RemoteFile(name, md5, tuple(base + name for base in bases), limit)
+                 for name, md5, limit in entries)
 
 
 _MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
@@ -96,10 +104,10 @@ REGISTRY: dict[str, DatasetSpec] = {
             name="MNIST", reader="idx", num_classes=10, image_shape=(1, 28, 28), flip=False,
             train_files=_IDX_TRAIN, test_files=_IDX_TEST, download_dir="raw", data_dir="raw",
             downloads=_files(_MNIST_MIRRORS, (
-                ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-                ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
-                ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-                ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+                ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873", 16 * MiB),
+                ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432", 1 * MiB),
+                ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3", 4 * MiB),
+                ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c", 1 * MiB),
             )),
             description="handwritten digits, 60,000 train / 10,000 test",
         ),
@@ -107,10 +115,10 @@ REGISTRY: dict[str, DatasetSpec] = {
             name="FashionMNIST", reader="idx", num_classes=10, image_shape=(1, 28, 28), flip=False,
             train_files=_IDX_TRAIN, test_files=_IDX_TEST, download_dir="raw", data_dir="raw",
             downloads=_files(_FASHION_MIRRORS, (
-                ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-                ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
-                ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-                ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+                ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d", 40 * MiB),
+                ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe", 1 * MiB),
+                ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79", 8 * MiB),
+                ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310", 1 * MiB),
             )),
             description="Zalando clothing images, 60,000 train / 10,000 test",
         ),
@@ -118,8 +126,8 @@ REGISTRY: dict[str, DatasetSpec] = {
             name="SVHN", reader="svhn", num_classes=10, image_shape=(3, 32, 32), flip=False,
             train_files=("train_32x32.mat",), test_files=("test_32x32.mat",),
             downloads=_files(_SVHN_MIRRORS, (
-                ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
-                ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
+                ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373", 280 * MiB),
+                ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3", 100 * MiB),
             )),
             description="street-view house numbers, 73,257 train / 26,032 test (label 10 -> 0)",
         ),
@@ -128,7 +136,7 @@ REGISTRY: dict[str, DatasetSpec] = {
             train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",),
             data_dir="cifar-10-batches-py", extract=True, label_key="labels",
             downloads=_files(_CIFAR_MIRRORS, (
-                ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+                ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", 256 * MiB),
             )),
             description="natural images, 10 classes, 50,000 train / 10,000 test",
         ),
@@ -137,7 +145,7 @@ REGISTRY: dict[str, DatasetSpec] = {
             train_files=("train",), test_files=("test",),
             data_dir="cifar-100-python", extract=True, label_key="fine_labels",
             downloads=_files(_CIFAR_MIRRORS, (
-                ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+                ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", 256 * MiB),
             )),
             description="natural images, 100 fine classes, 50,000 train / 10,000 test",
         ),

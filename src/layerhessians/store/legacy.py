@@ -18,20 +18,33 @@ these layouts and are not exported; with ``--hessian-every N > 1`` only the meas
 epochs are written (the original's readers assume every epoch).
 """
 
+import re
+from pathlib import Path
+
 import numpy as np
 
+from layerhessians.errors import UserError
 from layerhessians.store.runs import atomic_path, load_run
 from layerhessians.vocabulary import FULL
 
 LEGACY_DIR = "ckpt"
 FULL_FILE = "training_eigenspectrum_full.npy"
 LAYER_FILE = "training_eigenspectrums_epoch_{index}_layer_{name}.npz"
+# a layer block's name as PyTorch spells parameters (``features.0.weight``): a file-name part
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
-def layer_file(run_dir, epoch: int, name: str):
-    """Path of the legacy ``.npz`` of layer ``name`` after training epoch ``epoch`` (>= 1)."""
-    from pathlib import Path
+def layer_file(run_dir, epoch: int, name: str) -> Path:
+    """Path of the legacy ``.npz`` of layer ``name`` after training epoch ``epoch`` (>= 1).
 
+    Raises:
+        UserError: ``name`` is not a parameter name (path separators, ``..``, a leading dot
+            or other characters), which could place the file outside ``RUN/ckpt/``.
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise UserError(f"{Path(run_dir) / 'spectra.csv'} names a block {str(name)[:60]!r} "
+                        "that is not a parameter name (letters, digits, '_', '.', '-'); the "
+                        "legacy export writes nothing: fix or restore spectra.csv")
     return Path(run_dir) / LEGACY_DIR / LAYER_FILE.format(index=epoch - 1, name=name)
 
 
@@ -53,6 +66,8 @@ def export_legacy(run_dir, epochs=None, points: int = 1024) -> list:
     measured epoch >= 1.
     """
     run = load_run(run_dir)
+    for layer in run.layers:  # refuse hostile names before writing anything
+        layer_file(run.path, 1, layer)
     measured = [e for e in run.epochs if e >= 1]
     present = set(zip(run.spectra["block"], run.spectra["epoch"].astype(int)))
     written = []
