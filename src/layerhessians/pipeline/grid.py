@@ -16,7 +16,12 @@ from pathlib import Path
 
 from layerhessians.errors import UserError
 from layerhessians.store.runs import RunStore
-from layerhessians.training.config import TrainConfig, apply_flags, setting_flags
+from layerhessians.training.config import (
+    TrainConfig,
+    apply_flags,
+    check_types,
+    setting_flags,
+)
 
 SHIPPED = ("seed", "quick")
 
@@ -61,8 +66,9 @@ def load_grid(name_or_path) -> list:
     """The runs of a shipped grid (``"seed"``, ``"quick"``) or of a grid JSON file.
 
     Raises:
-        UserError: a missing or malformed file, a repeated run name, or a setting name that
-            ``layerhessians train`` does not have.
+        UserError: a missing or malformed file, a repeated run name, a setting name that
+            ``layerhessians train`` does not have, or a value of the wrong type
+            (``"num_epochs": [1, 2]``; values themselves are checked per run).
     """
     if str(name_or_path) in SHIPPED:
         text = resources.files("layerhessians.configs").joinpath(f"{name_or_path}.json").read_text()
@@ -88,6 +94,7 @@ def load_grid(name_or_path) -> list:
         if unknown:
             raise UserError(f"grid flag {unknown[0]!r} of run {r.run!r} in {source} is not a "
                             f"`layerhessians train` setting; use one of {', '.join(valid)}")
+        check_types(r.flags, where=f"grid run {r.run!r} in {source}: ")
     return runs
 
 
