@@ -229,6 +229,15 @@ def test_match_writes_next_to_the_runs_and_prints_the_paths(tmp_path, monkeypatc
     assert list(work.iterdir()) == []
 
 
+def test_common_parent():
+    from layerhessians.analysis.report import common_parent
+
+    assert common_parent(["/x/runs/a", "/x/runs/b"]) == Path("/x/runs")
+    assert common_parent(["/x/runs/a", "/x/other/deep/b"]) == Path("/x")
+    with pytest.raises(UserError):
+        common_parent(["/x/a", "/y/b"])
+
+
 def test_seed_match_script_keeps_the_working_directory():
     sys.path.insert(0, str(REPO / "experiments"))
     try:

@@ -177,8 +177,15 @@ def _check_folder(out):
 # ----------------------------------------------------------------------------- across runs
 def common_parent(paths) -> Path:
     """The deepest folder holding every one of ``paths`` (run directories): ``match``'s
-    default output folder. Relative to the working directory when it lies inside it."""
+    default output folder. Relative to the working directory when it lies inside it.
+
+    Raises:
+        UserError: the only common folder is the file system's root.
+    """
     parent = Path(os.path.commonpath([Path(p).absolute().parent for p in paths]))
+    if parent == Path(parent.anchor):
+        raise UserError("the runs share no folder but the file system's root; choose where "
+                        "the match outputs go with --out")
     try:
         return parent.relative_to(Path.cwd())
     except ValueError:
