@@ -4,7 +4,8 @@
 Same as ``layerhessians match``: with no RUN it uses the 12 seed run directories
 (``model=M,dataset=D,te,run1``) found in the working directory, and writes
 ``match_distros_wasserstein.png``, ``match_distros_peak.png`` and ``match_distros.csv``
-there; runs from any working directory.
+in the working directory, as the original did (``layerhessians match`` writes next to the
+runs instead), unless ``--out`` says otherwise; runs from any working directory.
 """
 
 import sys
@@ -17,5 +18,14 @@ except ImportError:  # not installed: use the source tree next to this script
 
 from layerhessians.cli.main import main
 
+
+def seed_arguments(argv) -> list:
+    """``match`` arguments with the original's output folder (the working directory)."""
+    argv = list(argv)
+    if not any(a == "--out" or a.startswith("--out=") for a in argv):
+        argv += ["--out", "."]
+    return ["match", *argv]
+
+
 if __name__ == "__main__":
-    sys.exit(main(["match", *sys.argv[1:]]))
+    sys.exit(main(seed_arguments(sys.argv[1:])))

@@ -149,7 +149,7 @@ def test_train_epoch_matches_a_manual_sgd_replay():
                 p.sub_(0.1 * b)
         losses.append((loss.item(), len(y)))
         correct += int((out.argmax(1) == y).sum())
-    assert row["train_loss"] == pytest.approx(sum(l * n for l, n in losses) / 40, rel=1e-12)
+    assert row["train_loss"] == pytest.approx(sum(value * n for value, n in losses) / 40, rel=1e-12)
     assert row["train_acc"] == correct / 40
     for (name, p), q in zip(setup.model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

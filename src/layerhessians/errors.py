@@ -67,3 +67,22 @@ def unknown_name(kind: str, name, choices) -> UserError:
     close = suggest(name, choices)
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
     return UserError(f"unknown {kind} {name!r}; choose one of {', '.join(choices)}{hint}")
+
+
+class SettingError(UserError):
+    """A :class:`UserError` about settings that are spelled differently in the Python API
+    (``reorthogonalize=False``) and on the command line (``--hessian-reorthogonalize none``).
+
+    ``template`` holds ``{key}`` fields; ``names`` maps each key to ``(api, cli)``
+    spellings. ``str(err)`` is the API's message; :meth:`spelled` ``("cli")`` the CLI's
+    (the ``layerhessians`` command prints that one).
+    """
+
+    def __init__(self, template: str, names: dict):
+        self.template, self.names = template, dict(names)
+        super().__init__(self.spelled("api"))
+
+    def spelled(self, interface: str) -> str:
+        """The message with the ``"api"`` or ``"cli"`` spellings filled in."""
+        index = {"api": 0, "cli": 1}[interface]
+        return self.template.format(**{key: pair[index] for key, pair in self.names.items()})

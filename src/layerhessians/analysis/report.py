@@ -3,6 +3,8 @@ and the comparison of layer spectra with the full spectrum across runs (:func:`m
 ``layerhessians match``): the computations of :mod:`~layerhessians.analysis.matching` drawn
 by :mod:`~layerhessians.analysis.figures` and written as CSVs."""
 
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -39,6 +41,39 @@ def block_dimensions(config) -> dict:
     return dims
 
 
+#: accepted image resolutions (dots per inch)
+DPI_RANGE = (10, 2400)
+
+
+def check_dpi(dpi) -> int:
+    """``dpi`` if it is an integer in :data:`DPI_RANGE`, else :class:`UserError`."""
+    lo, hi = DPI_RANGE
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or not lo <= dpi <= hi:
+        raise UserError(f"--dpi {dpi} is not a resolution; give {lo}..{hi} dots per inch "
+                        "(default 200)")
+    return dpi
+
+
+def parse_epochs_within(spec, available, where) -> list:
+    """The epochs of ``spec`` (``"1-50"``, ``"0,5,10"``; see
+    :func:`~layerhessians.analysis.matching.parse_epochs`), checked first against the
+    largest epoch in ``available`` (so that ``0-1000000000`` is refused, not expanded).
+
+    Raises:
+        UserError: an unreadable spec, or an epoch beyond what ``where`` holds.
+    """
+    first, last = min(available), max(available)
+    numbers = [int(n) for n in re.findall(r"\d+", str(spec))]
+    beyond = [n for n in numbers if n > last]
+    if beyond and len(beyond) == len(numbers):
+        raise UserError(f"{where}: none of the epochs {spec} (no spectra at epoch "
+                        f"{beyond[0]}); available: {first}..{last}")
+    if beyond:
+        raise UserError(f"--epochs {spec}: no spectra at epoch {beyond[0]} ({where}: epochs "
+                        f"{first}..{last}); give epochs within them")
+    return compare.parse_epochs(spec)
+
+
 def _selected_epochs(run, spec):
     available = run.epochs
     if not available:
@@ -46,7 +81,7 @@ def _selected_epochs(run, spec):
                         "(or wait for its first epoch)")
     if spec is None:
         return available
-    wanted = compare.parse_epochs(spec)
+    wanted = parse_epochs_within(spec, available, f"run {run.path}")
     chosen = [e for e in wanted if e in available]
     if not chosen:
         raise UserError(f"run {run.path} has none of the epochs {spec}; it has "
@@ -68,7 +103,9 @@ def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None, metric="w
                         "(default 1024)")
     if fmt not in plots.FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(plots.FORMATS)}")
+    check_dpi(dpi)
     out = run.path / "images" if out is None else out
+    _check_folder(out)
     epochs = _selected_epochs(run, epochs)
     title = _title(run)
     written = []
@@ -131,7 +168,30 @@ def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None, metric="w
 
 
 
+def _check_folder(out):
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} is a file; choose a folder (or remove the file)")
+
+
 # ----------------------------------------------------------------------------- across runs
+def common_parent(paths) -> Path:
+    """The deepest folder holding every one of ``paths`` (run directories): ``match``'s
+    default output folder. Relative to the working directory when it lies inside it.
+
+    Raises:
+        UserError: the only common folder is the file system's root.
+    """
+    parent = Path(os.path.commonpath([Path(p).absolute().parent for p in paths]))
+    if parent == Path(parent.anchor):
+        raise UserError("the runs share no folder but the file system's root; choose where "
+                        "the match outputs go with --out")
+    try:
+        return parent.relative_to(Path.cwd())
+    except ValueError:
+        return parent
+
+
 def find_seed_runs(folder=".") -> tuple:
     """``(present paths, missing names)`` of the 12 seed run directories in ``folder``."""
     folder = Path(folder)
@@ -210,10 +270,14 @@ def _print_summary(summary, stream=None):
 
 
 def match_runs(runs, *, metrics=("wasserstein",), normalize="minmax", peaks=None, epochs=None,
-          points=compare.PAPER_POINTS, out=".", fmt="png", dpi=200, ids=None, stream=None):
+               points=compare.PAPER_POINTS, out=None, fmt="png", dpi=200, ids=None,
+               stream=None):
     """Compare ``runs`` (loaded :class:`~layerhessians.store.runs.Run` objects), write the CSVs
-    and figures into ``out`` and print the summary. Returns ``(distances, summary, paths)``."""
-    out = Path(out)
+    and figures into ``out`` (default: the runs' :func:`common_parent`) and print the
+    summary. Returns ``(distances, summary, paths)``."""
+    check_dpi(dpi)
+    out = common_parent([r.path for r in runs]) if out is None else Path(out)
+    _check_folder(out)
     ids = ids or run_ids(runs)
     frames = []
     for run, rid in zip(runs, ids):

@@ -53,13 +53,15 @@ def add_launcher_arguments(parser):
 def train_overrides(text: str) -> tuple:
     """``(settings, progress)`` from ``--train-args``, parsed by ``layerhessians train``'s
     own parser (settings by destination; ``progress``: ``None`` or ``False``)."""
-    from layerhessians.cli.main import build_parser  # the train parser, built on demand
+    from layerhessians.cli.main import (  # the train parser, on demand
+        UsageError,
+        build_parser,
+    )
 
     try:
         args = build_parser("train").parse_args(["train", *shlex.split(text)])
-    except SystemExit:
-        raise UserError(f"--train-args {text!r}: not valid `layerhessians train` flags "
-                        "(see layerhessians train --help)") from None
+    except UsageError as err:
+        raise UserError(f"--train-args {text!r}: {err}") from None
     flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     given = [k for k in _NOT_SETTINGS if k in flags]
     if given:

@@ -3,7 +3,9 @@
 For every run, layer and epoch: the distance between the layer's spectrum and the full
 spectrum (:mod:`layerhessians.analysis.matching`; default the 1-Wasserstein distance on each
 spectrum's eigenvalue axis mapped to [0, 1]; ``--metric paper`` the original's computation).
-Writes into ``--out`` (default: the working directory, as the original did):
+Writes into ``--out`` (default: the folder that holds the runs, i.e. their common parent;
+``experiments/match_distros.py`` keeps the original's working directory) and prints the
+paths it wrote:
 
 - ``match_distros.csv``: every distance (run, model, dataset, epoch, layer, index, depth,
   distance, metric, normalize);
@@ -34,7 +36,11 @@ def add_arguments(parser):
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="run directories (default: the 12 seed runs in the working "
                              "directory, model=M,dataset=D,te,run1)")
-    parser.add_argument("--out", default=".", help="folder for the figures and CSVs (default: .)")
+    parser.add_argument("-r", "--run", action="append", default=[], dest="run_flags",
+                        metavar="RUN", help="a run directory (repeatable; same as RUN)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the figures and CSVs (default: the runs' common "
+                             "parent folder)")
     parser.add_argument("--metric", choices=(*compare.METRICS, "both"), default="wasserstein",
                         help="wasserstein: W1 between spectral measures (default); paper: the "
                              "original's log-density computation; both: side by side")
@@ -56,16 +62,20 @@ def add_arguments(parser):
 def run(args) -> int:
     from layerhessians.analysis import matching as compare
     from layerhessians.analysis.report import (
+        check_dpi,
         find_seed_runs,
         match_runs,
+        parse_epochs_within,
         parse_peaks,
         run_ids,
     )
+    from layerhessians.cli.plot import run_paths
     from layerhessians.store.runs import load_run
 
     if args.points < 16:
         raise UserError(f"--points {args.points} is too few for a density curve; use >= 16")
-    paths = [Path(p) for p in args.runs]
+    check_dpi(args.dpi)
+    paths = [Path(p) for p in run_paths(args, "match")]
     if not paths:
         paths, missing = find_seed_runs(".")
         if not paths:
@@ -82,11 +92,12 @@ def run(args) -> int:
     runs = [load_run(p) for p in paths]
     ids = run_ids(runs)
     metrics = compare.METRICS if args.metric == "both" else (args.metric,)
-    epochs = compare.parse_epochs(args.epochs) if args.epochs else None
+    available = sorted({e for r in runs for e in r.epochs}) or [0]
+    epochs = parse_epochs_within(args.epochs, available, "the runs") if args.epochs else None
     peaks = parse_peaks(args.peak, runs, ids)
     _, _, written = match_runs(runs, metrics=metrics, normalize=args.normalize, peaks=peaks,
-                          epochs=epochs, points=args.points, out=args.out, fmt=args.format,
-                          dpi=args.dpi, ids=ids)
+                               epochs=epochs, points=args.points, out=args.out,
+                               fmt=args.format, dpi=args.dpi, ids=ids)
     for path in written:
         print(f"saved: {path}")
     return 0

@@ -1,4 +1,5 @@
-"""``layerhessians plot -r RUN``: the figures of one run, written into ``RUN/images/``.
+"""``layerhessians plot RUN [RUN ...]`` (or ``-r RUN``): the figures of each run, written
+into ``RUN/images/``.
 
 - ``spectrum_<block>.<fmt>``: each block's (full and every layer's) spectral density at the
   epochs of training, colour = epoch, log density against the eigenvalue;
@@ -20,7 +21,10 @@ def add_arguments(parser):
     from layerhessians.analysis import figures as plots
     from layerhessians.analysis import matching as compare
 
-    parser.add_argument("-r", "--run", required=True, help="run directory (from `train -r`)")
+    parser.add_argument("runs", nargs="*", metavar="RUN",
+                        help="run directories (from `train -r`); also accepted as -r RUN")
+    parser.add_argument("-r", "--run", action="append", default=[], dest="run_flags",
+                        metavar="RUN", help="a run directory (repeatable; same as RUN)")
     parser.add_argument("-m", "--model", help="model name; checked against the run's config.json")
     parser.add_argument("-d", "--dataset", help="dataset name; checked against config.json")
     parser.add_argument("--points", type=int, default=1024,
@@ -45,14 +49,29 @@ def _check_identity(run, args):
                             f"({key} {stored} in config.json); drop -{key[0]} or fix -r")
 
 
+def run_paths(args, command: str) -> list:
+    """The run directories given positionally and with ``-r`` (in that order, once each)."""
+    paths = list(dict.fromkeys([*args.runs, *args.run_flags]))
+    for path in paths:
+        if not str(path).strip():
+            raise UserError("an empty run directory was given; pass the -r folder of a "
+                            "`layerhessians train` run")
+    if not paths and command == "plot":
+        raise UserError("give a run directory: layerhessians plot RUN (or -r RUN)")
+    return paths
+
+
 def run(args) -> int:
-    from layerhessians.analysis.report import make_figures
+    from layerhessians.analysis.report import check_dpi, make_figures
     from layerhessians.store.runs import load_run
 
-    run_ = load_run(args.run)
-    _check_identity(run_, args)
-    written = make_figures(run_, points=args.points, fmt=args.format, dpi=args.dpi,
-                           epochs=args.epochs, metric=args.metric, normalize=args.normalize)
-    for path in written:
-        print(f"image saved at: {path}")
+    check_dpi(args.dpi)
+    runs = [load_run(path) for path in run_paths(args, "plot")]  # every run read first
+    for run_ in runs:
+        _check_identity(run_, args)
+    for run_ in runs:
+        written = make_figures(run_, points=args.points, fmt=args.format, dpi=args.dpi,
+                               epochs=args.epochs, metric=args.metric, normalize=args.normalize)
+        for path in written:
+            print(f"image saved at: {path}")
     return 0

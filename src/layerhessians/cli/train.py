@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from layerhessians.errors import UserError
-from layerhessians.store.runs import resume_source, run_path  # issue 12
 from layerhessians.training.config import (
     HESSIAN_KINDS,
     IGNORED_FLAGS,
@@ -71,17 +70,10 @@ def _add(group, *flags, **kwargs):
     return action
 
 
-def _one_line_errors(parser):
-    def error(message):
-        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
-    parser.error = error
-
-
 def add_arguments(parser):
     d, h = TrainConfig(), HessianConfig()
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    _one_line_errors(parser)
     g = parser.add_argument_group("training (the seed's flags)")
     _add(g, "-lr", "--learning_rate", type=float, metavar="LR",
          help=f"learning rate (default {d.learning_rate:g})")
@@ -112,7 +104,8 @@ def add_arguments(parser):
     _add(g, "--resume", nargs="?", const=True, metavar="PATH",
          help="continue the run in -r (or in PATH: a run directory or its "
               "checkpoints/last.pt) from its last completed epoch; untyped flags come from "
-              "its config.json")
+              "its config.json (other checkpoints, such as epoch_0001.pt, are refused: "
+              "only the last epoch's full training state is kept)")
     _add(g, "--save_freq", type=int, metavar="K", help="also keep the weights every K epochs")
     _add(g, "--cuda", type=int, metavar="N", help="GPU index (seed flag; same as --device cuda:N)")
     _add(g, "-j", "--workers", type=int, help="accepted for the seed's command lines; unused "
@@ -125,7 +118,9 @@ def add_arguments(parser):
 
     hg = parser.add_argument_group("spectra (the paper's setting by default)")
     _add(hg, "--hessian-iterations", type=int, metavar="K",
-         help=f"Lanczos steps per random vector (default {h.iterations})")
+         help="Lanczos steps per random vector; at most the number of parameters (that "
+              "many steps give the exact eigenvalues; more are refused before training) "
+              f"(default {h.iterations})")
     _add(hg, "--hessian-vectors", type=int, metavar="V",
          help=f"random start vectors (default {h.vectors})")
     _add(hg, "--hessian-kind", choices=HESSIAN_KINDS,
@@ -182,13 +177,32 @@ def typed_flags(args) -> dict:
     return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
 
 
-def _resume_target(value, run):
-    """The run directory named by ``--resume PATH`` (a run directory or a checkpoint in it)."""
-    # issue 12: the store checks the path (empty, weights-only epoch_EEEE.pt, damaged)
-    path, checkpoint = resume_source(value)
-    if checkpoint is not None:  # a full training state other than last.pt
-        raise UserError(f"--resume {value}: resuming from a checkpoint other than "
-                        "checkpoints/last.pt is not supported by `train`; pass the run directory")
+def resume_target(value, run):
+    """The run directory that ``--resume PATH`` continues (with ``-r RUN``, if given).
+
+    ``PATH`` is a run directory or its ``checkpoints/last.pt``: a run continues from its last
+    completed epoch. Any other checkpoint (the seed's ``--resume RUN/checkpoints/
+    epoch_0001.pt``) is refused: ``train`` resumes exactly, from the full training state
+    (optimizer, schedule, random generators) of the last committed epoch. This function is
+    the one place that decides; the store checks the path
+    (:func:`~layerhessians.store.runs.resume_source`).
+
+    Raises:
+        UserError: a path that does not exist, a checkpoint other than ``last.pt`` or
+            outside a run directory, or a ``-r`` that names another run.
+    """
+    # torch: imported only when running, not for --help
+    from layerhessians.store.runs import CHECKPOINTS, LAST_CHECKPOINT, resume_source
+
+    path = Path(value)
+    if path.is_file() and path.parent.name == CHECKPOINTS and path.name != LAST_CHECKPOINT:
+        run_dir = path.parent.parent
+        raise UserError(f"--resume {value}: --resume continues a run from its last "
+                        f"completed epoch ({run_dir / CHECKPOINTS / LAST_CHECKPOINT}), "
+                        "not from another checkpoint (epoch_EEEE.pt files hold only model "
+                        f"weights); run `layerhessians train --resume {run_dir}` (to start "
+                        "again from these weights, use a new run)")
+    path, _ = resume_source(value)
     if run is not None and Path(run).resolve() != path.resolve():
         raise UserError(f"--resume {value} and -r {run} name different runs; give one of them")
     return path
@@ -205,18 +219,21 @@ def resolve(flags: dict):
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; give one")
     run = flags.get("run")
+    if run is not None and not str(run).strip():
+        raise UserError("-r/--run is empty; give a run directory, e.g. -r runs/lenet-digits "
+                        f"(or leave -r out for {RUNS_ROOT}/model=...)")
     if "hessian_total" in flags and "examples_per_class" in flags:
         raise UserError("--hessian-examples and --examples_per_class both set the Hessian "
                         "set's size; give one")
     if isinstance(resume, str):
-        run = _resume_target(resume, run)
+        run = resume_target(resume, run)
     if "cuda" in flags or "device" in flags:  # check devices before loading any data
         # torch: imported only when running, not for --help
         from layerhessians.training.devices import resolve_device
 
         flags = {**flags, "device": str(resolve_device(flags.get("device"), flags.get("cuda")))}
     config = _apply(TrainConfig(), flags).validated()
-    run_dir = run_path(run) if run is not None else Path(RUNS_ROOT) / config.run_name()
+    run_dir = Path(run) if run is not None else Path(RUNS_ROOT) / config.run_name()
     stored = run_dir / "config.json"
     if resume and stored.is_file():
         import json

@@ -15,8 +15,13 @@ from importlib import resources
 from pathlib import Path
 
 from layerhessians.errors import UserError
-from layerhessians.store.runs import RunStore
-from layerhessians.training.config import TrainConfig, apply_flags, setting_flags
+from layerhessians.store.runs import RunStore, safe_child
+from layerhessians.training.config import (
+    TrainConfig,
+    apply_flags,
+    check_types,
+    setting_flags,
+)
 
 SHIPPED = ("seed", "quick")
 
@@ -41,7 +46,8 @@ class GridRun:
     flags: dict = field(default_factory=dict)
 
     def path(self, root) -> Path:
-        return Path(root) / self.run
+        """``root / run``; a run name that would leave ``root`` is refused (UserError)."""
+        return safe_child(root, self.run)
 
     def config(self, overrides=None, validate: bool = True) -> TrainConfig:
         """This run's settings, with ``overrides`` (same names) applied on top."""
@@ -61,8 +67,9 @@ def load_grid(name_or_path) -> list:
     """The runs of a shipped grid (``"seed"``, ``"quick"``) or of a grid JSON file.
 
     Raises:
-        UserError: a missing or malformed file, a repeated run name, or a setting name that
-            ``layerhessians train`` does not have.
+        UserError: a missing or malformed file, a repeated run name, a setting name that
+            ``layerhessians train`` does not have, or a value of the wrong type
+            (``"num_epochs": [1, 2]``; values themselves are checked per run).
     """
     if str(name_or_path) in SHIPPED:
         text = resources.files("layerhessians.configs").joinpath(f"{name_or_path}.json").read_text()
@@ -84,10 +91,12 @@ def load_grid(name_or_path) -> list:
         raise UserError(f"{source} names a run directory twice; run names must be unique")
     valid = setting_flags()
     for r in runs:
+        safe_child(".", r.run)  # a run stays under --root: no '..', '/', absolute names
         unknown = [k for k in r.flags if k not in valid]
         if unknown:
             raise UserError(f"grid flag {unknown[0]!r} of run {r.run!r} in {source} is not a "
                             f"`layerhessians train` setting; use one of {', '.join(valid)}")
+        check_types(r.flags, where=f"grid run {r.run!r} in {source}: ")
     return runs
 
 

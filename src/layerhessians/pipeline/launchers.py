@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from layerhessians.errors import UserError
+from layerhessians.errors import SettingError, UserError
 from layerhessians.pipeline.grid import flags_to_config
 from layerhessians.training import train
 from layerhessians.training.config import TrainConfig
@@ -76,7 +76,7 @@ def run_task(task: Task) -> Path:
     Raises:
         UserError: bad settings or a run that cannot continue (see ``train``).
     """
-    return train(task.config(), task.run_dir, resume=True, progress=task.progress,
+    return train(task.config(), task.run_dir, resume="allow", progress=task.progress,
                  command=task.command())
 
 
@@ -207,8 +207,9 @@ class SequentialLauncher:
             try:
                 result = run_task(task)
             except UserError as err:  # reported; the other runs go on
-                print(f"{task.run}: error: {err}", file=sys.stderr, flush=True)
-                outcomes.append(Outcome(task.run, False, reason=str(err)))
+                reason = err.spelled("cli") if isinstance(err, SettingError) else str(err)
+                print(f"{task.run}: error: {reason}", file=sys.stderr, flush=True)
+                outcomes.append(Outcome(task.run, False, reason=reason))
             else:
                 outcomes.append(Outcome(task.run, True, result=result))
         return outcomes

@@ -7,9 +7,59 @@ import time
 from pathlib import Path
 
 from layerhessians.analysis.report import make_figures, match_runs
-from layerhessians.errors import UserError
+from layerhessians.data import ensure_files, get_spec, is_present
+from layerhessians.errors import DatasetMissingError, UserError
 from layerhessians.pipeline import launchers
 from layerhessians.store.runs import load_run
+
+DEFAULT_DATASET_ROOT = "datasets"
+
+
+def check_settings(runs, overrides=None) -> tuple:
+    """``(configs, invalid)``: every valid run's checked
+    :class:`~layerhessians.training.config.TrainConfig` by run name, and ``{run: message}``
+    for the runs whose settings are refused, so that nothing trains before every run's
+    settings were checked."""
+    configs, invalid = {}, {}
+    for entry in runs:
+        try:
+            configs[entry.run] = entry.config(overrides)
+        except UserError as err:
+            invalid[entry.run] = str(err)
+    return configs, invalid
+
+
+def check_datasets(configs) -> None:
+    """Make every dataset the runs need readable (downloading the missing ones when the runs
+    allow it) before any training; refuse at once, naming all that are missing.
+
+    Raises:
+        UserError: one line listing the missing datasets, where they belong and the
+            ``layerhessians datasets --download`` command that fetches them.
+    """
+    needed = {}
+    for config in configs:
+        key = (get_spec(config.dataset).name, str(config.dataset_root))
+        needed[key] = needed.get(key, False) or config.download
+    missing = {}
+    for (name, root), download in needed.items():
+        spec = get_spec(name)
+        if is_present(spec, root):
+            continue
+        try:
+            ensure_files(spec, root, download=download)
+        except DatasetMissingError:
+            missing.setdefault(root, []).append(name)
+    if not missing:
+        return
+    parts = []
+    for root, names in missing.items():
+        option = "" if root == DEFAULT_DATASET_ROOT else f" --root {root}"
+        parts.append(f"{', '.join(names)} (into {Path(root).resolve()}/NAME/: "
+                     f"`layerhessians datasets --download {' '.join(names)}{option}`)")
+    raise DatasetMissingError(f"datasets missing, nothing was trained: {'; '.join(parts)}; "
+                              "offline, put the official files there (see `layerhessians "
+                              "datasets`)")
 
 
 def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True, match=True,
@@ -35,8 +85,12 @@ def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True,
         UserError: the launcher cannot run here (checked before anything trains).
     """
     root = Path(root)
+    configs, invalid = check_settings(runs, overrides)
     if not dry_run:
         launcher.check()
+        if not isinstance(launcher, launchers.SlurmLauncher):  # the data is on this machine
+            check_datasets([configs[r.run] for r in runs if r.run in configs
+                            and not r.is_complete(root)])
     job_root = root if isinstance(launcher, launchers.SequentialLauncher) else root.absolute()
     failed, started, tasks = [], time.time(), []
     for i, entry in enumerate(runs, 1):
@@ -47,24 +101,31 @@ def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True,
         print(f"[{i}/{len(runs)}] {entry.run}: {status}", flush=True)
         task = launchers.Task(entry.run, str(entry.path(job_root)),
                               {**entry.flags, **(overrides or {})}, progress)
+        if entry.run in invalid and not complete:  # refused before anything trains
+            print(f"$ {launcher.task_command(task)}", flush=True)
+            print(f"{entry.run}: error: {invalid[entry.run]}", file=sys.stderr, flush=True)
+            failed.append(entry.run)
+            continue
         if dry_run:
             print(f"  {launcher.task_command(task)}")
         if not complete:
             tasks.append(task)
     if dry_run:
         print(f"{command}: {len(tasks)} of {len(runs)} runs to train, {launcher.describe()}")
-        return True
+        return not failed
 
     if tasks and not isinstance(launcher, launchers.SequentialLauncher):
         print(f"{command}: {len(tasks)} runs to train, {launcher.describe()}", flush=True)
     failed += [o.run for o in launcher.launch(tasks) if not o.ok]
 
     present = [r for r in runs if r.run not in failed and r.completed_epoch(root) is not None]
+    figures = []
     if plots:
         for entry in present:
             try:
                 for path in make_figures(load_run(entry.path(root))):
                     print(f"image saved at: {path}")
+                    figures.append(path)
             except UserError as err:
                 print(f"{command}: plot {entry.run}: error: {err}", file=sys.stderr)
                 failed.append(entry.run)
@@ -74,6 +135,7 @@ def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True,
             _, _, written = match_runs([load_run(r.path(root)) for r in present], out=root)
             for path in written:
                 print(f"saved: {path}")
+            figures += [p for p in written if Path(p).suffix != ".csv"]
         except UserError as err:
             print(f"{command}: match: error: {err}", file=sys.stderr)
             match_ok = False
@@ -82,8 +144,14 @@ def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True,
         print(f"{command}: no run has spectra yet; nothing to match", file=sys.stderr)
 
     minutes = (time.time() - started) / 60
-    print(f"{command}: {len(present)}/{len(runs)} runs with spectra, {minutes:.1f} min; "
-          f"figures in {root}", flush=True)
+    figures = [str(p) for p in figures if Path(p).is_file()]
+    where = ""
+    if figures:  # only figures that exist are named
+        match_figures = [p for p in figures if Path(p).name.startswith("match_distros")]
+        where = "; figures: " + ", ".join(match_figures or figures[:1]) + (
+            " and each run's images/" if plots and present else "")
+    print(f"{command}: {len(present)}/{len(runs)} runs with spectra, {minutes:.1f} min"
+          f"{where}", flush=True)
     if failed:
         print(f"{command}: failed: {', '.join(dict.fromkeys(failed))} (see their messages above; "
               "run the same command again to resume)", file=sys.stderr)

@@ -284,6 +284,53 @@ def setting_flags() -> tuple:
     return tuple(sorted([*main, *HESSIAN_FLAGS, "cuda", *IGNORED_FLAGS]))
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               list: "a list of integers"}
+
+
+def _expected_type(name: str):
+    """The Python type a setting takes (``object``: any scalar), or ``None`` when unknown."""
+    if name == "cuda":
+        return int
+    if name in IGNORED_FLAGS:
+        return str
+    if name in HESSIAN_FLAGS:
+        kind = {f.name: f.type for f in fields(HessianConfig)}[HESSIAN_FLAGS[name]]
+    else:
+        kind = {f.name: f.type for f in fields(TrainConfig)}.get(name)
+    return kind if isinstance(kind, type) else None
+
+
+def check_types(flags: dict, where: str = "") -> None:
+    """Check that every setting in ``flags`` (by ``layerhessians train`` destination) has
+    the JSON type of its field: an integer for ``num_epochs``, a number for
+    ``learning_rate``, a scalar (not a list or an object) for the free-form ones; ``None``
+    keeps a default. Values are checked later by :meth:`TrainConfig.validated`.
+
+    Raises:
+        UserError: the first setting of the wrong type (``where`` prefixes the message).
+    """
+    for name, value in flags.items():
+        kind = _expected_type(name)
+        if value is None or kind is None:
+            continue
+        if kind is list:
+            ok = isinstance(value, list) and all(isinstance(v, Integral) and not
+                                                 isinstance(v, bool) for v in value) \
+                or (isinstance(value, Integral) and not isinstance(value, bool))
+        elif kind is int:
+            ok = isinstance(value, Integral) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, Real) and not isinstance(value, bool)
+        elif kind in (bool, str):
+            ok = isinstance(value, kind)
+        else:  # a free-form scalar (e.g. "all" or 100; "8GB" or 10**9; "auto" or true)
+            ok = isinstance(value, (str, Real))
+        if not ok:
+            expected = _TYPE_NAMES.get(kind, "a single value")
+            raise UserError(f"{where}{name} must be {expected}, got {value!r}")
+
+
 def apply_flags(config: TrainConfig, flags: dict) -> TrainConfig:
     """``config`` with the settings ``flags`` name by their ``layerhessians train``
     destination (``{"learning_rate": 0.01, "hessian_iterations": 64, "cuda": 1}``) replaced;

@@ -227,8 +227,14 @@ def _open_run(run_dir, run_config, config, resume, overwrite):
     if resume and done is not None and done > config.num_epochs:
         raise UserError(f"{run_dir} already has {done} epochs; -n {config.num_epochs} would "
                         f"shorten it: pass -n {done} or more, or --overwrite")
-    store = RunStore.create(run_dir, run_config, resume=resume, overwrite=overwrite,
-                            ignore=RESUME_IGNORES)
+    try:
+        store = RunStore.create(run_dir, run_config, resume=resume, overwrite=overwrite,
+                                ignore=RESUME_IGNORES)
+    except OSError as err:  # not writable, not creatable (/proc/...), a file in the way
+        raise UserError(f"cannot open the run directory {run_dir}: "
+                        f"{err.strerror or type(err).__name__}"
+                        + (f" ({err.filename})" if err.filename else "")
+                        + "; choose a run directory in a folder you may write to") from None
     try:
         return store, store.load_checkpoint()
     except BaseException:
