@@ -126,7 +126,9 @@ def certify_blocks(model: nn.Module, loss_fn, data, blocks, factors=None, probes
                 if hessians:
                     hv = hv_all[j]
                     scale = max(float(torch.linalg.vector_norm(hv)), g_norm)
-                    worst_h[name] = max(worst_h[name], _relative(hv - gv, scale))
+                    residual = _relative(hv - gv, scale)  # NaN must not be lost in max()
+                    worst_h[name] = residual if residual != residual \
+                        else max(worst_h[name], residual)
                 if name in factors:
                     with torch.no_grad():
                         vv = factors[name].matvec(vectors[j].to(gv))
