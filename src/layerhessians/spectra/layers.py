@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -21,7 +22,7 @@ from layerhessians.curvature.memory import (
     memory_budget as budget_bytes,
 )
 from layerhessians.errors import UserError
-from layerhessians.spectra.measure import SpectralMeasure
+from layerhessians.spectra.exact_layers import exact_blocks
 from layerhessians.spectra.slq import slq_many
 from layerhessians.vocabulary import (
     DEFAULT_DISTRIBUTION,
@@ -29,7 +30,28 @@ from layerhessians.vocabulary import (
     DEFAULT_VECTORS,
 )
 
-__all__ = ["layer_operators", "layer_spectra", "operator_dims"]
+__all__ = ["LAYER_METHODS", "LayerSpectra", "layer_operators", "layer_spectra",
+           "operator_dims"]
+
+LAYER_METHODS = ("auto", "exact", "slq")
+log = logging.getLogger("layerhessians.spectra")
+
+
+class LayerSpectra(OrderedDict):
+    """``{"full": SpectralMeasure, layer name: SpectralMeasure, ...}`` plus how each was
+    computed.
+
+    Attributes:
+        methods: ``{block: "slq" | "exact"}`` (also each measure's ``.method``).
+        fallbacks: ``{block: reason}`` for the blocks ``layer_method="auto"`` left to SLQ.
+        certificates: ``{block: Certificate}`` of the blocks that were probed.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.methods: dict[str, str] = {}
+        self.fallbacks: dict[str, str] = {}
+        self.certificates: dict = {}
 
 
 def _layer_mapping(model: nn.Module, layers) -> "OrderedDict[str, list]":
@@ -95,7 +117,8 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
                   reorthogonalize=True, kind: str = "hessian", bn_mode: str = "eval",
                   layers=True, progress: bool = False,
                   reduction: Reduction | None = None, micro_batch_size=None,
-                  reuse_graph=True, memory_budget=None) -> "OrderedDict[str, SpectralMeasure]":
+                  reuse_graph=True, memory_budget=None, layer_method: str = "slq",
+                  certificates=None) -> LayerSpectra:
     """Spectra of the full Hessian and of every layer's diagonal Hessian block.
 
     One lockstep Lanczos run per random vector advances the full operator and all layer
@@ -126,12 +149,62 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
         reuse_graph: keep the graphs for all products (default), rebuild them for every
             product (``False``: one micro-batch's graph alive at a time), or ``"auto"``.
         memory_budget: bytes, ``"8GB"``, ``"40%"`` (of the free memory) or ``None`` (the
-            default of :mod:`~layerhessians.curvature.memory`), for the ``"auto"`` choices.
+            default of :mod:`~layerhessians.curvature.memory`), for the ``"auto"`` choices
+            and the Gram route's factors.
+        layer_method: how the layer blocks are computed (the full spectrum is always SLQ):
+            ``"slq"`` (default for now: as the full spectrum), ``"exact"`` (the Gram route of
+            :mod:`~layerhessians.spectra.exact_layers`: every block must be certified, else
+            :class:`UserError`) or ``"auto"`` (default: exact where certified and the
+            factors fit the memory budget, SLQ elsewhere, logged once per call; to become
+            the default once the trainer records the method of each block).
+        certificates: ``{block: Certificate}`` from an earlier call's ``.certificates`` (the
+            probe is skipped for those blocks: the architecture, not the weights, decides;
+            the factor check still runs); ``None`` probes every block.
 
     Returns:
-        ``OrderedDict`` ``{"full": SpectralMeasure, layer name: SpectralMeasure, ...}`` in
-        layer order. The model's parameters, buffers and modes are left unchanged.
+        :class:`LayerSpectra` ``{"full": SpectralMeasure, layer name: SpectralMeasure, ...}``
+        in layer order, with ``.methods``, ``.fallbacks`` and ``.certificates``. The model's
+        parameters, buffers and modes are left unchanged.
+
+    Raises:
+        UserError: bad arguments, or ``layer_method="exact"`` with a block that is not
+            certified or does not fit the memory budget.
     """
+    if layer_method not in LAYER_METHODS:
+        raise UserError(f"layer_method must be one of {', '.join(LAYER_METHODS)}; "
+                        f"got {layer_method!r}")
+    exact, fallbacks, probed = OrderedDict(), {}, {}
+    mapping = _layer_mapping(model, layers)
+    if layer_method == "exact" and reduction is not None:
+        raise UserError("layer_method='exact' runs on one process: use 'auto' or 'slq' in a "
+                        "distributed run")
+    if layer_method != "slq" and mapping and reduction is None:
+        data = as_batches(data)  # used twice
+        exact, fallbacks, probed = exact_blocks(
+            model, loss_fn, data, mapping, kind, bn_mode, reduction, micro_batch_size,
+            memory_budget, seed, certificates, strict=layer_method == "exact")
+        if fallbacks:
+            log.warning("layer spectra: SLQ instead of the exact route for %d block(s): %s",
+                        len(fallbacks), "; ".join(f"{n}: {r}" for n, r in fallbacks.items()))
+        layers = OrderedDict((n, p) for n, p in mapping.items() if n not in exact)
+    slq_measures = _slq_layer_spectra(
+        model, loss_fn, data, iterations, vectors, seed, distribution, reorthogonalize, kind,
+        bn_mode, layers, progress, reduction, micro_batch_size, reuse_graph, memory_budget)
+    result = LayerSpectra()
+    for name in [FULL, *mapping]:
+        measure = exact[name] if name in exact else slq_measures[name]
+        if name not in exact:
+            measure.method = "slq"
+        result[name] = measure
+        result.methods[name] = measure.method
+    result.fallbacks, result.certificates = fallbacks, probed
+    return result
+
+
+def _slq_layer_spectra(model, loss_fn, data, iterations, vectors, seed, distribution,
+                       reorthogonalize, kind, bn_mode, layers, progress, reduction,
+                       micro_batch_size, reuse_graph, memory_budget):
+    """The SLQ route of :func:`layer_spectra` (full spectrum plus ``layers``)."""
     if "auto" in (micro_batch_size, reuse_graph):
         data = as_batches(data)
         if micro_batch_size is None:  # keep the batches as given

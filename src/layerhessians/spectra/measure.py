@@ -60,7 +60,10 @@ class SpectralMeasure:
             so ``weights.sum() == 1``).
         per_vector: list of V ``(nodes, weights)`` pairs, each weight row summing to 1.
         dim: the operator's size or ``None``.
+        method: how it was computed where known (``"slq"``, ``"exact"``), else ``None``.
     """
+
+    method: str | None = None
 
     def __init__(self, nodes, weights, dim: int | None = None):
         node_rows, weight_rows = _rows(nodes, "nodes"), _rows(weights, "weights")

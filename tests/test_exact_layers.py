@@ -1,0 +1,210 @@
+"""Exact layer-block spectra by the Gram route, against dense float64 references."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from exact_problems import counter_examples, zoo
+from torch import nn
+
+from layerhessians.curvature import layer_blocks, reference_matrix
+from layerhessians.curvature.certify import certify_blocks, probe_tolerance
+from layerhessians.curvature.gram import gram_factors, output_hessian_sqrt
+from layerhessians.errors import UserError
+from layerhessians.spectra import SpectralMeasure, layer_spectra
+from layerhessians.spectra.exact_layers import (
+    exact_ggn_spectrum,
+    exact_layer_spectra,
+    gram_measure,
+    relative_w1,
+    slq_fidelity,
+)
+
+CE = nn.CrossEntropyLoss()
+ZOO = zoo()
+COUNTER = counter_examples()
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def dense_measure(matrix):
+    values = torch.linalg.eigvalsh(matrix.detach()).numpy()
+    return SpectralMeasure(values[None, :], np.full((1, values.size), 1.0 / values.size),
+                           dim=values.size)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_hessian_block_equals_ggn_block_on_the_tiny_zoo(name):
+    model, data = ZOO[name]
+    for block, (param,) in layer_blocks(model).items():
+        hessian = reference_matrix(model, CE, data, params=[param], kind="hessian")
+        ggn = reference_matrix(model, CE, data, params=[param], kind="ggn")
+        assert rel(hessian, ggn) < 1e-10, block
+
+
+@pytest.mark.parametrize("name", list(COUNTER))
+def test_the_identity_fails_on_the_counter_examples(name):
+    model, data, bn_mode = COUNTER[name]
+    residuals = []
+    for (param,) in layer_blocks(model).values():
+        hessian = reference_matrix(model, CE, data, params=[param], bn_mode=bn_mode)
+        ggn = reference_matrix(model, CE, data, params=[param], kind="ggn", bn_mode=bn_mode)
+        residuals.append(rel(hessian, ggn))
+    assert max(residuals) > 0.1
+    assert residuals[-1] < 1e-10  # the output layer: the outputs are linear in its weight
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_gram_factors_give_the_dense_ggn_block_and_its_spectrum(name):
+    model, data = ZOO[name]
+    blocks = layer_blocks(model)
+    factors = gram_factors(model, CE, data, blocks)
+    measures, certificates = exact_layer_spectra(model, CE, data)
+    assert list(measures) == list(blocks)
+    for block, (param,) in blocks.items():
+        ggn = reference_matrix(model, CE, data, params=[param], kind="ggn")
+        assert rel(factors[block].dense_block(), ggn) < 1e-10
+        reference = dense_measure(reference_matrix(model, CE, data, params=[param]))
+        for method in ("factorised", "materialised"):  # the Gram matrix by both routes
+            values = torch.linalg.eigvalsh(factors[block].gram(method)).numpy()
+            values = np.sort(values)[-min(values.size, param.numel()):]
+            assert relative_w1(gram_measure(values, param.numel()), reference) < 1e-10
+        measure = measures[block]
+        assert measure.method == "exact" and measure.dim == param.numel()
+        assert measure.num_vectors == 1
+        assert relative_w1(measure, reference) < 1e-10
+        assert measure.trace() == pytest.approx(float(torch.trace(ggn.detach())), rel=1e-10)
+        assert certificates[block].certified
+        assert certificates[block].hessian_residual < probe_tolerance(torch.float64)
+
+
+def test_zero_eigenvalue_carries_the_missing_mass():
+    model, data = ZOO["VGG11_bn"]
+    x, y = data
+    data = (x[:2], y[:2])  # N K = 6 < dim: a rank-deficient block
+    measures, _ = exact_layer_spectra(model, CE, data)
+    block = "features.8.weight"
+    param = model.features[8].weight
+    assert param.numel() > 6
+    measure = measures[block]
+    assert measure.nodes.size == 7 and measure.nodes[-1] == 0.0
+    assert measure.weights[-1] == pytest.approx((param.numel() - 6) / param.numel())
+    reference = dense_measure(reference_matrix(model, CE, data, params=[param]))
+    assert relative_w1(measure, reference) < 1e-10
+
+
+def test_micro_batches_and_general_loss_route_agree():
+    model, data = ZOO["LeNet"]
+    blocks = layer_blocks(model)
+    whole = gram_factors(model, CE, data, blocks)
+    micro = gram_factors(model, CE, data, blocks, micro_batch_size=2)
+
+    def general(outputs, targets):  # cross-entropy written out: no closed form used
+        return (torch.logsumexp(outputs, 1) - outputs.gather(1, targets[:, None])[:, 0]).mean()
+
+    other = gram_factors(model, general, data, blocks)
+    for block in blocks:
+        reference = whole[block].dense_block()
+        assert rel(micro[block].dense_block(), reference) < 1e-12
+        assert rel(other[block].dense_block(), reference) < 1e-10
+    mse = nn.MSELoss()
+    x, y = data[0]
+    targets = torch.randn(x.shape[0], 3, dtype=torch.float64)
+    factors = gram_factors(model, mse, (x, targets), blocks)
+    for block, (param,) in blocks.items():
+        ggn = reference_matrix(model, mse, (x, targets), params=[param], kind="ggn")
+        assert rel(factors[block].dense_block(), ggn) < 1e-10
+
+
+def test_output_hessian_square_root_of_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    outputs = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 5, (4,), generator=g)
+    root = output_hessian_sqrt(CE, outputs, targets, 0.25)
+    hessian = torch.func.hessian(lambda z: CE(z, targets))(outputs)
+    for n in range(4):
+        np.testing.assert_allclose((root[n] @ root[n].T).numpy(),
+                                   hessian[n, :, n, :].numpy(), atol=1e-15)
+
+
+@pytest.mark.parametrize("name", list(COUNTER))
+def test_certification_refuses_every_counter_example(name):
+    model, data, bn_mode = COUNTER[name]
+    blocks = layer_blocks(model)
+    try:
+        factors = gram_factors(model, CE, data, blocks)
+    except UserError:  # the shared weight runs twice: no factors for any block
+        factors = {}
+    certificates = certify_blocks(model, CE, data, blocks, factors, bn_mode=bn_mode)
+    for block, (param,) in blocks.items():
+        hessian = reference_matrix(model, CE, data, params=[param], bn_mode=bn_mode)
+        ggn = reference_matrix(model, CE, data, params=[param], kind="ggn", bn_mode=bn_mode)
+        if rel(hessian, ggn) > 1e-8:
+            assert not certificates[block].certified, block
+    assert not all(c.certified for c in certificates.values())
+    with pytest.raises(UserError, match="not certified|cannot"):
+        layer_spectra(model, CE, data, iterations=4, bn_mode=bn_mode, layer_method="exact")
+
+
+def test_auto_falls_back_to_slq_and_says_so_once(caplog):
+    model, data, _ = COUNTER["tanh"]
+    with caplog.at_level(logging.WARNING, logger="layerhessians.spectra"):
+        spectra = layer_spectra(model, CE, data, iterations=6, layer_method="auto")
+    messages = [r for r in caplog.records if "SLQ instead of the exact route" in r.message]
+    assert len(messages) == 1
+    assert spectra.methods == {"full": "slq", "conv1.weight": "slq", "conv2.weight": "slq",
+                               "fc1.weight": "slq", "fc2.weight": "slq",
+                               "fc3.weight": "exact"}
+    assert set(spectra.fallbacks) == {"conv1.weight", "conv2.weight", "fc1.weight",
+                                      "fc2.weight"}
+    slq_only = layer_spectra(model, CE, data, iterations=6, layer_method="slq")
+    np.testing.assert_allclose(spectra["conv1.weight"].nodes, slq_only["conv1.weight"].nodes)
+    np.testing.assert_allclose(spectra["full"].nodes, slq_only["full"].nodes)
+    reference = dense_measure(reference_matrix(model, CE, data, params=[model.fc3.weight]))
+    assert relative_w1(spectra["fc3.weight"], reference) < 1e-10
+
+
+def test_auto_is_exact_on_the_zoo_and_reuses_certificates():
+    model, data = ZOO["ResNet18"]
+    spectra = layer_spectra(model, CE, data, iterations=6, layer_method="auto")
+    assert set(spectra.methods.values()) == {"slq", "exact"}
+    assert spectra.methods["full"] == "slq" and not spectra.fallbacks
+    again = layer_spectra(model, CE, data, iterations=6, layer_method="auto",
+                          certificates=spectra.certificates)
+    for block in layer_blocks(model):
+        np.testing.assert_allclose(again[block].nodes, spectra[block].nodes)
+    tight = layer_spectra(model, CE, data, iterations=6, memory_budget=1000,
+                          layer_method="auto")
+    assert all(m == "slq" for m in tight.methods.values())
+    assert all("memory budget" in r for r in tight.fallbacks.values())
+    with pytest.raises(UserError, match="memory budget"):
+        layer_spectra(model, CE, data, iterations=6, memory_budget=1000, layer_method="exact")
+    with pytest.raises(UserError, match="layer_method"):
+        layer_spectra(model, CE, data, layer_method="dense")
+
+
+def test_exact_full_ggn_spectrum_equals_dense_eigenvalues():
+    model, data = ZOO["LeNet"]
+    measure = exact_ggn_spectrum(model, CE, data)
+    reference = dense_measure(reference_matrix(model, CE, data, kind="ggn"))
+    assert measure.dim == sum(p.numel() for p in model.parameters())
+    assert relative_w1(measure, reference) < 1e-10
+    with pytest.raises(UserError, match="Conv2d/Linear"):
+        exact_ggn_spectrum(*ZOO["ResNet18"], CE)  # batch-norm parameters
+
+
+def test_slq_fidelity_is_the_w1_distance_of_slq_to_the_dense_spectrum():
+    model, data = ZOO["VGG11_bn"]
+    table = slq_fidelity(model, CE, data, iterations=8, seed=3)
+    assert list(table["block"]) == list(layer_blocks(model))
+    spectra = layer_spectra(model, CE, data, iterations=8, seed=3, layer_method="slq")
+    for row in table.itertuples():
+        param = dict(model.named_parameters())[row.block]
+        reference = dense_measure(reference_matrix(model, CE, data, params=[param]))
+        assert row.w1_relative == pytest.approx(relative_w1(spectra[row.block], reference),
+                                                rel=1e-8, abs=1e-12)
+        assert row.exact_trace == pytest.approx(reference.trace(), rel=1e-10)
