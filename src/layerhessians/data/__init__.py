@@ -45,25 +45,32 @@ __all__ = [
 ]
 
 
+#: ``DatasetSpec.reader`` -> ``fn(spec, folder) -> RawSplits``: readers of the official files
+#: under ``<root>/<Name>/``
+READERS = {
+    "idx": lambda spec, folder: read_mnist(folder, spec.train_files, spec.test_files),
+    "cifar": lambda spec, folder: read_cifar(folder, spec.train_files, spec.test_files,
+                                             spec.label_key),
+    "svhn": lambda spec, folder: read_svhn(folder, spec.train_files, spec.test_files),
+}
+#: ``DatasetSpec.reader`` -> ``fn() -> (arrays the checksum covers, arrays)`` for the
+#: datasets bundled with a package (no files, no download)
+BUNDLED_READERS = {
+    "digits": load_digits_raw,  # the checksum covers the 8x8 source, not the upsampled images
+    "mnist5k": lambda: (load_mnist5k_raw(),) * 2,
+}
+
+
 def read_dataset(name, root="datasets", download=False) -> tuple[RawSplits, str, object]:
     """``(arrays, checksum, folder)``: the decoded source arrays (uint8 ``[N, C, H, W]``, or
     float in [0, 1] for Digits; int64 labels), their checksum, and the folder read (``None``
     for the bundled datasets)."""
     spec = get_spec(name)
-    if spec.reader == "digits":
-        source, images = load_digits_raw()
-        return images, data_checksum(spec.name, source), None
-    if spec.reader == "mnist5k":
-        raw = load_mnist5k_raw()
-        return raw, data_checksum(spec.name, raw), None
+    if spec.reader in BUNDLED_READERS:
+        source, raw = BUNDLED_READERS[spec.reader]()
+        return raw, data_checksum(spec.name, source), None
     folder = ensure_files(spec, root, download=download)
-    args = (folder, spec.train_files, spec.test_files)
-    if spec.reader == "idx":
-        raw = read_mnist(*args)
-    elif spec.reader == "cifar":
-        raw = read_cifar(*args, spec.label_key)
-    else:
-        raw = read_svhn(*args)
+    raw = READERS[spec.reader](spec, folder)
     return raw, data_checksum(spec.name, raw), folder
 
 

@@ -49,7 +49,7 @@ class DatasetSpec:
     """
 
     name: str
-    reader: str  # "idx" | "cifar" | "svhn" | "digits" | "mnist5k"
+    reader: str  # a key of data.READERS (files) or data.BUNDLED_READERS (bundled)
     num_classes: int
     image_shape: tuple[int, int, int]
     flip: bool
