@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from layerhessians.curvature.graph import NonFiniteError
 from layerhessians.curvature.memory import check_basis_fits
 from layerhessians.errors import UserError
-from layerhessians.vocabulary import FULL
 from layerhessians.spectra.lanczos import (
     LanczosRecurrence,
     check_count,
     tridiagonal_eigh,
 )
 from layerhessians.spectra.slq import start_vector
+from layerhessians.vocabulary import FULL
 
 __all__ = ["TraceEstimate", "hessian_trace", "top_eigenvalues"]
 
@@ -53,7 +54,8 @@ def hessian_trace(op, samples: int = 100, seed: int = 0) -> TraceEstimate:
 
     ``v`` has entries +-1 (seeded by ``(seed, sample index, "trace/" + op.name)``), so
     ``E[v^T A v] = trace(A)`` exactly; ``samples`` products. Returns a :class:`TraceEstimate`
-    (unpacks as ``estimate, stderr``).
+    (unpacks as ``estimate, stderr``). Raises
+    :class:`~layerhessians.curvature.graph.NonFiniteError` for a product with NaN/inf entries.
     """
     samples = check_count(samples, "samples")
     check_count(seed, "seed", minimum=0)
@@ -63,12 +65,17 @@ def hessian_trace(op, samples: int = 100, seed: int = 0) -> TraceEstimate:
         v = start_vector(op.dim, seed, i, name, "rademacher", normalize=False)
         v = v.to(getattr(op, "device", v.device))
         values[i] = float(torch.dot(op.matvec(v).to(torch.float64), v))
+        if not math.isfinite(values[i]):
+            raise NonFiniteError(f"hessian_trace sample {i + 1} on the operator "
+                                 f"{getattr(op, 'name', '')!r}: the product has NaN or "
+                                 "infinite entries, so the trace is undefined")
     stderr = float(values.std(ddof=1) / math.sqrt(samples)) if samples > 1 else math.nan
     return TraceEstimate(float(values.mean()), stderr, values)
 
 
 def top_eigenvalues(op, k: int = 1, iterations: int | None = None, seed: int = 0,
-                    return_vectors: bool = False, tol: float = 1e-6):
+                    return_vectors: bool = False, tol: float = 1e-6,
+                    check_symmetry: bool = True):
     """The ``k`` algebraically largest eigenvalues of ``op`` (and eigenvectors), by Lanczos.
 
     Lanczos with full float64 re-orthogonalisation from a Gaussian start vector (seeded by
@@ -96,7 +103,7 @@ def top_eigenvalues(op, k: int = 1, iterations: int | None = None, seed: int = 0
     name = "top/" + str(getattr(op, "name", FULL))
     start = start_vector(dim, seed, 0, name, "gaussian")
     run = LanczosRecurrence(op, start, steps, reorthogonalize=True, keep_basis=True,
-                      breakdown_rtol=1e-10)
+                      breakdown_rtol=1e-10, check_symmetry=check_symmetry)
     restarts = 0
     converged = False
     while True:

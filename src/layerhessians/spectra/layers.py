@@ -21,9 +21,13 @@ from layerhessians.curvature.memory import (
     memory_budget as budget_bytes,
 )
 from layerhessians.errors import UserError
-from layerhessians.vocabulary import DEFAULT_DISTRIBUTION, DEFAULT_ITERATIONS, DEFAULT_VECTORS
 from layerhessians.spectra.measure import SpectralMeasure
 from layerhessians.spectra.slq import slq_many
+from layerhessians.vocabulary import (
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_ITERATIONS,
+    DEFAULT_VECTORS,
+)
 
 __all__ = ["layer_operators", "layer_spectra", "operator_dims"]
 
@@ -49,8 +53,8 @@ def _layer_mapping(model: nn.Module, layers) -> "OrderedDict[str, list]":
 
 def layer_operators(model: nn.Module, loss_fn, data, kind: str = "hessian",
                     bn_mode: str = "eval", layers=True, reuse_graph: bool = True,
-                    reduction: Reduction | None = None, conv_double_backward: str = "lean"
-                    ) -> "OrderedDict[str, CurvatureOperator]":
+                    reduction: Reduction | None = None, conv_double_backward: str = "lean",
+                    loss_reduction: str = "mean") -> "OrderedDict[str, CurvatureOperator]":
     """``{"full": operator, layer name: block operator, ...}`` on ONE shared graph.
 
     The graph differentiates every trainable parameter (in ``model.named_parameters()``
@@ -63,7 +67,7 @@ def layer_operators(model: nn.Module, loss_fn, data, kind: str = "hessian",
     cls = kind_class(kind)
     params, names = resolve_params(model)
     graph = curvature_graph(model, loss_fn, data, params, kind, bn_mode, reuse_graph, reduction,
-                            conv_double_backward)
+                            conv_double_backward, loss_reduction)
     index = {id(p): i for i, p in enumerate(params)}
     operators = OrderedDict()
     operators[FULL] = cls(graph, range(len(params)), names, name=FULL)
@@ -91,7 +95,8 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
                   reorthogonalize=True, kind: str = "hessian", bn_mode: str = "eval",
                   layers=True, progress: bool = False,
                   reduction: Reduction | None = None, micro_batch_size=None,
-                  reuse_graph=True, memory_budget=None) -> "OrderedDict[str, SpectralMeasure]":
+                  reuse_graph=True, memory_budget=None, loss_reduction: str = "mean",
+                  check_symmetry: bool = True) -> "OrderedDict[str, SpectralMeasure]":
     """Spectra of the full Hessian and of every layer's diagonal Hessian block.
 
     One lockstep Lanczos run per random vector advances the full operator and all layer
@@ -123,6 +128,9 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
             product (``False``: one micro-batch's graph alive at a time), or ``"auto"``.
         memory_budget: bytes, ``"8GB"``, ``"40%"`` (of the free memory) or ``None`` (the
             default of :mod:`~layerhessians.curvature.memory`), for the ``"auto"`` choices.
+        loss_reduction: ``"mean"`` (default) or ``"sum"``, as in :func:`hessian_operator`.
+        check_symmetry: probe every operator's symmetry first, all blocks in one pass
+            (two products each), and refuse a non-symmetric one (default).
 
     Returns:
         ``OrderedDict`` ``{"full": SpectralMeasure, layer name: SpectralMeasure, ...}`` in
@@ -145,12 +153,12 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
             reorthogonalize, list(operator_dims(model, layers).values()), iterations,
             budget_bytes(memory_budget, device))
     if micro_batch_size is not None:
-        data = split_batches(as_batches(data), micro_batch_size)
+        data = split_batches(as_batches(data), micro_batch_size, model, bn_mode)
     operators = layer_operators(model, loss_fn, data, kind, bn_mode, layers, reuse_graph,
-                                reduction)
+                                reduction, loss_reduction=loss_reduction)
     try:
         measures = slq_many(list(operators.values()), list(operators), iterations, vectors,
-                            seed, distribution, reorthogonalize, progress)
+                            seed, distribution, reorthogonalize, progress, check_symmetry)
     finally:
         operators[FULL].release()
     return OrderedDict(zip(operators, measures))
