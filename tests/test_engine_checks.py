@@ -351,6 +351,34 @@ def test_batch_loss_language_model_mean_over_tokens():
         assert spectra["full"].nodes.max() == pytest.approx(float(exact[-1]), rel=1e-8)
     with pytest.raises(UserError, match="BatchLoss gives the Hessian only"):
         hessian_operator(model, BatchLoss(next_token_loss), batches, kind="ggn")
+    with pytest.raises(UserError, match="cannot cut or measure the batches"):
+        layer_spectra(model, BatchLoss(next_token_loss), batches, micro_batch_size=2)
+    with pytest.raises(UserError, match="for a BatchLoss take torch.func.hessian"):
+        reference_matrix(model, BatchLoss(next_token_loss), batches)
+    with pytest.raises(UserError, match="must return .mean loss, number of terms."):
+        dense_matrix(hessian_operator(model, BatchLoss(lambda m, b: m(b["tokens"]).sum()),
+                                      batches))
+
+
+def test_batch_loss_with_batch_norm_matches_pairs_and_leaves_buffers():
+    model, x, y = issue_bn_problem()
+    model.train()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def batch_loss(net, batch):
+        inputs, targets = batch
+        return CE(net(inputs), targets), inputs.shape[0]
+
+    for bn_mode in ("eval", "train"):
+        got = hessian_operator(model, BatchLoss(batch_loss), [(x, y)], bn_mode=bn_mode)
+        want = hessian_operator(model, CE, (x, y), bn_mode=bn_mode)
+        assert rel_error(dense_matrix(got), dense_matrix(want)) < RTOL
+    with pytest.raises(UserError, match="2 batches"):
+        hessian_operator(model, BatchLoss(batch_loss), [(x[:6], y[:6]), (x[6:], y[6:])],
+                         bn_mode="train")
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    assert model.training
 
 
 # ----------------------------------------------------------------------------- kind 6

@@ -16,6 +16,7 @@ from layerhessians.curvature.graph import (
     BN_MODES,
     LOSS_REDUCTIONS,
     PER_EXAMPLE_GRADIENTS,
+    BatchLoss,
     NonFiniteError,
     as_batches,
     batch_coupling,
@@ -168,6 +169,9 @@ def reference_matrix(model, loss_fn, data, params=None, kind: str = "hessian",
             neither a mean nor a sum.
     """
     cls = kind_class(kind)
+    if isinstance(loss_fn, BatchLoss):
+        raise UserError("reference_matrix takes loss_fn(outputs, targets); for a BatchLoss "
+                        "take torch.func.hessian of the mean loss over all batches")
     check_choice(bn_mode, BN_MODES, "bn_mode")
     check_choice(loss_reduction, LOSS_REDUCTIONS, "loss_reduction")
     chosen, names = resolve_params(model, params)

@@ -645,18 +645,20 @@ class CurvatureGraph:
                 return self.model(x)
 
     def _batch_loss_term(self, batch) -> tuple[Tensor, int]:
-        """``count * loss`` of a :class:`BatchLoss` batch (buffers restored afterwards)."""
+        """``count * loss`` of a :class:`BatchLoss` batch. The modules' buffers are swapped
+        for clones during the call (batch norm may update those), then put back."""
+        swapped = [(m, name, b) for m in self.model.modules()
+                   for name, b in m._buffers.items() if b is not None]
         with self._model_modes():
-            buffers = [(b, b.clone()) for b in self.model.buffers()]
             self.forward_passes += 1
             try:
+                for m, name, b in swapped:
+                    m._buffers[name] = b.clone()
                 with conv_double_backward(self.conv_double_backward):
                     loss, count = self.loss_fn(self.model, batch)
             finally:
-                with torch.no_grad():
-                    for b, saved in buffers:
-                        if not torch.equal(b, saved):
-                            b.copy_(saved)
+                for m, name, b in swapped:
+                    m._buffers[name] = b
         return loss * count, count
 
     def _loss_weight(self, outputs, y, count: int) -> float:

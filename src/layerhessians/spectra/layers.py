@@ -10,7 +10,12 @@ from torch import nn
 
 from layerhessians.curvature.base import CurvatureOperator
 from layerhessians.curvature.blocks import FULL, layer_blocks
-from layerhessians.curvature.graph import Reduction, as_batches, resolve_params
+from layerhessians.curvature.graph import (
+    BatchLoss,
+    Reduction,
+    as_batches,
+    resolve_params,
+)
 from layerhessians.curvature.kinds import curvature_graph, kind_class
 from layerhessians.curvature.memory import (
     choose_reorthogonalize,
@@ -136,6 +141,11 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
         ``OrderedDict`` ``{"full": SpectralMeasure, layer name: SpectralMeasure, ...}`` in
         layer order. The model's parameters, buffers and modes are left unchanged.
     """
+    if isinstance(loss_fn, BatchLoss) and (micro_batch_size is not None or
+                                           "auto" in (micro_batch_size, reuse_graph)):
+        raise UserError("with a BatchLoss the engine cannot cut or measure the batches: pass "
+                        "micro_batch_size=None and reuse_graph=True or False (make the "
+                        "batches smaller yourself)")
     if "auto" in (micro_batch_size, reuse_graph):
         data = as_batches(data)
         if micro_batch_size is None:  # keep the batches as given
