@@ -423,8 +423,9 @@ def classify_reduction(batch_loss, losses: Tensor, dtype: torch.dtype) -> str | 
         return "mean" if as_mean else "sum"
     raise UserError(f"loss_fn is neither the mean nor the sum of its per-example losses (on "
                     f"{losses.numel()} examples: {batch:.6g}, mean {mean:.6g}, sum "
-                    f"{total:.6g}), e.g. class weights with reduction='mean': pass a "
-                    "mean-reduced loss without class weights (or a sum-reduced one)")
+                    f"{total:.6g}), e.g. class weights with reduction='mean' or padding "
+                    "ignored in a mean: pass a mean- or sum-reduced loss without class "
+                    "weights, or give it as BatchLoss(fn(model, batch) -> (mean, count))")
 
 
 def _loss_dtype(outputs) -> torch.dtype:
