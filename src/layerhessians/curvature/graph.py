@@ -406,7 +406,7 @@ def loss_reduction_of(loss_fn, outputs, targets, count: int) -> str | None:
 
 def classify_reduction(batch_loss, losses: Tensor, dtype: torch.dtype) -> str | None:
     """``"mean"`` or ``"sum"``: which of the per-example ``losses`` [m] the scalar
-    ``batch_loss`` equals, to ``64 eps(dtype)`` of ``sum |losses|``; ``None`` when it equals
+    ``batch_loss`` equals, to ``min(64 eps(dtype), 0.1)`` of ``sum |losses|``; ``None`` when it equals
     both (losses near 0, or ``m = 1``).
 
     Raises:
@@ -415,7 +415,9 @@ def classify_reduction(batch_loss, losses: Tensor, dtype: torch.dtype) -> str | 
     batch = float(batch_loss)
     losses = losses.detach().to(torch.float64).reshape(-1)
     mean, total = float(losses.mean()), float(losses.sum())
-    tolerance = 64 * float(torch.finfo(dtype).eps) * max(float(losses.abs().sum()), 1e-300)
+    # at most 0.1: the mean and the sum of m >= 2 non-negative losses differ by >= half the sum
+    rtol = min(64 * float(torch.finfo(dtype).eps), 0.1)
+    tolerance = rtol * max(float(losses.abs().sum()), 1e-300)
     as_mean, as_sum = abs(batch - mean) <= tolerance, abs(batch - total) <= tolerance
     if as_mean and as_sum:
         return None
