@@ -477,8 +477,10 @@ class BatchGraph:
             return sum(t.numel() * t.element_size() for t in tensors or () if t is not None)
 
         per_batch = size(self.grads) + size(self.jt_dummy)
+        copies = self.curvature_outputs if self.curvature_outputs and \
+            self.curvature_outputs[0] is not self.outputs[0] else ()
         per_example = size(self.outputs) + size(self.dloss_doutputs) + size(self.dummy) + \
-            size(self.per_example_grads)
+            size(copies) + size(self.per_example_grads)
         return per_batch, per_example
 
 
