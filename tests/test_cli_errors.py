@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from runfactory import write_run
 
 from layerhessians.cli.main import main
 from layerhessians.errors import SettingError, UserError
 from layerhessians.store.runs import RunStore
 from layerhessians.training import loop
 from layerhessians.training.config import HessianConfig, TrainConfig, check_types
+from runfactory import write_run
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["-d", "Digits", "-m", "LeNet", "-n", "1", "-b", "64", "--no-progress",

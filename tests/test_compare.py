@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from runfactory import LENET_LAYERS, base_weights, write_run
 
 from layerhessians.analysis import matching as compare
 from layerhessians.cli.main import main
 from layerhessians.errors import UserError
 from layerhessians.store.runs import load_run
+from runfactory import LENET_LAYERS, base_weights, write_run
 
 
 def measure(nodes, weights=None):

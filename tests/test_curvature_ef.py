@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from problems import CE, PROBLEMS, rel_error
 from torch import nn
 
 from layerhessians.curvature import (
@@ -20,6 +19,7 @@ from layerhessians.curvature import (
 )
 from layerhessians.errors import UserError
 from layerhessians.spectra import layer_operators
+from problems import CE, PROBLEMS, rel_error
 
 RTOL = 1e-10
 SIZES = (5, 3, 4)  # several unequal batches
@@ -119,13 +119,13 @@ def test_ef_refuses_what_it_cannot_define():
         hessian_operator(model, CE, data, kind="ef", bn_mode="train")
     with pytest.raises(UserError, match="bn_mode 'eval'"):
         reference_matrix(model, CE, data, kind="ef", bn_mode="train")
-    # a summed loss is not the mean of per-example losses: refused, not a wrong number
-    op = hessian_operator(model, nn.CrossEntropyLoss(reduction="sum"), data, kind="ef")
-    with pytest.raises(UserError, match="mean of per-example losses"):
-        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    # a summed loss has the same per-example losses: the same EF (the reduction is detected)
+    summed = hessian_operator(model, nn.CrossEntropyLoss(reduction="sum"), data, kind="ef")
+    assert rel_error(dense_matrix(summed), empirical_fisher(model, CE, data)) < RTOL
+    # class weights with reduction="mean" are neither a mean nor a sum: refused
     weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     op = hessian_operator(model, weighted, data, kind="ef")
-    with pytest.raises(UserError, match="mean of per-example losses"):
+    with pytest.raises(UserError, match="neither the mean nor the sum of its per-example"):
         op.matvec(torch.ones(op.dim, dtype=torch.float64))
     # a graph built for the Hessian cannot give EF products
     with pytest.raises(UserError, match="cannot give"):

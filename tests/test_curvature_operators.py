@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg
 import torch
-from problems import CE, PROBLEMS, rel_error
 
 from layerhessians.curvature import (
     KIND_CLASSES,
@@ -23,6 +22,7 @@ from layerhessians.curvature import (
 )
 from layerhessians.curvature.graph import resolve_params
 from layerhessians.errors import UserError
+from problems import CE, PROBLEMS, rel_error
 
 RTOL = 1e-10
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from data_fixtures import (
     cifar_arrays,
     closed_port_url,
@@ -15,7 +16,6 @@ from data_fixtures import (
     write_mnist,
     write_svhn,
 )
-
 from layerhessians.cli.main import main
 from layerhessians.data import MIRROR_ENV, REGISTRY, load_dataset
 from layerhessians.errors import DatasetMissingError

@@ -5,8 +5,8 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from data_fixtures import mnist_arrays, write_mnist
 
+from data_fixtures import mnist_arrays, write_mnist
 from layerhessians.cli.main import main
 from layerhessians.data import (
     augment_batch,

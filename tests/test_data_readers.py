@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+
 from data_fixtures import (
     cifar_arrays,
     files_under,
@@ -19,7 +20,6 @@ from data_fixtures import (
     write_mnist,
     write_svhn,
 )
-
 from layerhessians.data import DATASETS, get_spec, load_dataset, read_dataset
 from layerhessians.data.readers import read_cifar_batch, read_idx
 from layerhessians.errors import DatasetMissingError, UserError

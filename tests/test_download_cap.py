@@ -6,8 +6,8 @@ import http.server
 import threading
 
 import pytest
-from data_fixtures import files_under
 
+from data_fixtures import files_under
 from layerhessians.data import MIRROR_ENV, REGISTRY, load_dataset
 from layerhessians.errors import DatasetMissingError
 

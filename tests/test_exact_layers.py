@@ -5,9 +5,9 @@ import logging
 import numpy as np
 import pytest
 import torch
-from exact_problems import counter_examples, zoo
 from torch import nn
 
+from exact_problems import counter_examples, zoo
 from layerhessians.curvature import layer_blocks, reference_matrix
 from layerhessians.curvature.certify import certify_blocks, probe_tolerance
 from layerhessians.curvature.gram import gram_factors, output_hessian_sqrt

@@ -10,13 +10,13 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
-from runfactory import LENET_LAYERS, write_run
 
 from layerhessians.analysis import figures as plots
 from layerhessians.analysis.report import block_dimensions
 from layerhessians.cli.main import main
 from layerhessians.cli.plot import _check_identity
 from layerhessians.store.runs import load_run
+from runfactory import LENET_LAYERS, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 

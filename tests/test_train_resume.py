@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from data_fixtures import mnist_arrays, write_mnist
 
+from data_fixtures import mnist_arrays, write_mnist
 from layerhessians import load_run
 from layerhessians.cli.main import main
 from layerhessians.store import runs as runs_module

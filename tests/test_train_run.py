@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import mnist_arrays, write_mnist
 from torch import nn
 from torch.nn import functional as F
 
+from data_fixtures import mnist_arrays, write_mnist
 from layerhessians import load_run
 from layerhessians.cli.main import main
 from layerhessians.data import TensorData, hessian_subset, load_dataset

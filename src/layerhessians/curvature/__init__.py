@@ -4,7 +4,9 @@ first-order graph; dense float64 references, memory planning and layer blocks.
 
 - :func:`hessian_operator` -> a :class:`CurvatureOperator` of the chosen kind (:data:`KINDS`)
   with ``.dim``, ``.matvec``, ``.matmat``, ``@``, ``.to_scipy()`` and arithmetic (``H - G``)
-- :class:`CurvatureGraph` (built for kinds by :func:`curvature_graph`), :class:`Reduction`
+- :class:`CurvatureGraph` (built for kinds by :func:`curvature_graph`), :class:`Reduction`,
+  :class:`BatchLoss` (a loss ``fn(model, batch)``), :func:`batch_coupling` (whether splitting
+  the data changes the operator), :class:`NonFiniteError`
 - :func:`dense_matrix`, :func:`reference_matrix`: float64 references for small problems
 - :func:`layer_blocks`: the weight of every Conv2d/Linear, the paper's "layers";
   :func:`select_blocks`: blocks by module type, name pattern or mapping (leaf parameters)
@@ -29,7 +31,15 @@ from layerhessians.curvature.conv_double_backward import CONV_DOUBLE_BACKWARDS
 from layerhessians.curvature.dense import MAX_DENSE_DIM, dense_matrix, reference_matrix
 from layerhessians.curvature.ef import EmpiricalFisherOperator
 from layerhessians.curvature.ggn import GGNOperator
-from layerhessians.curvature.graph import BN_MODES, CurvatureGraph, Reduction
+from layerhessians.curvature.graph import (
+    BN_MODES,
+    LOSS_REDUCTIONS,
+    BatchLoss,
+    CurvatureGraph,
+    NonFiniteError,
+    Reduction,
+    batch_coupling,
+)
 from layerhessians.curvature.hessian import HessianOperator
 from layerhessians.curvature.kinds import (
     KIND_CLASSES,
@@ -53,6 +63,10 @@ from layerhessians.curvature.residual import ResidualOperator
 __all__ = [
     "BN_MODES",
     "BLOCK_TYPES",
+    "LOSS_REDUCTIONS",
+    "BatchLoss",
+    "NonFiniteError",
+    "batch_coupling",
     "CONV_DOUBLE_BACKWARDS",
     "KINDS",
     "KIND_CLASSES",

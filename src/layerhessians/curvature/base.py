@@ -141,8 +141,9 @@ class CurvatureOperator(SymmetricOperator):
 
     # -- what a kind implements
     def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:
-        """The batch's term of ``A_PP v_P`` (already weighted by ``batch.scale``), one tensor
-        per block parameter, or ``None`` when it is zero.
+        """The batch's term of ``A_PP v_P``: the curvature of the batch's SUM of per-example
+        losses (``batch.scale * loss_fn``) times ``v_P``, one tensor per block parameter, or
+        ``None`` when it is zero. The graph sums the terms and multiplies by ``1/N``.
 
         Args:
             batch: what the graph kept for one batch.
@@ -152,7 +153,8 @@ class CurvatureOperator(SymmetricOperator):
 
     @classmethod
     def reference(cls, problem, x: Tensor, y) -> Tensor:
-        """The dense float64 curvature [dim, dim] of the mean loss of the batch ``(x, y)``,
+        """The dense float64 curvature [dim, dim] of the SUM of the per-example losses of the
+        batch ``(x, y)`` (``problem.batch_loss_fn``),
         computed independently of :meth:`batch_product` (``torch.func``), with the helpers
         of ``problem`` (a :class:`~layerhessians.curvature.dense.ReferenceProblem`)."""
         raise NotImplementedError

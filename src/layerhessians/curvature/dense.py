@@ -10,13 +10,18 @@ import warnings
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from layerhessians.curvature.graph import (
     BN_MODES,
+    LOSS_REDUCTIONS,
     PER_EXAMPLE_GRADIENTS,
+    BatchLoss,
+    NonFiniteError,
     as_batches,
+    batch_coupling,
     check_choice,
-    has_batch_norm,
+    loss_reduction_of,
     resolve_params,
 )
 from layerhessians.curvature.kinds import kind_class
@@ -34,7 +39,8 @@ def dense_matrix(op, max_dim: int = MAX_DENSE_DIM,
     The result is symmetrised, ``(A + A^T) / 2``, after checking that
     ``max|A - A^T| <= symmetry_rtol * max|A|`` (default 1e-8 for a float64 operator, 1e-3
     otherwise); a RuntimeWarning says when it is not (a broken operator, or a block that is
-    zero up to roundoff). Refuses operators with ``dim > max_dim`` (:class:`UserError`).
+    zero up to roundoff). Refuses operators with ``dim > max_dim`` (:class:`UserError`) and
+    matrices with NaN or infinite entries (:class:`~layerhessians.curvature.graph.NonFiniteError`).
     """
     if symmetry_rtol is None:
         symmetry_rtol = 1e-8 if getattr(op, "dtype", torch.float64) == torch.float64 else 1e-3
@@ -46,6 +52,9 @@ def dense_matrix(op, max_dim: int = MAX_DENSE_DIM,
         )
     identity = torch.eye(dim, dtype=torch.float64, device=getattr(op, "device", None))
     matrix = op.matmat(identity).to(torch.float64)
+    if not bool(torch.isfinite(matrix).all()):
+        raise NonFiniteError(f"the operator {getattr(op, 'name', '')!r} has NaN or infinite "
+                             "entries: its spectrum is undefined")
     scale = float(matrix.abs().max()) if matrix.numel() else 0.0
     asymmetry = float((matrix - matrix.T).abs().max()) if matrix.numel() else 0.0
     if asymmetry > symmetry_rtol * max(scale, np.finfo(np.float64).tiny):
@@ -61,7 +70,10 @@ class ReferenceProblem:
     Attributes:
         flat0: the block's current value, flattened [dim] (model dtype).
         dim: its length.
-        loss_fn: the batch-mean loss ``loss_fn(outputs, targets)``.
+        loss_fn: the loss ``loss_fn(outputs, targets)`` (mean or sum over its batch).
+        weight: the current batch's weight ``c_b`` (``n_b`` for a mean-reduced loss, 1 for
+            a sum), set by :func:`reference_matrix`; ``batch_loss_fn = c_b * loss_fn`` is the
+            batch's sum of per-example losses.
         hessian_of, jacobian_of: the non-vectorised ``torch.autograd.functional`` versions.
             In torch 2.13 the vmapped ``torch.func.hessian`` is wrong through a batch-norm
             layer using batch statistics (relative error ~0.09 on a tiny conv net) and through
@@ -71,6 +83,7 @@ class ReferenceProblem:
 
     def __init__(self, model: nn.Module, loss_fn, params, names, bn_mode: str):
         self.loss_fn = loss_fn
+        self.weight = 1.0
         self.names = list(names)
         self.shapes = [p.shape for p in params]
         self.sizes = [p.numel() for p in params]
@@ -86,15 +99,41 @@ class ReferenceProblem:
         self.hessian_of = _functional_hessian
         self.jacobian_of = _functional_jacobian
 
-    def outputs(self, flat: Tensor, x: Tensor) -> Tensor:
+    def batch_loss_fn(self, outputs, y) -> Tensor:
+        """``weight * loss_fn(outputs, y)``: the batch's sum of per-example losses."""
+        return self.weight * self.loss_fn(outputs, y)
+
+    @staticmethod
+    def flat_outputs(outputs) -> Tensor:
+        """The floating tensors of (possibly structured) ``outputs``, flattened and
+        concatenated."""
+        return torch.cat([t.reshape(-1) for t in tree_flatten(outputs)[0]
+                          if torch.is_tensor(t) and t.is_floating_point()])
+
+    @staticmethod
+    def unflat_outputs(flat: Tensor, like):
+        """The inverse of :meth:`flat_outputs`, shaped like the outputs ``like`` (their
+        non-floating leaves kept)."""
+        leaves, spec = tree_flatten(like)
+        out, start = [], 0
+        for t in leaves:
+            if torch.is_tensor(t) and t.is_floating_point():
+                out.append(flat[start:start + t.numel()].view(t.shape))
+                start += t.numel()
+            else:
+                out.append(t)
+        return tree_unflatten(out, spec)
+
+    def outputs(self, flat: Tensor, x: Tensor):
         """The model's outputs on ``x`` with the block set to ``flat`` [dim]."""
         values = {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes),
                                                    self.shapes)}
         return torch.func.functional_call(self.model, values, (x,))
 
     def loss(self, flat: Tensor, x: Tensor, y) -> Tensor:
-        """The batch-mean loss on ``(x, y)`` with the block set to ``flat``."""
-        return self.loss_fn(self.outputs(flat, x), y)
+        """The batch's sum of per-example losses on ``(x, y)`` with the block set to
+        ``flat``."""
+        return self.batch_loss_fn(self.outputs(flat, x), y)
 
 
 def _functional_hessian(f):
@@ -106,30 +145,42 @@ def _functional_jacobian(f):
 
 
 def reference_matrix(model, loss_fn, data, params=None, kind: str = "hessian",
-                     bn_mode: str = "eval", max_dim: int = 5_000) -> torch.Tensor:
+                     bn_mode: str = "eval", max_dim: int = 5_000,
+                     loss_reduction: str = "mean") -> torch.Tensor:
     """The dense curvature matrix [dim, dim] (float64) by ``torch.func``, independently of
     the operators.
 
     Each batch's matrix is the kind's :meth:`~layerhessians.curvature.base.CurvatureOperator.reference`
     (Hessian: ``torch.func.hessian`` of the loss as a function of the flattened block; GGN:
     ``J^T H_f J``; residual: their difference; empirical Fisher: ``J_l^T J_l / n_b`` with
-    ``J_l`` the Jacobian of the per-example losses); batches weighted by ``n_b / N``; batch
-    norm as in :func:`~layerhessians.curvature.kinds.hessian_operator` (on a deep copy of the
-    model). For tests and small problems.
+    ``J_l`` the Jacobian of the per-example losses), each of the batch's SUM of per-example
+    losses (a mean-reduced ``loss_fn`` times ``n_b``, detected by
+    :func:`~layerhessians.curvature.graph.loss_reduction_of`); the total divided by ``N``
+    (``loss_reduction="mean"``) or not (``"sum"``); batch norm as in
+    :func:`~layerhessians.curvature.kinds.hessian_operator` (on a deep copy of the model).
+    Model outputs may be structured (tuples/lists/dicts of tensors). For tests and small
+    problems.
 
     Raises:
-        UserError: an unknown kind or ``bn_mode``, ``dim > max_dim``, or per-example
-            gradients asked with batch norm in ``bn_mode="train"``.
+        UserError: an unknown kind, ``bn_mode`` or ``loss_reduction``, ``dim > max_dim``,
+            per-example gradients asked for a batch-dependent model, or a loss that is
+            neither a mean nor a sum.
     """
     cls = kind_class(kind)
+    if isinstance(loss_fn, BatchLoss):
+        raise UserError("reference_matrix takes loss_fn(outputs, targets); for a BatchLoss "
+                        "take torch.func.hessian of the mean loss over all batches")
     check_choice(bn_mode, BN_MODES, "bn_mode")
+    check_choice(loss_reduction, LOSS_REDUCTIONS, "loss_reduction")
     chosen, names = resolve_params(model, params)
     dim = sum(p.numel() for p in chosen)
     if dim > max_dim:
         raise UserError(f"dim {dim:,} > {max_dim:,}: too large for a dense reference")
-    if PER_EXAMPLE_GRADIENTS in cls.needs and bn_mode == "train" and has_batch_norm(model):
-        raise UserError(f"kind {kind!r} needs per-example losses, undefined with batch norm "
-                        "in bn_mode 'train': use bn_mode 'eval'")
+    if PER_EXAMPLE_GRADIENTS in cls.needs:
+        reason = batch_coupling(model, bn_mode)
+        if reason is not None:
+            raise UserError(f"kind {kind!r} needs per-example losses, undefined with {reason}: "
+                            "use bn_mode 'eval'")
     dtype, device = chosen[0].dtype, chosen[0].device
     problem = ReferenceProblem(model, loss_fn, chosen, names, bn_mode)
     pairs = [(x.to(device=device, dtype=dtype if x.is_floating_point() else None),
@@ -137,6 +188,13 @@ def reference_matrix(model, loss_fn, data, params=None, kind: str = "hessian",
              for x, y in as_batches(data)]
     total_examples = sum(x.shape[0] for x, _ in pairs)
     result = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    reduction = None
     for x, y in pairs:
-        result += (x.shape[0] / total_examples) * cls.reference(problem, x, y)
-    return result
+        count = int(x.shape[0])
+        if reduction is None and count >= 2:
+            with torch.no_grad():
+                outputs = problem.outputs(problem.flat0, x)
+            reduction = loss_reduction_of(loss_fn, outputs, y, count)
+        problem.weight = 1.0 if reduction == "sum" else float(count)
+        result += cls.reference(problem, x, y)
+    return result / total_examples if loss_reduction == "mean" else result

@@ -34,22 +34,28 @@ class GGNOperator(CurvatureOperator):
             if differentiable(batch.jt_dummy[i]):
                 outputs.append(batch.jt_dummy[i])
                 grad_outputs.append(part)
-        if not outputs or not differentiable(batch.dloss_doutputs):
+        curved = [k for k, d in enumerate(batch.dloss_doutputs) if differentiable(d)]
+        if not outputs or not curved:
             return None  # the outputs do not depend on P, or the loss is linear in them
-        (jvp,) = torch.autograd.grad(outputs, batch.dummy, grad_outputs, retain_graph=True)
-        (hjvp,) = torch.autograd.grad(batch.dloss_doutputs, batch.outputs, jvp,
-                                      retain_graph=True, allow_unused=True,
-                                      materialize_grads=True)
-        return torch.autograd.grad(batch.outputs, self.params, hjvp, retain_graph=True,
+        jvps = torch.autograd.grad(outputs, batch.dummy, grad_outputs, retain_graph=True,
+                                   allow_unused=True, materialize_grads=True)
+        hjvps = torch.autograd.grad([batch.dloss_doutputs[k] for k in curved],
+                                    batch.curvature_outputs,
+                                    [jvps[k] for k in curved], retain_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+        return torch.autograd.grad(batch.outputs, self.params, hjvps, retain_graph=True,
                                    allow_unused=True, materialize_grads=True)
 
     @classmethod
     def reference(cls, problem, x: Tensor, y) -> Tensor:
-        """``J^T H_f J`` with ``J = jacrev(outputs)`` and ``H_f = hessian(loss_fn)`` at the
-        outputs, float64 [dim, dim]."""
-        out0 = problem.outputs(problem.flat0, x).detach()
-        jac = problem.jacobian_of(lambda flat: problem.outputs(flat, x))(problem.flat0)
+        """``J^T H_f J`` with ``J = jacrev`` of the concatenated floating outputs and ``H_f =
+        hessian`` of the batch's summed loss in them, float64 [dim, dim]."""
+        out0 = problem.outputs(problem.flat0, x)
+        flat_out0 = problem.flat_outputs(out0)
+        jac = problem.jacobian_of(
+            lambda flat: problem.flat_outputs(problem.outputs(flat, x)))(problem.flat0)
         jac = jac.reshape(-1, problem.dim)
-        h_out = problem.hessian_of(lambda o: problem.loss_fn(o, y))(out0)
-        h_out = h_out.reshape(out0.numel(), out0.numel())
+        h_out = problem.hessian_of(
+            lambda o: problem.batch_loss_fn(problem.unflat_outputs(o, out0), y))(flat_out0)
+        h_out = h_out.reshape(flat_out0.numel(), flat_out0.numel())
         return (jac.T @ h_out @ jac).to(torch.float64)

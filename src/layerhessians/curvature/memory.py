@@ -19,9 +19,10 @@ and the first-order graphs.
   blocks: ~1.5x the time with kept graphs, against ~4.5x when every operator rebuilt), so
   that the peak fits the budget.
 
-Micro-batching never changes the operator (products are sums over examples, each batch
-weighted by its size), except with batch norm in ``bn_mode="train"``, where every batch is
-normalised by its own statistics: then the data are not split (:func:`splitting_changes_operator`).
+Micro-batching never changes the operator (products are sums over examples), except for a
+batch-dependent model (batch norm using batch statistics, or a layer that mixes examples:
+:func:`~layerhessians.curvature.graph.batch_coupling`): then the data are not split
+(:func:`splitting_changes_operator`), and an explicit micro-batch size is refused.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 from layerhessians.curvature.graph import (
     PER_EXAMPLE_GRADIENTS,
     as_batches,
-    has_batch_norm,
+    batch_coupling,
     resolve_params,
 )
 from layerhessians.curvature.kinds import curvature_graph
@@ -326,17 +327,34 @@ def measure_graph_cost(model: nn.Module, loss_fn, inputs: torch.Tensor, targets,
     return GraphCost(per_example=int(math.ceil(activations / count)), per_batch=int(per_batch))
 
 
-def splitting_changes_operator(model: nn.Module, bn_mode: str) -> bool:
-    """Whether splitting the data changes the operator: batch norm in ``bn_mode="train"``
-    normalises each batch by its own statistics."""
-    return bn_mode == "train" and has_batch_norm(model)
+def splitting_changes_operator(model: nn.Module, bn_mode: str, inputs=None) -> bool:
+    """Whether splitting the data changes the operator: the one decision of
+    :func:`~layerhessians.curvature.graph.batch_coupling` (batch norm using batch
+    statistics; other layers probed on ``inputs`` [n, ...] when given)."""
+    return batch_coupling(model, bn_mode, inputs) is not None
 
 
-def split_batches(pairs, micro_batch_size: int | None) -> list:
+def split_batches(pairs, micro_batch_size: int | None, model: nn.Module | None = None,
+                  bn_mode: str = "eval") -> list:
     """``[(x, y), ...]`` with every batch cut into consecutive micro-batches of at most
-    ``micro_batch_size`` examples (views, no copies); ``None`` leaves them as they are."""
+    ``micro_batch_size`` examples (views, no copies); ``None`` leaves them as they are.
+
+    With ``model`` given, a cut that would change the operator (:func:`splitting_changes_operator`,
+    probed on the first batch to cut) is refused.
+
+    Raises:
+        UserError: targets without one row per example, or a batch-dependent ``model``.
+    """
     if micro_batch_size is None:
         return list(pairs)
+    if model is not None:
+        cut = [x for x, _ in pairs if x.shape[0] > int(micro_batch_size)]
+        if cut and splitting_changes_operator(model, bn_mode, cut[0]):
+            raise UserError(f"micro_batch_size={micro_batch_size} would cut a batch, but the "
+                            "model's outputs depend on the other examples of the batch "
+                            f"({batch_coupling(model, bn_mode, cut[0])}), so micro-batches "
+                            "would change the operator: drop micro_batch_size or use "
+                            "bn_mode 'eval'")
     size = int(micro_batch_size)
     out = []
     for x, y in pairs:
@@ -387,9 +405,10 @@ def plan_micro_batches(sizes: Sequence[int], cost: GraphCost, budget: int | None
         if micro_batch_size < 1:
             raise UserError(f"the Hessian micro-batch size must be >= 1, got {micro_batch_size}")
         if not splittable and micro_batch_size < largest:
-            raise UserError("batch norm in bn_mode 'train' normalises each micro-batch by its "
-                            "own statistics, which would change the Hessian: drop the "
-                            "micro-batch size or use bn_mode 'eval'")
+            raise UserError("the model's outputs depend on the other examples of the batch "
+                            "(batch norm using batch statistics, or a layer that mixes "
+                            "examples), so micro-batches would change the operator: drop "
+                            "the micro-batch size or use bn_mode 'eval'")
         micro_batch_size = min(micro_batch_size, largest)
     if reuse_graph != "auto" and not isinstance(reuse_graph, bool):
         raise UserError(f"reuse_graph must be True, False or 'auto'; got {reuse_graph!r}")
@@ -478,7 +497,7 @@ def plan_memory(model: nn.Module, loss_fn, data, *, dims: Sequence[int], iterati
         cost = measure_graph_cost(model, loss_fn, x, y, kind, bn_mode)
     sizes = [int(x.shape[0]) for x, _ in pairs]
     graph_budget = None if budget is None else max(0, budget - bases)
-    splittable = not splitting_changes_operator(model, bn_mode)
+    splittable = not splitting_changes_operator(model, bn_mode, pairs[0][0])
     micro, reuse, peak = plan_micro_batches(sizes, cost, graph_budget, micro_batch_size,
                                             reuse_graph, splittable)
     fits = graph_budget is None or peak <= graph_budget

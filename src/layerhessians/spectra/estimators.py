@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from layerhessians.curvature.graph import NonFiniteError
 from layerhessians.curvature.memory import check_basis_fits
 from layerhessians.errors import UserError
-from layerhessians.spectra.lanczos import check_count
+from layerhessians.spectra.lanczos import check_count, check_symmetric
 from layerhessians.spectra.slq import start_vector
 from layerhessians.vocabulary import FULL
 
@@ -49,7 +50,8 @@ def hessian_trace(op, samples: int = 100, seed: int = 0) -> TraceEstimate:
 
     ``v`` has entries +-1 (seeded by ``(seed, sample index, "trace/" + op.name)``), so
     ``E[v^T A v] = trace(A)`` exactly; ``samples`` products. Returns a :class:`TraceEstimate`
-    (unpacks as ``estimate, stderr``).
+    (unpacks as ``estimate, stderr``). Raises
+    :class:`~layerhessians.curvature.graph.NonFiniteError` for a product with NaN/inf entries.
     """
     samples = check_count(samples, "samples")
     check_count(seed, "seed", minimum=0)
@@ -59,12 +61,17 @@ def hessian_trace(op, samples: int = 100, seed: int = 0) -> TraceEstimate:
         v = start_vector(op.dim, seed, i, name, "rademacher", normalize=False)
         v = v.to(getattr(op, "device", v.device))
         values[i] = float(torch.dot(op.matvec(v).to(torch.float64), v))
+        if not math.isfinite(values[i]):
+            raise NonFiniteError(f"hessian_trace sample {i + 1} on the operator "
+                                 f"{getattr(op, 'name', '')!r}: the product has NaN or "
+                                 "infinite entries, so the trace is undefined")
     stderr = float(values.std(ddof=1) / math.sqrt(samples)) if samples > 1 else math.nan
     return TraceEstimate(float(values.mean()), stderr, values)
 
 
 def top_eigenvalues(op, k: int = 1, iterations: int | None = None, seed: int = 0,
-                    return_vectors: bool = False, tol: float = 1e-6):
+                    return_vectors: bool = False, tol: float = 1e-6,
+                    check_symmetry: bool = True):
     """The ``k`` algebraically largest eigenvalues of ``op`` (and eigenvectors), with their
     multiplicities, by block Lanczos.
 
@@ -89,6 +96,8 @@ def top_eigenvalues(op, k: int = 1, iterations: int | None = None, seed: int = 0
         seed: seed of the start vectors.
         return_vectors: also return the Ritz vectors.
         tol: relative residual tolerance.
+        check_symmetry: first refuse a non-symmetric operator (two products; see
+            :func:`~layerhessians.spectra.lanczos.check_symmetric`).
 
     Returns:
         eigenvalues: float64 numpy [k], descending (largest algebraic first; a Hessian's
@@ -111,6 +120,8 @@ def top_eigenvalues(op, k: int = 1, iterations: int | None = None, seed: int = 0
     steps = min(dim, -(-steps // k) * k)  # whole blocks of k, at most the whole space
     check_basis_fits([op], steps)
     name = "top/" + str(getattr(op, "name", FULL))
+    if check_symmetry:
+        check_symmetric([op])
     values, ritz, basis, converged = _block_lanczos_top(op, k, steps, seed, name, tol)
     size = basis.shape[0]
     if not converged:

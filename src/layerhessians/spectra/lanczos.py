@@ -22,10 +22,18 @@ a :class:`UserError` saying so (:func:`~layerhessians.curvature.memory.check_bas
 vectors (``O(dim)`` memory), like the original method. A run stops early on breakdown
 (``beta <= breakdown_rtol * ||T||``: the Krylov space is invariant and the quadrature is
 exact) and never takes more than ``dim`` steps.
+
+Checks. A step whose product has NaN or infinite entries raises
+:class:`~layerhessians.curvature.graph.NonFiniteError` at once, naming the operator and the
+step (never a NaN spectrum, never an eigen-solver failure). Before its first step a
+recurrence probes the operator's symmetry (:func:`check_symmetric`: two products;
+``lanczos`` probes all its operators in one pass over a shared graph); a Lanczos spectrum of
+a non-symmetric operator is meaningless, so it is refused unless ``check_symmetry=False``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,14 +43,19 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
+from layerhessians.curvature.graph import NonFiniteError
 from layerhessians.curvature.memory import check_basis_fits
 from layerhessians.errors import UserError
 from layerhessians.progress import Progress
 
-__all__ = ["BREAKDOWN_RTOL", "LanczosRecurrence", "LanczosRun", "check_count", "lanczos",
-           "tridiagonal_eigh"]
+__all__ = ["BREAKDOWN_RTOL", "SYMMETRY_RTOL", "LanczosRecurrence", "LanczosRun", "check_count",
+           "check_symmetric", "lanczos", "symmetry_defects", "tridiagonal_eigh"]
 
 BREAKDOWN_RTOL = 1e-10
+#: the symmetry probe's tolerance on ``|u.Av - v.Au| / max(|Au|, |Av|)`` (unit ``u``, ``v``)
+#: by the operator's dtype (other dtypes: 5e-2); roundoff is far below, torch's weight_norm
+#: double backward (the case that motivated the probe) far above (0.07-0.4)
+SYMMETRY_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 _DGKS = 2 ** -0.5  # repeat Gram-Schmidt when it removed more than 1 - 1/sqrt(2) of the norm
 
 
@@ -99,6 +112,90 @@ def tridiagonal_eigh(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray,
         return np.linalg.eigh(dense)
 
 
+def _probe_vectors(op, dim: int) -> tuple[Tensor, Tensor]:
+    seed = int.from_bytes(hashlib.sha256(
+        f"symmetry/{getattr(op, 'name', '')}".encode()).digest()[:8], "little") >> 1
+    generator = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(2, dim, generator=generator, dtype=torch.float64)
+    return u / torch.linalg.vector_norm(u), v / torch.linalg.vector_norm(v)
+
+
+def symmetry_defects(operators: Sequence) -> list[float]:
+    """``|u.Av - v.Au| / max(|Au|, |Av|, floor)`` per operator, for two fixed random unit
+    vectors ``u``, ``v`` (seeded by the operator's name): 0 for a symmetric operator up to
+    roundoff. Two products per operator; operators sharing a
+    :class:`~layerhessians.curvature.graph.CurvatureGraph` get them in one pass over its
+    batches. ``floor`` is ``sqrt(eps)`` of the largest product of the operators on the same
+    graph, so that blocks that vanish up to roundoff are not judged on their roundoff.
+
+    Raises:
+        NonFiniteError: a product has NaN or infinite entries.
+    """
+    pairs = [_probe_vectors(op, int(op.dim)) for op in operators]
+    products: list = [None] * len(operators)
+    groups = {}
+    for k, op in enumerate(operators):
+        graph = getattr(op, "graph", None)
+        if graph is not None and hasattr(graph, "products"):
+            groups.setdefault(id(graph), (graph, []))[1].append(k)
+        else:
+            device = getattr(op, "device", None)
+            u, v = (t.to(device) for t in pairs[k])
+            products[k] = (torch.as_tensor(op.matvec(u)).to(torch.float64),
+                           torch.as_tensor(op.matvec(v)).to(torch.float64))
+    for graph, members in groups.values():
+        ops = [operators[k] for k in members]
+        device = ops[0].device
+        vectors = [pairs[k][0].to(device) for k in members] + \
+            [pairs[k][1].to(device) for k in members]
+        results = graph.products(ops + ops, vectors)
+        for i, k in enumerate(members):
+            products[k] = (results[i].to(torch.float64),
+                           results[len(members) + i].to(torch.float64))
+    floors = {}
+    for k, op in enumerate(operators):
+        au, av = products[k]
+        norm = max(float(torch.linalg.vector_norm(au)), float(torch.linalg.vector_norm(av)))
+        key = id(getattr(op, "graph", op))
+        floors[key] = max(floors.get(key, 0.0), norm)
+    defects = []
+    for k, op in enumerate(operators):
+        (u, v), (au, av) = pairs[k], products[k]
+        u, v = u.to(au.device), v.to(au.device)
+        norm = max(float(torch.linalg.vector_norm(au)), float(torch.linalg.vector_norm(av)))
+        eps = float(torch.finfo(getattr(op, "dtype", torch.float64)).eps)
+        scale = max(norm, eps ** 0.5 * floors[id(getattr(op, "graph", op))])
+        asymmetry = abs(float(torch.dot(u, av)) - float(torch.dot(v, au)))
+        if not (math.isfinite(asymmetry) and math.isfinite(norm)):
+            raise NonFiniteError(f"the symmetry probe of the operator "
+                                 f"{getattr(op, 'name', '')!r}: a product has non-finite (NaN or infinite) "
+                                 "entries, so its spectrum is undefined")
+        defects.append(asymmetry / scale if scale > 0 else 0.0)
+    return defects
+
+
+def check_symmetric(operators: Sequence, rtol: float | None = None) -> None:
+    """Refuse an operator that is not symmetric (:func:`symmetry_defects` above ``rtol``,
+    default :data:`SYMMETRY_RTOL` of its dtype): its Lanczos spectrum would be silently
+    wrong. Costs two products per operator.
+
+    Raises:
+        UserError: an operator is not symmetric (the message names it).
+        NonFiniteError: a product has NaN or infinite entries.
+    """
+    for op, defect in zip(operators, symmetry_defects(operators)):
+        limit = rtol if rtol is not None else \
+            SYMMETRY_RTOL.get(getattr(op, "dtype", torch.float64), 5e-2)
+        if defect > limit:
+            raise UserError(
+                f"the operator {getattr(op, 'name', '')!r} is not symmetric (|u.Av - v.Au| = "
+                f"{defect:.2g} of |Av| for random unit u, v; tolerance {limit:g}): its "
+                "spectrum would be wrong. A known cause is torch's weight_norm, whose double "
+                "backward is not symmetric: remove it (torch.nn.utils.parametrize."
+                "remove_parametrizations) before measuring, or pass check_symmetry=False to "
+                "proceed anyway")
+
+
 class LanczosRecurrence:
     """One Lanczos recurrence for ``op`` from ``start``, advanced one product per :meth:`step`.
 
@@ -110,6 +207,8 @@ class LanczosRecurrence:
         reorthogonalize: full classical Gram-Schmidt against the basis (DGKS repeat).
         keep_basis: keep the basis [steps, dim] float64 even without re-orthogonalisation.
         breakdown_rtol: stop when ``beta <= breakdown_rtol * ||T||`` (invariant subspace).
+        check_symmetry: probe the operator's symmetry first (:func:`check_symmetric`, two
+            products); ``False`` skips it (e.g. when the caller has probed).
 
     Attributes:
         alphas, betas: the tridiagonal so far (lists of floats).
@@ -119,11 +218,13 @@ class LanczosRecurrence:
         max_steps: ``min(steps, dim)``.
 
     Raises:
-        UserError: a start vector of the wrong length, or zero.
+        UserError: a start vector of the wrong length, or zero; a non-symmetric operator.
+        NonFiniteError: (from :meth:`step`) a product with NaN or infinite entries.
     """
 
     def __init__(self, op, start: Tensor, steps: int, reorthogonalize: bool = True,
-                 keep_basis: bool = False, breakdown_rtol: float = BREAKDOWN_RTOL):
+                 keep_basis: bool = False, breakdown_rtol: float = BREAKDOWN_RTOL,
+                 check_symmetry: bool = True):
         self.op = op
         dim = int(op.dim)
         self.max_steps = min(int(steps), dim)
@@ -151,6 +252,8 @@ class LanczosRecurrence:
         self.scale = 0.0  # Gershgorin bound on ||T||, for the breakdown test
         self.rtol = breakdown_rtol
         self.done, self.breakdown, self.residual = False, False, math.nan
+        if check_symmetry:
+            check_symmetric([op])
 
     def step(self, product: Tensor | None = None) -> None:
         """One Lanczos step; ``product``: ``A q`` already computed into ``self.spare[0]``."""
@@ -166,6 +269,11 @@ class LanczosRecurrence:
         if self.q_prev is not None:
             w.sub_(self.q_prev, alpha=self.beta_prev)
         beta = float(torch.linalg.vector_norm(w))
+        if not (math.isfinite(alpha) and math.isfinite(beta)):
+            raise NonFiniteError(
+                f"Lanczos step {j + 1} on the operator {getattr(self.op, 'name', '')!r}: the "
+                "product has non-finite (NaN or infinite) entries, so its spectrum is undefined (look for "
+                "NaN/inf in the loss, the model or the data)")
         if self.reorthogonalize:
             basis = self.basis[: j + 1]
             for _ in range(2):  # classical Gram-Schmidt; a second pass only if needed (DGKS)
@@ -236,8 +344,8 @@ def _step_all(runs: Sequence[LanczosRecurrence]) -> None:
 
 def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
             reorthogonalize: bool = True, keep_basis: bool = False, progress: bool = False,
-            breakdown_rtol: float = BREAKDOWN_RTOL, description: str | None = None
-            ) -> list[LanczosRun]:
+            breakdown_rtol: float = BREAKDOWN_RTOL, description: str | None = None,
+            check_symmetry: bool = True) -> list[LanczosRun]:
     """Run one Lanczos recurrence per operator, all advanced together step by step.
 
     Operators that share a :class:`~layerhessians.curvature.graph.CurvatureGraph` share
@@ -252,17 +360,25 @@ def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
         keep_basis: return the Lanczos basis (needs its memory even without re-orth.).
         progress: report progress over the steps: a tqdm bar on a terminal, otherwise a log
             line every 30 s (:class:`~layerhessians.progress.Progress`).
+        check_symmetry: probe every operator's symmetry first, all in one pass per shared
+            graph (:func:`check_symmetric`; two products per operator).
 
     Returns:
         One :class:`LanczosRun` per operator, in order.
+
+    Raises:
+        UserError: a non-symmetric operator; bases that do not fit in memory.
+        NonFiniteError: a product with NaN or infinite entries (names operator and step).
     """
     iterations = check_count(iterations, "iterations")
     if len(operators) != len(starts):
         raise UserError("lanczos needs one start vector per operator")
     if reorthogonalize or keep_basis:
         check_basis_fits(operators, iterations)
-    runs = [LanczosRecurrence(op, s, iterations, reorthogonalize, keep_basis, breakdown_rtol)
-            for op, s in zip(operators, starts)]
+    if check_symmetry:
+        check_symmetric(operators)
+    runs = [LanczosRecurrence(op, s, iterations, reorthogonalize, keep_basis, breakdown_rtol,
+                              check_symmetry=False) for op, s in zip(operators, starts)]
     total = max(r.max_steps for r in runs)
     with Progress(total=total, desc=description or "Lanczos", unit="step",
                   disable=not progress) as bar:

@@ -11,7 +11,12 @@ from torch import nn
 
 from layerhessians.curvature.base import CurvatureOperator
 from layerhessians.curvature.blocks import FULL, layer_blocks
-from layerhessians.curvature.graph import Reduction, as_batches, resolve_params
+from layerhessians.curvature.graph import (
+    BatchLoss,
+    Reduction,
+    as_batches,
+    resolve_params,
+)
 from layerhessians.curvature.kinds import curvature_graph, kind_class
 from layerhessians.curvature.memory import (
     choose_reorthogonalize,
@@ -75,8 +80,8 @@ def _layer_mapping(model: nn.Module, layers) -> "OrderedDict[str, list]":
 
 def layer_operators(model: nn.Module, loss_fn, data, kind: str = "hessian",
                     bn_mode: str = "eval", layers=True, reuse_graph: bool = True,
-                    reduction: Reduction | None = None, conv_double_backward: str = "lean"
-                    ) -> "OrderedDict[str, CurvatureOperator]":
+                    reduction: Reduction | None = None, conv_double_backward: str = "lean",
+                    loss_reduction: str = "mean") -> "OrderedDict[str, CurvatureOperator]":
     """``{"full": operator, layer name: block operator, ...}`` on ONE shared graph.
 
     The graph differentiates every trainable parameter (in ``model.named_parameters()``
@@ -89,7 +94,7 @@ def layer_operators(model: nn.Module, loss_fn, data, kind: str = "hessian",
     cls = kind_class(kind)
     params, names = resolve_params(model)
     graph = curvature_graph(model, loss_fn, data, params, kind, bn_mode, reuse_graph, reduction,
-                            conv_double_backward)
+                            conv_double_backward, loss_reduction)
     index = {id(p): i for i, p in enumerate(params)}
     operators = OrderedDict()
     operators[FULL] = cls(graph, range(len(params)), names, name=FULL)
@@ -118,7 +123,8 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
                   layers=True, progress: bool = False,
                   reduction: Reduction | None = None, micro_batch_size=None,
                   reuse_graph=True, memory_budget=None, layer_method: str = "slq",
-                  certificates=None) -> LayerSpectra:
+                  certificates=None, loss_reduction: str = "mean",
+                  check_symmetry: bool = True) -> LayerSpectra:
     """Spectra of the full Hessian and of every layer's diagonal Hessian block.
 
     One lockstep Lanczos run per random vector advances the full operator and all layer
@@ -160,6 +166,10 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
         certificates: ``{block: Certificate}`` from an earlier call's ``.certificates`` (the
             probe is skipped for those blocks: the architecture, not the weights, decides;
             the factor check still runs); ``None`` probes every block.
+        loss_reduction: ``"mean"`` (default) or ``"sum"``, as in :func:`hessian_operator`
+            (the exact route takes the mean only: with ``"sum"``, ``auto`` uses SLQ).
+        check_symmetry: probe every SLQ operator's symmetry first, all blocks in one pass
+            (two products each), and refuse a non-symmetric one (default).
 
     Returns:
         :class:`LayerSpectra` ``{"full": SpectralMeasure, layer name: SpectralMeasure, ...}``
@@ -178,7 +188,11 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
     if layer_method == "exact" and reduction is not None:
         raise UserError("layer_method='exact' runs on one process: use 'auto' or 'slq' in a "
                         "distributed run")
-    if layer_method != "slq" and mapping and reduction is None:
+    if layer_method == "exact" and (loss_reduction != "mean" or isinstance(loss_fn, BatchLoss)):
+        raise UserError("layer_method='exact' needs loss_fn(outputs, targets) with "
+                        "loss_reduction='mean': use 'auto' or 'slq'")
+    if layer_method != "slq" and mapping and reduction is None and loss_reduction == "mean" \
+            and not isinstance(loss_fn, BatchLoss):
         data = as_batches(data)  # used twice
         exact, fallbacks, probed = exact_blocks(
             model, loss_fn, data, mapping, kind, bn_mode, reduction, micro_batch_size,
@@ -189,7 +203,8 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
         layers = OrderedDict((n, p) for n, p in mapping.items() if n not in exact)
     slq_measures = _slq_layer_spectra(
         model, loss_fn, data, iterations, vectors, seed, distribution, reorthogonalize, kind,
-        bn_mode, layers, progress, reduction, micro_batch_size, reuse_graph, memory_budget)
+        bn_mode, layers, progress, reduction, micro_batch_size, reuse_graph, memory_budget,
+        loss_reduction, check_symmetry)
     result = LayerSpectra()
     for name in [FULL, *mapping]:
         measure = exact[name] if name in exact else slq_measures[name]
@@ -203,8 +218,14 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
 
 def _slq_layer_spectra(model, loss_fn, data, iterations, vectors, seed, distribution,
                        reorthogonalize, kind, bn_mode, layers, progress, reduction,
-                       micro_batch_size, reuse_graph, memory_budget):
+                       micro_batch_size, reuse_graph, memory_budget, loss_reduction,
+                       check_symmetry):
     """The SLQ route of :func:`layer_spectra` (full spectrum plus ``layers``)."""
+    if isinstance(loss_fn, BatchLoss) and (micro_batch_size is not None or
+                                           "auto" in (micro_batch_size, reuse_graph)):
+        raise UserError("with a BatchLoss the engine cannot cut or measure the batches: pass "
+                        "micro_batch_size=None and reuse_graph=True or False (make the "
+                        "batches smaller yourself)")
     if "auto" in (micro_batch_size, reuse_graph):
         data = as_batches(data)
         if micro_batch_size is None:  # keep the batches as given
@@ -222,12 +243,12 @@ def _slq_layer_spectra(model, loss_fn, data, iterations, vectors, seed, distribu
             reorthogonalize, list(operator_dims(model, layers).values()), iterations,
             budget_bytes(memory_budget, device))
     if micro_batch_size is not None:
-        data = split_batches(as_batches(data), micro_batch_size)
+        data = split_batches(as_batches(data), micro_batch_size, model, bn_mode)
     operators = layer_operators(model, loss_fn, data, kind, bn_mode, layers, reuse_graph,
-                                reduction)
+                                reduction, loss_reduction=loss_reduction)
     try:
         measures = slq_many(list(operators.values()), list(operators), iterations, vectors,
-                            seed, distribution, reorthogonalize, progress)
+                            seed, distribution, reorthogonalize, progress, check_symmetry)
     finally:
         operators[FULL].release()
     return OrderedDict(zip(operators, measures))

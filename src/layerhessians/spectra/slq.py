@@ -56,11 +56,19 @@ def start_vector(dim: int, seed: int = 0, vector: int = 0, block: str = FULL,
 def slq_many(operators: Sequence, names: Sequence[str], iterations: int = DEFAULT_ITERATIONS,
              vectors: int = DEFAULT_VECTORS, seed: int = 0,
              distribution: str = DEFAULT_DISTRIBUTION, reorthogonalize: bool = True,
-             progress: bool = False) -> list[SpectralMeasure]:
+             progress: bool = False, check_symmetry: bool = True) -> list[SpectralMeasure]:
     """SLQ for several operators at once: for each random vector index, one lockstep
     Lanczos run over all operators (start vectors seeded by ``(seed, vector, name)``).
 
+    ``check_symmetry``: probe every operator's symmetry once, before the first vector (two
+    products per operator, in one pass per shared graph; see
+    :func:`~layerhessians.spectra.lanczos.check_symmetric`).
+
     Returns one :class:`SpectralMeasure` per operator, in order.
+
+    Raises:
+        UserError: bad arguments, or a non-symmetric operator.
+        NonFiniteError: a product with NaN or infinite entries (names operator and step).
     """
     iterations = check_count(iterations, "iterations")
     vectors = check_count(vectors, "vectors")
@@ -75,7 +83,7 @@ def slq_many(operators: Sequence, names: Sequence[str], iterations: int = DEFAUL
                   zip(operators, names)]
         desc = f"SLQ vector {index + 1}/{vectors}"
         runs = lanczos(operators, starts, iterations, reorthogonalize, progress=progress,
-                       description=desc)
+                       description=desc, check_symmetry=check_symmetry and index == 0)
         for k, run in enumerate(runs):
             node, weight = run.quadrature()
             nodes[k].append(node)
@@ -85,7 +93,7 @@ def slq_many(operators: Sequence, names: Sequence[str], iterations: int = DEFAUL
 
 def slq(op, iterations: int = DEFAULT_ITERATIONS, vectors: int = DEFAULT_VECTORS, seed: int = 0,
         distribution: str = DEFAULT_DISTRIBUTION, reorthogonalize: bool = True,
-        progress: bool = False) -> SpectralMeasure:
+        progress: bool = False, check_symmetry: bool = True) -> SpectralMeasure:
     """Stochastic Lanczos quadrature: the spectral measure of ``op``.
 
     Args:
@@ -99,11 +107,17 @@ def slq(op, iterations: int = DEFAULT_ITERATIONS, vectors: int = DEFAULT_VECTORS
         reorthogonalize: full float64 re-orthogonalisation (default; memory
             ``iterations * dim * 8`` bytes) or none (``O(dim)``).
         progress: progress over the steps: a bar on a terminal, else a log line every 30 s.
+        check_symmetry: probe the operator's symmetry first (two products) and refuse a
+            non-symmetric one (default); ``False`` skips the probe.
 
     Returns:
         A :class:`SpectralMeasure` (nodes = Ritz values, weights = squared first components,
         one row per vector).
+
+    Raises:
+        UserError: bad arguments, or a non-symmetric operator.
+        NonFiniteError: a product with NaN or infinite entries (names operator and step).
     """
     name = getattr(op, "name", FULL)
     return slq_many([op], [name], iterations, vectors, seed, distribution, reorthogonalize,
-                    progress)[0]
+                    progress, check_symmetry)[0]

@@ -98,7 +98,8 @@ def build(config: TrainConfig, data, device: torch.device, dist: Context = SINGL
     index = hessian_subset(data.train_y.cpu(), config.examples_per_class,
                            seed=config.hessian.subset_seed, total=config.hessian_total)
     reduction, local = None, index
-    if dist.active and not splitting_changes_operator(model, config.hessian.bn_mode):
+    if dist.active and not splitting_changes_operator(model, config.hessian.bn_mode,
+                                                      data.train_x[index[:8].to(device)]):
         if len(index) < dist.world_size:
             raise UserError(f"the Hessian set has {len(index)} examples for {dist.world_size} "
                             "processes: use more examples (--hessian-examples) or fewer "
