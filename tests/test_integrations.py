@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from problems import PROBLEMS, mlp_data
@@ -56,7 +57,7 @@ def test_tensorboard_logger_writes_scalars_and_density_images(tmp_path):
 
 
 # ----------------------------------------------------------------------------- lightning
-def _fit(tmp_path, callback, epochs=2):
+def _fit(tmp_path, callback, epochs=2, shuffle=True, resume_from=None, checkpoints=False):
     pl = pytest.importorskip("lightning.pytorch")
 
     class Module(pl.LightningModule):
@@ -79,12 +80,15 @@ def _fit(tmp_path, callback, epochs=2):
     module = Module()
     x, y = (torch.cat(t) for t in zip(*mlp_data(seed=3, sizes=(24,))))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.float(), y),
-                                         batch_size=6, shuffle=True)
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=[] if callback is None else [callback],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                         batch_size=6, shuffle=shuffle)
+    callbacks = [] if callback is None else [callback]
+    if checkpoints:
+        callbacks.append(pl.callbacks.ModelCheckpoint(tmp_path / "ckpt", save_last=True))
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False,
+                         enable_checkpointing=checkpoints, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1,
                          default_root_dir=tmp_path)
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, ckpt_path=resume_from)
     return module
 
 
@@ -110,6 +114,27 @@ def test_lightning_callback_writes_a_loadable_run_and_leaves_training_alone(tmp_
     np.testing.assert_allclose(run.measure("last", 2).nodes, callback.last["last"].nodes,
                                rtol=1e-15)
     assert run.metrics["train_loss"].notna().tolist() == [False, True, True]
+
+
+def test_lightning_fit_resumed_from_a_checkpoint_resumes_the_record(tmp_path):
+    pytest.importorskip("lightning")
+    from layerhessians.integrations.lightning import SpectraCallback
+
+    data = mlp_data(seed=4, sizes=(10,))[0]
+
+    def callback(run, resume=False):
+        return SpectraCallback(PROBLEMS["mlp"].loss_fn, (data[0].float(), data[1]), run,
+                               at_start=True, iterations=6, resume=resume)
+
+    _fit(tmp_path / "whole", callback(tmp_path / "whole" / "run"), epochs=3, shuffle=False)
+    _fit(tmp_path / "cut", callback(tmp_path / "cut" / "run"), epochs=2, shuffle=False,
+         checkpoints=True)
+    _fit(tmp_path / "cut", callback(tmp_path / "cut" / "run", resume=True), epochs=3,
+         shuffle=False, checkpoints=True, resume_from=tmp_path / "cut" / "ckpt" / "last.ckpt")
+    whole, cut = load_run(tmp_path / "whole" / "run"), load_run(tmp_path / "cut" / "run")
+    assert cut.epochs == [0, 1, 2, 3]
+    assert not cut.spectra.duplicated(["epoch", "block", "vector", "node"]).any()
+    pd.testing.assert_frame_equal(cut.spectra, whole.spectra)  # as if never interrupted
 
 
 def test_lightning_callback_refuses_a_bad_period():

@@ -129,6 +129,14 @@ def test_transformer_blocks_by_mapping_against_dense_block_hessians():
     assert exact.trace() == pytest.approx(80 * float(v @ dense @ v), rel=1e-8)
 
 
+def test_a_stock_float32_transformer_works_on_the_cpu():
+    # float32 attention on the CPU takes the fused flash kernel, which has no double backward
+    model, data = tiny_lm().float(), lm_data()
+    spectra = SpectraTracker(model, lm_loss, data, blocks=pattern_blocks(model),
+                             iterations=4).update(0)
+    assert all(np.isfinite(m.nodes).all() for m in spectra.values())
+
+
 def test_a_tied_weight_counts_once():
     model = tiny_lm()
     model.head.weight = model.embed.weight  # tied input/output embedding

@@ -20,12 +20,19 @@ def top_ritz_value(measure) -> float:
 
 
 def spectra_scalars(spectra) -> "OrderedDict[str, float]":
-    """``{"top_eigenvalue/<block>": float, "trace/<block>": float, ...}`` for every block
-    of ``spectra`` (``{block: SpectralMeasure}``), ``"full"`` first as given.
+    """The scalars a tracker sends to its loggers.
 
-    The trace is the SLQ estimate ``dim * sum_i w_i lambda_i`` (Ubaru, Chen and Saad, 2017);
-    it is left out for a measure without ``dim``. Units: those of the loss per example
-    (nats for cross-entropy) per squared parameter unit.
+    The top eigenvalue is the largest Ritz value (with positive quadrature weight); the
+    trace is the SLQ estimate ``dim * sum_i w_i lambda_i`` (Ubaru, Chen and Saad, 2017),
+    i.e. ``dim * v^T A v`` averaged over the unit start vectors ``v``. Units: those of the
+    loss per example (nats for cross-entropy) per squared parameter unit.
+
+    Args:
+        spectra: ``{block: SpectralMeasure}`` (``"full"`` first, as the engine returns it).
+
+    Returns:
+        ``OrderedDict`` ``{"top_eigenvalue/<block>": float, "trace/<block>": float, ...}``
+        in the blocks' order; the trace is left out for a measure without ``dim``.
     """
     scalars = OrderedDict()
     for block, measure in spectra.items():

@@ -313,7 +313,14 @@ class SpectraTracker:
     # -- measuring ---------------------------------------------------------------------
     def compute(self, index: int) -> "OrderedDict":
         """The spectra of update ``index`` at the current weights, without recording or
-        logging them: ``{"full": SpectralMeasure, block: SpectralMeasure, ...}``."""
+        logging them.
+
+        Args:
+            index: the update's index (it seeds the start vectors, :meth:`seed_for`).
+
+        Returns:
+            ``OrderedDict`` ``{"full": SpectralMeasure, block: SpectralMeasure, ...}``.
+        """
         with _engine_context():
             return layer_spectra(self.model, self.loss_fn, self._data(),
                                  layers=self.blocks() or False, seed=self.seed_for(index),
