@@ -336,6 +336,9 @@ def test_reopening_a_run_needs_resume_or_overwrite_and_the_same_settings(tmp_pat
         SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=4)
     with pytest.raises(UserError, match="different settings.*iterations: 4 -> 5"):
         SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=5, resume=True)
+    other = [(x, y.flip(0)) for x, y in data]
+    with pytest.raises(UserError, match="different settings.*hessian_checksum"):
+        SpectraTracker(model, loss_fn, other, tmp_path / "run", iterations=4, resume=True)
     with pytest.raises(UserError, match="different settings.*blocks"):
         SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=4, blocks=False,
                        resume=True)

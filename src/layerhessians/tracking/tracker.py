@@ -18,6 +18,7 @@ again with ``resume=True`` the record continues after its last committed update.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import platform
@@ -121,6 +122,24 @@ def _examples(data) -> int | None:
         return None
 
 
+def _checksum(data) -> str:
+    """SHA-256 (hex) of every tensor of ``data`` (dtype, shape and bytes, in order), so a
+    resumed record is refused if its Hessian data changed."""
+    digest = hashlib.sha256()
+    stack = [data]
+    while stack:
+        item = stack.pop(0)
+        if torch.is_tensor(item):
+            flat = item.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{item.dtype}{tuple(item.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, Mapping):
+            stack[:0] = [item[k] for k in item]
+        elif isinstance(item, (tuple, list)):
+            stack[:0] = list(item)
+    return digest.hexdigest()
+
+
 def _parameter_names(model: nn.Module, blocks) -> "OrderedDict[str, list[str]]":
     """The selection as parameter names (a tied parameter under its first name); refuses
     a block that is empty or holds a tensor that is not a trainable parameter of ``model``."""
@@ -181,8 +200,9 @@ class SpectraTracker:
         bn_mode: batch norm in ``"eval"`` (running statistics, default) or ``"train"`` mode.
         unit: what the update index counts, ``"epoch"`` (default) or ``"step"``; recorded
             in config.json, the run's ``epoch`` column holds the index either way.
-        resume: continue the record in ``run_dir`` (same settings required); updates after
-            the last committed one are appended.
+        resume: continue the record in ``run_dir`` (same settings, blocks and Hessian data,
+            by SHA-256 checksum, required); updates after the last committed one are
+            appended.
         overwrite: replace whatever run is in ``run_dir``.
         model_name, dataset: recorded in config.json (titles of ``plot``, labels of
             ``match``); default the model's class name and ``None``.
@@ -259,6 +279,7 @@ class SpectraTracker:
             "block_params": dict(self.block_names),
             "num_params": dims[FULL],
             "hessian_examples": _examples(self.data),
+            "hessian_checksum": _checksum(self.data),
             "settings": settings or {},
             "device": str(device),
             "threads": torch.get_num_threads(),
