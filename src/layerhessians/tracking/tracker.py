@@ -1,0 +1,432 @@
+"""Spectra of your own model in your own training loop: :class:`SpectraTracker`.
+
+Three lines in a loop::
+
+    tracker = SpectraTracker(model, loss_fn, (x_hessian, y_hessian), run_dir="runs/mine")
+    for epoch in range(1, epochs + 1):
+        ...                              # train one epoch, as before
+        tracker.update(epoch)            # full + per-block spectra, appended to the run
+
+The run directory has the layout :class:`~layerhessians.store.runs.RunStore` writes for
+``layerhessians train`` (config.json, metrics.csv, spectra.csv), so ``load_run``,
+``layerhessians plot`` and ``layerhessians match`` read it unchanged. A tracker keeps no
+copy of the model: its commit point is the store's checkpoint file holding only the
+tracker's state (the last recorded epoch), written after the spectra and metrics rows
+(atomic files). A loop killed at any moment leaves the rows of whole updates only; opened
+again with ``resume=True`` the record continues after its last committed update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import platform
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from layerhessians import __version__
+from layerhessians.curvature.blocks import layer_blocks
+from layerhessians.errors import UserError
+from layerhessians.spectra import layer_spectra
+from layerhessians.store.runs import (
+    CONFIG,
+    VOLATILE_KEYS,
+    RunStore,
+    config_differences,
+    load_run,
+)
+from layerhessians.tracking.scalars import full_scalars, spectra_scalars
+from layerhessians.training.seeding import derive_seed
+from layerhessians.vocabulary import (
+    BN_MODES,
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_ITERATIONS,
+    DEFAULT_VECTORS,
+    DISTRIBUTIONS,
+    FULL,
+    KINDS,
+)
+
+__all__ = ["SpectraTracker", "UNITS"]
+
+log = logging.getLogger(__name__)
+
+#: what the index of an update counts (recorded as config.json's ``unit``; the run's
+#: ``epoch`` column holds it)
+UNITS = ("epoch", "step")
+#: config.json keys that may change when a tracker run is resumed
+RESUME_IGNORES = VOLATILE_KEYS | {"threads", "reuse_graph", "micro_batch_size", "memory_budget"}
+#: layer_spectra arguments the tracker sets itself
+_OWN_ARGUMENTS = {"model", "loss_fn", "data", "layers", "seed", "progress", "iterations",
+                  "vectors", "distribution", "kind", "bn_mode"}
+
+
+# ----------------------------------------------------------------------------- adapters
+# The lead replaces these with the engine's own versions once they are merged: the engine
+# selecting attention's math path itself (curvature/attention.py) and block selection by
+# type/pattern (curvature/blocks.select_blocks).
+def _engine_context():
+    """Attention through SDPA's math backend while the engine runs: the fused CPU flash
+    kernel has no double backward, so a Hessian product through it fails."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _select_blocks(model: nn.Module, blocks) -> "OrderedDict[str, list]":
+    """``{block name: [parameters]}`` from ``True`` (:func:`layer_blocks`), ``False``/``None``
+    (no blocks: the full spectrum only) or a ``{name: parameter(s)}`` mapping."""
+    if blocks is True:
+        return OrderedDict((name, [p]) for name, p in layer_blocks(model).items())
+    if blocks is False or blocks is None:
+        return OrderedDict()
+    if not isinstance(blocks, Mapping):
+        raise UserError("blocks must be True (every Conv2d/Linear weight), False (the full "
+                        "spectrum only) or a {name: parameter(s)} mapping")
+    selected = OrderedDict()
+    for name, params in blocks.items():
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        selected[str(name)] = list(params)
+    return selected
+
+
+# ----------------------------------------------------------------------------- helpers
+def _to_device(data, device):
+    """``data`` (tensors in tuples, lists and dicts) with every tensor on ``device``."""
+    if torch.is_tensor(data):
+        return data.to(device)
+    if isinstance(data, Mapping):
+        return type(data)((k, _to_device(v, device)) for k, v in data.items())
+    if isinstance(data, (tuple, list)):
+        return type(data)(_to_device(v, device) for v in data)
+    return data
+
+
+def _examples(data) -> int | None:
+    """Number of examples of ``(inputs, targets)`` pairs (first dimension of the inputs);
+    ``None`` where the data has another form."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        data = [data]
+    try:
+        return int(sum(int(x.shape[0]) for x, _ in data))
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return None
+
+
+def _checksum(data) -> str:
+    """SHA-256 (hex) of every tensor of ``data`` (dtype, shape and bytes, in order), so a
+    resumed record is refused if its Hessian data changed."""
+    digest = hashlib.sha256()
+    stack = [data]
+    while stack:
+        item = stack.pop(0)
+        if torch.is_tensor(item):
+            flat = item.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{item.dtype}{tuple(item.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, Mapping):
+            stack[:0] = [item[k] for k in item]
+        elif isinstance(item, (tuple, list)):
+            stack[:0] = list(item)
+    return digest.hexdigest()
+
+
+def _parameter_names(model: nn.Module, blocks) -> "OrderedDict[str, list[str]]":
+    """The selection as parameter names (a tied parameter under its first name); refuses
+    a block that is empty or holds a tensor that is not a trainable parameter of ``model``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    result = OrderedDict()
+    for block, params in _select_blocks(model, blocks).items():
+        if block == FULL:
+            raise UserError(f"{FULL!r} is reserved for the full Hessian: rename that block")
+        if not params:
+            raise UserError(f"block {block!r} has no parameters; give it at least one")
+        chosen = []
+        for p in params:
+            if id(p) not in names or not p.requires_grad:
+                raise UserError(f"block {block!r} holds a tensor that is not a trainable "
+                                "parameter of the model; pass the model's own parameters")
+            if names[id(p)] not in chosen:
+                chosen.append(names[id(p)])
+        result[block] = chosen
+    return result
+
+
+# ----------------------------------------------------------------------------- tracker
+class SpectraTracker:
+    """Full and per-block Hessian spectra of ``model`` through training, recorded as a run.
+
+    Each :meth:`update` runs :func:`~layerhessians.spectra.layer_spectra` (stochastic
+    Lanczos quadrature, one shared first-order graph) on the fixed Hessian data at the
+    model's current weights, with start vectors seeded from ``(seed, index)``, appends the
+    spectra to the run directory, and sends scalars to the loggers. The model's parameters,
+    buffers, gradients and train/eval modes are left as they were, and no random number
+    generator of the loop is drawn from, so tracking never changes training.
+
+    Args:
+        model: the network (any ``nn.Module``); parameters are looked up by name at every
+            update, so the model may move between devices.
+        loss_fn: ``loss_fn(model(inputs), targets)`` -> scalar tensor, the MEAN loss of a
+            batch (e.g. ``nn.CrossEntropyLoss()``). The spectra are those of the mean loss
+            over all examples of ``data``. For a language model whose loss is the mean over
+            tokens, an "example" is one token position: pass targets of shape ``[B, T]``
+            and a loss that flattens ``[B, T, V]`` outputs to ``[B*T, V]``.
+        data: the fixed Hessian data: one ``(inputs, targets)`` pair or a list of pairs
+            (moved to the model's device at each update).
+        run_dir: the run directory, or ``None`` to record nothing (spectra are returned and
+            logged only).
+        blocks: ``True`` (every Conv2d/Linear weight, as ``layerhessians train``), ``False``
+            (the full spectrum only) or a ``{block name: parameter or [parameters]}``
+            mapping (e.g. attention vs MLP vs embedding weights).
+        loggers: callables ``hook(index, scalars, spectra)`` called after each update with
+            the update's index, :func:`~layerhessians.tracking.scalars.spectra_scalars`
+            (``{"top_eigenvalue/<block>": float, "trace/<block>": float}``) and the spectra.
+            :class:`~layerhessians.integrations.tensorboard.TensorBoardLogger` is one.
+        iterations: Lanczos steps per start vector (default 128, the paper's).
+        vectors: random start vectors per block (default 1).
+        seed: base seed; update ``i`` uses ``derive_seed(seed, i, "spectra")``, as
+            ``layerhessians train`` does at epoch ``i``.
+        distribution: start vectors, ``"gaussian"`` (default) or ``"rademacher"``.
+        kind: curvature, ``"hessian"`` (default), ``"ggn"``, ``"residual"`` or ``"ef"``.
+        bn_mode: batch norm in ``"eval"`` (running statistics, default) or ``"train"`` mode.
+        unit: what the update index counts, ``"epoch"`` (default) or ``"step"``; recorded
+            in config.json, the run's ``epoch`` column holds the index either way.
+        resume: continue the record in ``run_dir`` (same settings, blocks and Hessian data,
+            by SHA-256 checksum, required); updates after the last committed one are
+            appended.
+        overwrite: replace whatever run is in ``run_dir``.
+        model_name, dataset: recorded in config.json (titles of ``plot``, labels of
+            ``match``); default the model's class name and ``None``.
+        settings: more facts to record in config.json (JSON-serialisable; must be equal on
+            resume), e.g. the optimizer's settings.
+        progress: show progress over the Lanczos steps.
+        **options: further :func:`~layerhessians.spectra.layer_spectra` arguments
+            (``reorthogonalize``, ``micro_batch_size``, ``reuse_graph``,
+            ``memory_budget``, ...), recorded in config.json.
+
+    Raises:
+        UserError: an unknown setting or option, a bad block selection, or a run directory
+            that holds another run (or this one, without ``resume=True``) or is in use.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, data, run_dir=None, *, blocks=True,
+                 loggers=(), iterations: int = DEFAULT_ITERATIONS,
+                 vectors: int = DEFAULT_VECTORS, seed: int = 0,
+                 distribution: str = DEFAULT_DISTRIBUTION, kind: str = "hessian",
+                 bn_mode: str = "eval", unit: str = "epoch", resume: bool = False,
+                 overwrite: bool = False, model_name: str | None = None,
+                 dataset: str | None = None, settings: dict | None = None,
+                 progress: bool = False, **options):
+        if not isinstance(model, nn.Module):
+            raise UserError("model must be a torch.nn.Module")
+        for value, name, choices in ((distribution, "distribution", DISTRIBUTIONS),
+                                     (kind, "kind", KINDS), (bn_mode, "bn_mode", BN_MODES),
+                                     (unit, "unit", UNITS)):
+            if value not in choices:
+                raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        for value, name in ((iterations, "iterations"), (vectors, "vectors")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name} must be a positive integer; got {value!r}")
+        accepted = set(inspect.signature(layer_spectra).parameters) - _OWN_ARGUMENTS
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise UserError(f"unknown spectra option(s) {', '.join(unknown)}; accepted: "
+                            f"{', '.join(sorted(accepted))}")
+        if not callable(loss_fn):
+            raise UserError("loss_fn must be callable: loss_fn(model(inputs), targets)")
+        loggers = [loggers] if callable(loggers) else list(loggers)
+        for logger in loggers:
+            if not callable(logger):
+                raise UserError("every logger must be callable: hook(index, scalars, spectra)")
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.loggers = loggers
+        self.unit, self.seed, self.progress = unit, int(seed), progress
+        self.settings = {"iterations": iterations, "vectors": vectors,
+                         "distribution": distribution, "kind": kind, "bn_mode": bn_mode,
+                         **options}
+        self.block_names = _parameter_names(model, blocks)
+        self._device_data = (None, None)
+        self.store = None
+        if run_dir is not None:
+            config = self._describe(model_name, dataset, settings)
+            self.store = self._open(Path(run_dir), config, resume, overwrite)
+
+    # -- the record --------------------------------------------------------------------
+    def _describe(self, model_name, dataset, settings) -> dict:
+        params = dict(self.model.named_parameters())
+        dims = OrderedDict({FULL: sum(p.numel() for p in params.values() if p.requires_grad)})
+        for block, names in self.block_names.items():
+            dims[block] = sum(params[n].numel() for n in names)
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        return {
+            "source": "SpectraTracker",
+            "model": model_name or type(self.model).__name__,
+            "dataset": dataset,
+            "unit": self.unit,
+            "seed": self.seed,
+            **self.settings,
+            "blocks": list(dims),
+            "block_dims": dict(dims),
+            "block_params": dict(self.block_names),
+            "num_params": dims[FULL],
+            "hessian_examples": _examples(self.data),
+            "hessian_checksum": _checksum(self.data),
+            "settings": settings or {},
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "versions": {"layerhessians": __version__, "torch": torch.__version__,
+                         "numpy": np.__version__, "python": platform.python_version()},
+            "host": socket.gethostname(),
+            "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    @staticmethod
+    def _open(path: Path, config: dict, resume: bool, overwrite: bool) -> RunStore:
+        if (path / CONFIG).is_file() and not overwrite:
+            old = load_run(path)
+            diffs = config_differences(old.config, config, RESUME_IGNORES)
+            if diffs:
+                raise UserError(f"{path} holds a run with different settings "
+                                f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); "
+                                "pass overwrite=True to replace it, or another run_dir")
+            if len(old.metrics) and not resume:
+                raise UserError(f"{path} already holds this run; pass resume=True to continue "
+                                "its record, or overwrite=True to start over")
+        return RunStore.create(path, config, resume=resume, overwrite=overwrite,
+                               ignore=RESUME_IGNORES)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory (``None`` without one)."""
+        return None if self.store is None else self.store.path
+
+    @property
+    def completed(self) -> int | None:
+        """Index of the last committed update (``None``: none yet, or no run directory)."""
+        return None if self.store is None else self.store.completed_epoch
+
+    def seed_for(self, index: int) -> int:
+        """The SLQ seed of update ``index``: ``derive_seed(seed, index, "spectra")``."""
+        return derive_seed(self.seed, index, "spectra")
+
+    def blocks(self) -> "OrderedDict[str, list[nn.Parameter]]":
+        """``{block name: [parameters]}`` of the model as it is now (looked up by name)."""
+        params = dict(self.model.named_parameters())
+        return OrderedDict((block, [params[n] for n in names])
+                           for block, names in self.block_names.items())
+
+    def _data(self):
+        params = list(self.model.parameters())
+        device = params[0].device if params else torch.device("cpu")
+        if self._device_data[0] != device:
+            self._device_data = (device, _to_device(self.data, device))
+        return self._device_data[1]
+
+    # -- measuring ---------------------------------------------------------------------
+    def compute(self, index: int) -> "OrderedDict":
+        """The spectra of update ``index`` at the current weights, without recording or
+        logging them.
+
+        Args:
+            index: the update's index (it seeds the start vectors, :meth:`seed_for`).
+
+        Returns:
+            ``OrderedDict`` ``{"full": SpectralMeasure, block: SpectralMeasure, ...}``.
+        """
+        with _engine_context():
+            return layer_spectra(self.model, self.loss_fn, self._data(),
+                                 layers=self.blocks() or False, seed=self.seed_for(index),
+                                 progress=self.progress, **self.settings)
+
+    def update(self, epoch: int | None = None, *, step: int | None = None,
+               metrics: dict | None = None) -> "OrderedDict":
+        """Measure the spectra now, record them as update ``epoch`` (or ``step``), log them.
+
+        Args:
+            epoch: the index of this update for a tracker with ``unit="epoch"``.
+            step: the index for a tracker with ``unit="step"`` (give one of the two).
+            metrics: more numbers for this row of metrics.csv, e.g. ``{"train_loss": ...,
+                "test_loss": ..., "test_acc": ...}`` (``layerhessians plot`` draws the
+                training curves from the ``train_``/``test_`` loss and accuracy columns).
+
+        Returns:
+            ``OrderedDict`` ``{"full": SpectralMeasure, block name: SpectralMeasure, ...}``.
+
+        Raises:
+            UserError: no index, the wrong one for ``unit``, a negative index, or metrics
+                that are not numbers.
+
+        An index at or below the last committed one rewinds the record: the update replaces
+        that index's rows and later rows are dropped (a loop resumed from an older model
+        checkpoint records again from there). An update interrupted at any point leaves
+        the record as it was before it.
+        """
+        index = self._index(epoch, step)
+        row = self._metrics_row(metrics)
+        start = time.perf_counter()
+        spectra = self.compute(index)
+        seconds = time.perf_counter() - start
+        scalars = spectra_scalars(spectra)
+        if self.store is not None:
+            previous = self.completed
+            self.store.commit_epoch(index, {**row, "spectra_seconds": seconds,
+                                            **full_scalars(scalars)},
+                                    spectra, checkpoint={"unit": self.unit})
+            if previous is not None and index < previous:
+                log.warning("tracker: %s %d was already recorded (up to %d); rows after it "
+                            "are dropped and recorded again", self.unit, index, previous)
+                self.store.truncate_after(index)
+        for logger in self.loggers:
+            logger(index, scalars, spectra)
+        return spectra
+
+    def _index(self, epoch, step) -> int:
+        given = {"epoch": epoch, "step": step}
+        named = [k for k, v in given.items() if v is not None]
+        if len(named) != 1:
+            raise UserError(f"update needs one index: update({self.unit}=...)")
+        if named[0] != self.unit:
+            raise UserError(f"this tracker counts {self.unit}s (unit={self.unit!r}); call "
+                            f"update({self.unit}=...) or build it with unit={named[0]!r}")
+        index = given[named[0]]
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+            raise UserError(f"{self.unit} must be a non-negative integer; got {index!r}")
+        return int(index)
+
+    @staticmethod
+    def _metrics_row(metrics) -> dict:
+        row = {}
+        for key, value in (metrics or {}).items():
+            if key == "epoch":
+                raise UserError("metrics must not hold 'epoch': it is the update's index")
+            try:
+                row[str(key)] = float(value)
+            except (TypeError, ValueError):
+                raise UserError(f"metric {key!r} must be a number; got {value!r}") from None
+        return row
+
+    # -- closing -----------------------------------------------------------------------
+    def close(self):
+        """Release the run directory's lock (the record is complete after every update)."""
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        where = f"run_dir={str(self.run_dir)!r}" if self.store is not None else "no run_dir"
+        return (f"SpectraTracker({type(self.model).__name__}, blocks={list(self.block_names)}, "
+                f"{where}, completed={self.completed})")
