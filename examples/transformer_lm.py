@@ -19,7 +19,6 @@ over sequences (what the engine weights batches by) equals the mean over tokens.
 """
 
 import argparse
-import fnmatch
 import inspect
 import textwrap
 from collections import OrderedDict
@@ -75,11 +74,9 @@ def next_token_loss(logits, targets):
 
 
 def select_blocks(model, patterns=BLOCK_PATTERNS):
-    """``{block: [parameters]}``: the parameters whose names match each block's patterns."""
-    named = list(model.named_parameters())
-    return OrderedDict((block, [p for name, p in named
-                                if any(fnmatch.fnmatch(name, pat) for pat in pats)])
-                       for block, pats in patterns.items())
+    """``{block: [leaf parameters]}``: the parameters whose names match each block's patterns
+    (:func:`layerhessians.select_blocks`, each parameter in one block)."""
+    return lh.select_blocks(model, patterns=patterns)
 
 
 def corpus():

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from problems import PROBLEMS, mlp_data
 from torch import nn
 
 from layerhessians.store.runs import load_run
 from layerhessians.tracking import SpectraTracker, spectra_scalars
+from problems import PROBLEMS, mlp_data
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 OPTIONAL = ("lightning", "pytorch_lightning", "tensorboard", "torch.utils.tensorboard")

@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from layerhessians import __version__
-from layerhessians.curvature.blocks import layer_blocks
+from layerhessians.curvature.blocks import layer_blocks, select_blocks
 from layerhessians.errors import UserError
 from layerhessians.spectra import layer_spectra
 from layerhessians.store.runs import (
@@ -72,31 +71,25 @@ _OWN_ARGUMENTS = {"model", "loss_fn", "data", "layers", "seed", "progress", "ite
 
 
 # ----------------------------------------------------------------------------- adapters
-# The lead replaces these with the engine's own versions once they are merged: the engine
-# selecting attention's math path itself (curvature/attention.py) and block selection by
-# type/pattern (curvature/blocks.select_blocks).
-def _engine_context():
-    """Attention through SDPA's math backend while the engine runs: the fused CPU flash
-    kernel has no double backward, so a Hessian product through it fails."""
-    return sdpa_kernel(SDPBackend.MATH)
-
-
 def _select_blocks(model: nn.Module, blocks) -> "OrderedDict[str, list]":
-    """``{block name: [parameters]}`` from ``True`` (:func:`layer_blocks`), ``False``/``None``
-    (no blocks: the full spectrum only) or a ``{name: parameter(s)}`` mapping."""
+    """``{block name: [leaf parameters]}`` from ``True`` (:func:`layer_blocks`), ``False``/
+    ``None`` (no blocks: the full spectrum only) or a ``{name: parameter(s) or module}``
+    mapping (checked by :func:`select_blocks`)."""
     if blocks is True:
-        return OrderedDict((name, [p]) for name, p in layer_blocks(model).items())
+        return layer_blocks(model)
     if blocks is False or blocks is None:
         return OrderedDict()
     if not isinstance(blocks, Mapping):
         raise UserError("blocks must be True (every Conv2d/Linear weight), False (the full "
-                        "spectrum only) or a {name: parameter(s)} mapping")
-    selected = OrderedDict()
+                        "spectrum only) or a {name: parameter(s)} mapping (see "
+                        "layerhessians.select_blocks)")
+    # a tied weight listed under both of its names (embedding and head) is one parameter
+    unique = OrderedDict()
     for name, params in blocks.items():
-        if isinstance(params, torch.Tensor):
+        if isinstance(params, (nn.Module, torch.Tensor)):
             params = [params]
-        selected[str(name)] = list(params)
-    return selected
+        unique[name] = list({id(p): p for p in params}.values())
+    return select_blocks(model, mapping=unique)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -342,10 +335,9 @@ class SpectraTracker:
         Returns:
             ``OrderedDict`` ``{"full": SpectralMeasure, block: SpectralMeasure, ...}``.
         """
-        with _engine_context():
-            return layer_spectra(self.model, self.loss_fn, self._data(),
-                                 layers=self.blocks() or False, seed=self.seed_for(index),
-                                 progress=self.progress, **self.settings)
+        return layer_spectra(self.model, self.loss_fn, self._data(),
+                             layers=self.blocks() or False, seed=self.seed_for(index),
+                             progress=self.progress, **self.settings)
 
     def update(self, epoch: int | None = None, *, step: int | None = None,
                metrics: dict | None = None) -> "OrderedDict":
