@@ -14,6 +14,7 @@ import numpy as np
 
 from layerhessians.analysis import figures as plots
 from layerhessians.analysis import matching as compare
+from layerhessians.analysis.matching import block_dimensions
 from layerhessians.errors import UserError
 from layerhessians.store.runs import load_run
 
@@ -30,12 +31,13 @@ def add_arguments(parser):
                         help="image format (default: png)")
     parser.add_argument("--dpi", type=int, default=200, help="resolution of PNGs (default: 200)")
     parser.add_argument("--epochs", help="epochs to plot, e.g. 0-50 or 1,10,20 (default: all)")
-    parser.add_argument("--metric", choices=compare.METRICS, default="wasserstein",
-                        help="distance for the layer heat map and best match "
-                             "(default: wasserstein)")
-    parser.add_argument("--normalize", choices=compare.NORMALIZATIONS, default="minmax",
-                        help="eigenvalue axis normalisation of the wasserstein metric "
-                             "(default: minmax, each spectrum's support -> [0, 1])")
+    parser.add_argument("--metric", choices=(*compare.METRICS, "wasserstein"),
+                        default=compare.DEFAULT_DISTANCE,
+                        help="distance for the layer heat map and best match (default: "
+                             f"{compare.DEFAULT_DISTANCE}; wasserstein = W1 on the "
+                             "--normalize axis)")
+    parser.add_argument("--normalize", choices=tuple(compare.LEGACY_W1), default="maxabs",
+                        help="axis of --metric wasserstein (default: maxabs, x / max|x|)")
 
 
 def _check_identity(run, args):
@@ -44,27 +46,6 @@ def _check_identity(run, args):
         if given is not None and stored is not None and str(given).lower() != str(stored).lower():
             raise UserError(f"-{key[0]} {given} does not match the run {run.path} "
                             f"({key} {stored} in config.json); drop -{key[0]} or fix -r")
-
-
-def block_dimensions(config) -> dict:
-    """``{block: number of parameters}`` from config.json (``block_dims``), else counted on
-    a freshly built model of the run's architecture; ``{}`` if neither is possible."""
-    for key in ("block_dims", "dims"):
-        if isinstance(config.get(key), dict):
-            return {k: int(v) for k, v in config[key].items()}
-    try:
-        from layerhessians.models import build_model, layer_blocks
-
-        dataset = str(config.get("dataset", ""))
-        channels = config.get("in_channels") or (1 if dataset in ("MNIST", "FashionMNIST", "Digits")
-                                                 else 3)
-        classes = config.get("num_classes") or (100 if dataset == "CIFAR100" else 10)
-        model = build_model(config["model"], in_channels=int(channels), num_classes=int(classes))
-    except Exception:  # unknown architecture: plot the mean eigenvalue instead
-        return {}
-    dims = {name: p.numel() for name, p in layer_blocks(model).items()}
-    dims["full"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return dims
 
 
 def _selected_epochs(run, spec):
@@ -87,8 +68,9 @@ def _title(run):
     return f"{model} on {dataset}" if model and dataset else run.path.name
 
 
-def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None, metric="wasserstein",
-                 normalize="minmax", out=None) -> list:
+def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
+                 metric=compare.DEFAULT_DISTANCE, normalize="maxabs", out=None,
+                 replicates=compare.REPLICATES) -> list:
     """Write every figure of ``run`` (a :class:`~layerhessians.store.runs.Run`) into ``out``
     (default ``RUN/images``); returns the written paths."""
     if points < 16:
@@ -133,24 +115,37 @@ def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None, metric="w
                                       title=title), "overview_full")
 
     if "full" in run.blocks and len(run.blocks) > 1 and full_epochs:
-        distances = compare.layer_distances(run, metric, normalize, epochs=full_epochs,
-                                            points=points, measure=lookup)
+        metric = compare.resolve_metric(metric, normalize)
+        distances = compare.layer_distances(run, metric, epochs=full_epochs, points=points,
+                                            measure=lookup, replicates=replicates)
         # the peak among training epochs (epoch 0 only if alone), as `match` chooses it
         trained = distances["epoch"].isin(compare.default_epochs(full_epochs))
         peak = compare.peak_epoch(distances[trained])
-        label = (f"$W_1$ to full spectrum\n({normalize} axis)" if metric == "wasserstein"
-                 else "original distance\n(log-density values)")
+        label = compare.DISTANCES[metric].label
+        per_epoch = distances.sort_values(["epoch", "index"]).groupby("epoch")
+        closest = per_epoch.apply(lambda g: g.loc[g["distance"].idxmin()], include_groups=False)
+        mixture = distances.drop_duplicates("epoch").sort_values("epoch")
+        curves = {"closest layer": (closest.index.to_numpy(), closest["distance"],
+                                    closest["distance_low"], closest["distance_high"])}
+        if mixture["mixture_distance"].notna().any():
+            curves["block-diagonal mixture"] = (mixture["epoch"].to_numpy(),
+                                                mixture["mixture_distance"],
+                                                mixture["mixture_low"], mixture["mixture_high"])
         save(plots.plot_distance_heatmap(compare.distance_matrix(distances), label, peak=peak,
                                          title=f"{title}: distance of each layer to the full "
-                                               "spectrum"), "layer_distances")
+                                               "spectrum",
+                                         verdicts=compare.epoch_verdicts(distances),
+                                         curves=curves), "layer_distances")
         best = compare.best_layer(distances, peak)
         full_m, layer_m = measures["full", peak], measures[best["layer"], peak]
         support = [(m.nodes[m.weights > 0].min(), m.nodes[m.weights > 0].max())
                    for m in (full_m, layer_m)]
-        short = "$W_1$" if metric == "wasserstein" else "distance"
+        short = "distance" if metric == "paper" else "$W_1$"
         save(plots.plot_best_match(full_m.density(points=points), layer_m.density(points=points),
                                    support[0], support[1], best["layer"], peak,
-                                   float(best["distance"]), short), "best_match")
+                                   float(best["distance"]), short,
+                                   axis="minmax" if metric == "w1-minmax" else "maxabs"),
+             "best_match")
 
     columns = [f"{s}_{k}" for s in ("train", "test") for k in ("loss", "acc")]
     if len(run.metrics) and run.metrics.reindex(columns=columns).notna().any().any():
