@@ -253,3 +253,11 @@ def test_epoch_ticks_do_not_overlap_at_50_epochs():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_wrap_label_never_breaks_inside_math():
+    label = "$W_1$ on $\\lambda / \\max|\\lambda|$, nonzero part of the spectrum"
+    wrapped = plots.wrap_label(label, 12)
+    assert wrapped.replace("\n", " ") == label
+    assert all(line.count("$") % 2 == 0 for line in wrapped.split("\n"))
+    assert wrapped.count("\n") >= 2

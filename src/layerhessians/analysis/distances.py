@@ -247,11 +247,11 @@ def _paper_normalize(measure):
 
 
 DISTANCES = {d.name: d for d in (
-    Distance("w1-maxabs", "$W_1$, each spectrum / its max $|\\lambda|$", _axis("maxabs"), _w1,
+    Distance("w1-maxabs", "$W_1$ on $\\lambda / \\max|\\lambda|$", _axis("maxabs"), _w1,
              "W1 between spectral measures after dividing each by its own largest "
              "|eigenvalue| (default: shape, sign and zero mass compared; scale ignored)",
              "maxabs"),
-    Distance("w1-maxabs-nonzero", "$W_1$ of nonzero parts, / max $|\\lambda|$",
+    Distance("w1-maxabs-nonzero", "$W_1$ on $\\lambda / \\max|\\lambda|$, nonzero part",
              _axis("maxabs", nonzero=True), _w1,
              f"as w1-maxabs on the nonzero eigenvalues only (|lambda| > {ZERO_TOL:g} max "
              "|lambda|), renormalised: ignores the blocks' ranks", "maxabs, nonzero"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,6 +69,27 @@ def save_figure(fig, path, dpi: int = 200) -> Path:
 def safe_name(block: str) -> str:
     """A file-name-safe version of a block name (``layer1.0.conv1.weight`` stays as is)."""
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in block)
+
+
+def wrap_label(text: str, width: int) -> str:
+    """``text`` broken into lines of about ``width`` characters, never inside ``$...$``
+    (mathtext cannot span lines)."""
+    words, chunk = [], []
+    for word in str(text).split(" "):
+        chunk.append(word)
+        if " ".join(chunk).count("$") % 2 == 0:  # outside math: a breakable word
+            words.append(" ".join(chunk))
+            chunk = []
+    if chunk:
+        words.append(" ".join(chunk))
+    lines, line = [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join([*lines, line])
 
 
 def _epoch_colors(epochs):
@@ -194,7 +214,7 @@ def plot_distance_heatmap(matrix: pd.DataFrame, metric_label: str, peak=None,
 
     ``verdicts``: optional per-epoch frame (``epoch``, ``index``, ``significant``; see
     :func:`layerhessians.analysis.matching.epoch_verdicts`): the closest layer gets a white
-    dot where it is significantly closer, a grey cross where no layer is. Without it, dots
+    dot where it is significantly closer, a black cross where no layer is. Without it, dots
     mark the closest layer. ``peak``: an epoch boxed in red. ``curves``: optional
     ``{label: (epochs, value, low, high)}`` drawn above the map on the raw scale (e.g. the
     closest layer's distance and the block-diagonal baseline) with bands for ``low``..``high``.
@@ -224,7 +244,7 @@ def plot_distance_heatmap(matrix: pd.DataFrame, metric_label: str, peak=None,
             best = v["index"].fillna(-1).to_numpy(int)
             ax.scatter(epochs[sig], best[sig], s=14, color="white", edgecolor="black", lw=0.6,
                        zorder=3, label="closest layer (significantly)")
-            ax.scatter(epochs[~sig], best[~sig], s=28, marker="x", color="0.75", lw=1.4,
+            ax.scatter(epochs[~sig], best[~sig], s=30, marker="x", color="black", lw=1.4,
                        zorder=3, label="no layer significantly closer")
         else:
             ax.scatter(epochs, best, s=10, color="white", edgecolor="black", lw=0.5, zorder=3,
@@ -250,7 +270,7 @@ def plot_distance_heatmap(matrix: pd.DataFrame, metric_label: str, peak=None,
                 lo, hi = np.asarray(lo, float), np.asarray(hi, float)
                 if np.isfinite(lo).any():
                     ax_top.fill_between(x, lo, hi, color=color, alpha=0.25, lw=0)
-            ax_top.set_ylabel(textwrap.fill(metric_label, 22), fontsize=8.5)
+            ax_top.set_ylabel(wrap_label(metric_label, 22), fontsize=8.5)
             ax_top.tick_params(labelbottom=False)
             ax_top.legend(loc="best", frameon=False, fontsize=7.5)
             ax_top.set_title(title or "distance of each layer's spectrum to the full spectrum")
@@ -416,7 +436,7 @@ def plot_depth_profiles(profiles, metric_labels, title: str | None = None):
             ax.set_ylim(-0.12, 1.12)
             ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0\nfirst", "0.25", "0.5", "0.75", "1\nlast"])
             ax.set_xlabel("relative depth of layer")
-            ax.set_title(textwrap.fill(metric_labels.get(panel, str(panel)), 40), fontsize=9.5)
+            ax.set_title(wrap_label(metric_labels.get(panel, str(panel)), 40), fontsize=9.5)
         axes[0][0].set_ylabel("distance / run's maximum")
         if title:
             fig.suptitle(title)
