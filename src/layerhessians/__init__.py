@@ -7,6 +7,7 @@ The public API is imported lazily so that ``layerhessians --version`` stays fast
 - spectra: :func:`slq`, :func:`exact_spectrum`, :func:`top_eigenvalues`, :func:`hessian_trace`,
   :func:`layer_spectra`, :class:`SpectralMeasure`
 - run store: :func:`load_run`
+- analysis: :data:`DISTANCES` (named distances between spectra), :func:`spectrum_distance`
 """
 
 from importlib import import_module
@@ -27,6 +28,8 @@ _API = {
     "layer_spectra": "layerhessians.spectra",
     "SpectralMeasure": "layerhessians.spectra",
     "load_run": "layerhessians.store.runs",
+    "DISTANCES": "layerhessians.analysis.distances",
+    "spectrum_distance": "layerhessians.analysis.distances",
     "UserError": "layerhessians.errors",
 }
 
