@@ -49,6 +49,8 @@ def write_run(path, *, model="LeNet", dataset="MNIST", layers=LENET_LAYERS, epoc
 
     ``spectra``: optional ``{(epoch, block): (nodes, weights)}`` replacing the built-in
     spectra entirely (weights summing to 1; written as vector 0). ``config``: extra keys.
+    ``block_dims`` (parameters per block, as ``layerhessians train`` writes it): synthetic
+    sizes ``1000 * (i + 1)`` for layer ``i`` and 1.25 times their sum for ``full``.
     """
     path = Path(path)
     (path / "images").mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,10 @@ def write_run(path, *, model="LeNet", dataset="MNIST", layers=LENET_LAYERS, epoc
         "spectra_seconds": 2.0,
     })
     metrics.to_csv(path / "metrics.csv", index=False)
-    cfg = {"model": model, "dataset": dataset, "blocks": blocks, "num_epochs": max(epochs),
+    dims = {layer: 1000 * (i + 1) for i, layer in enumerate(layers)}
+    dims = {"full": int(1.25 * sum(dims.values())) or 1000, **dims}
+    cfg = {"model": model, "dataset": dataset, "blocks": blocks, "block_dims": dims,
+           "num_epochs": max(epochs),
            "hessian": {"iterations": nodes, "vectors": vectors, "kind": "hessian",
                        "bn_mode": "eval"}, **(config or {})}
     (path / "config.json").write_text(json.dumps(cfg, indent=2))

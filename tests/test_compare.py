@@ -168,7 +168,8 @@ def test_paper_peak_epochs_are_the_originals_plus_one():
 def test_layer_distances_known_run(tmp_path):
     run = load_run(write_run(tmp_path / "r", epochs=range(0, 6), best_layer=2, peak_epoch=3,
                              nodes=12, vectors=2))
-    d = compare.layer_distances(run)
+    # the values below are the former default's (W1 with each support -> [0, 1])
+    d = compare.layer_distances(run, "w1-minmax")
     assert sorted(d["epoch"].unique()) == [1, 2, 3, 4, 5]  # epoch 0 left out by default
     assert list(d.columns) == compare.DISTANCE_COLUMNS
     assert list(d.loc[d["epoch"] == 1, "layer"]) == list(LENET_LAYERS)
@@ -233,8 +234,10 @@ def test_match_end_to_end(tmp_path, capsys):
                   layers=tuple(f"features.{i}.weight" for i in range(7)), best_layer=5,
                   peak_epoch=4, epochs=range(0, 5))
     out = tmp_path / "out"
-    rc = main(["match", str(a), str(b), "--out", str(out), "--metric", "both",
-               "--points", "128", "--dpi", "80"])
+    # the peaks and layers below are the former default's answers (then --metric both =
+    # wasserstein with each support -> [0, 1], and paper): asked for by name
+    rc = main(["match", str(a), str(b), "--out", str(out), "--metric", "w1-minmax", "paper",
+               "--points", "128", "--dpi", "80", "--replicates", "50"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "LeNet+MNIST" in text and "VGG11_bn+CIFAR10" in text
@@ -244,14 +247,21 @@ def test_match_end_to_end(tmp_path, capsys):
     assert set(["run", "model", "dataset", "epoch", "layer", "depth", "distance",
                 "metric"]) <= set(table.columns)
     assert len(table) == 2 * (5 * 4 + 7 * 4)  # metrics x (layers x epochs 1..4)
-    assert set(table["metric"]) == {"wasserstein", "paper"}
+    assert set(table["metric"]) == {"w1-minmax", "paper"}
     summary = pd.read_csv(out / "match_distros_summary.csv")
     assert set(summary["peak_epoch"]) == {2, 4}
     for name in ("match_distros_wasserstein.png", "match_distros_peak.png"):
         assert png_has_content(out / name), name
     # a given peak is used as is
-    rc = main(["match", str(a), "--out", str(out), "--peak", f"{a.name}=3", "--dpi", "60"])
+    rc = main(["match", str(a), "--out", str(out), "--peak", f"{a.name}=3", "--dpi", "60",
+               "--replicates", "50"])
     assert rc == 0 and "at peak epoch 3 (given)" in capsys.readouterr().out
+    # both = the default and the paper's metric
+    rc = main(["match", str(a), "--out", str(out), "--metric", "both", "--dpi", "60",
+               "--replicates", "20"])
+    assert rc == 0
+    assert set(pd.read_csv(out / "match_distros.csv")["metric"]) == {
+        compare.DEFAULT_DISTANCE, "paper"}
 
 
 def test_match_finds_seed_runs_in_working_directory(tmp_path, monkeypatch, capsys):
@@ -260,7 +270,9 @@ def test_match_finds_seed_runs_in_working_directory(tmp_path, monkeypatch, capsy
     assert "none of the 12 seed run directories" in capsys.readouterr().err
     write_run(tmp_path / compare.seed_run_name("LeNet", "MNIST"), epochs=range(0, 21),
               best_layer=3, peak_epoch=10, nodes=8)
-    assert main(["match", "--peak", "paper", "--dpi", "60"]) == 0
+    # the layer below is the former default's answer (W1 with each support -> [0, 1])
+    assert main(["match", "--peak", "paper", "--dpi", "60", "--metric", "w1-minmax",
+                 "--replicates", "50"]) == 0
     captured = capsys.readouterr()
     assert "missing: model=LeNet,dataset=FashionMNIST,te,run1" in captured.err
     assert "1 of the 12" in captured.err
@@ -286,3 +298,150 @@ def test_match_user_errors(tmp_path, capsys):
         assert message in err and err.count("\n") == 1, (argv, err)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"] == "LeNet"
+
+
+# ----------------------------------------------------------------------------- verdicts
+def test_verdict_needs_support_beyond_the_spread():
+    rng = np.random.default_rng(0)
+    points = np.array([1.0, 2.0, 3.0])
+    clear = points[:, None] + 0.05 * rng.standard_normal((3, 400))
+    v = compare.verdict(points, clear)
+    assert v["best"] == 0 and v["runner_up"] == 1 and v["significant"] and v["support"] > 0.99
+    # within the spread: no verdict
+    close = np.array([1.0, 1.01, 3.0])
+    v = compare.verdict(close, close[:, None] + 0.05 * rng.standard_normal((3, 400)))
+    assert not v["significant"] and 0.3 < v["support"] < 0.8
+    # an exact tie is never a result, even without noise
+    tie = np.array([0.5, 0.5, 0.7])
+    v = compare.verdict(tie, np.repeat(tie[:, None], 50, axis=1))
+    assert v["support"] == 0.0 and not v["significant"]
+    # no draws: no verdict; one candidate: nothing to beat
+    assert not compare.verdict(points, np.full((3, 10), np.nan))["significant"]
+    assert compare.verdict([2.0], np.zeros((1, 0)))["significant"]
+
+
+def test_block_diagonal_mixture_is_the_spectrum_of_the_block_diagonal_matrix():
+    from layerhessians.spectra import SpectralMeasure
+
+    rng = np.random.default_rng(1)
+    sizes = [3, 7, 12]
+    blocks = []
+    for d in sizes:
+        a = rng.standard_normal((d, d))
+        blocks.append(a @ a.T - d * np.eye(d) * (d == 7))
+    exact = [np.linalg.eigvalsh(b) for b in blocks]
+    measures = [SpectralMeasure(e, np.full(e.size, 1.0 / e.size)) for e in exact]
+    mix = compare.block_diagonal_mixture(measures, sizes)
+    dense = np.zeros((sum(sizes), sum(sizes)))
+    at = 0
+    for b in blocks:
+        dense[at:at + len(b), at:at + len(b)] = b
+        at += len(b)
+    reference = np.linalg.eigvalsh(dense)
+    np.testing.assert_allclose(np.sort(mix.nodes), reference, atol=1e-10)
+    np.testing.assert_allclose(mix.weights, 1.0 / sum(sizes))
+    assert mix.dim == sum(sizes)
+    assert compare.spectrum_distance(mix, SpectralMeasure(reference, np.full(22, 1 / 22)),
+                                     "w1-raw") < 1e-10
+    # its density is the same mixture of the blocks' densities
+    grid = np.linspace(-10, 40, 64)
+    want = sum(d / 22 * m.density(grid=grid)[1] for d, m in zip(sizes, measures))
+    np.testing.assert_allclose(mix.density(grid=grid)[1], want)
+    with pytest.raises(UserError, match="positive size"):
+        compare.block_diagonal_mixture(measures, [3, 0, 12])
+
+
+def test_distance_table_spread_mixture_and_shares(tmp_path):
+    run = load_run(write_run(tmp_path / "r", epochs=range(0, 4), best_layer=2, peak_epoch=2,
+                             nodes=10))
+    d = compare.layer_distances(run, replicates=40, seed=3)
+    assert list(d.columns) == compare.DISTANCE_COLUMNS
+    assert (d["distance_low"] < d["distance_high"]).all()
+    assert all(len(x) == 40 for x in d["draws"])
+    assert (d["spread"] == "dirichlet/dirichlet").all()
+    dims = run.config["block_dims"]
+    np.testing.assert_allclose(d.loc[d["epoch"] == 1, "share"],
+                               [dims[b] / dims["full"] for b in LENET_LAYERS])
+    assert (d["mixture_blocks"] == "layers only").all()
+    # the mixture distance is the full spectrum's distance to sum_b d_b / D mu_b
+    lookup = compare.measure_lookup(run)
+    layers = [lookup(b, 2) for b in LENET_LAYERS]
+    mix = compare.block_diagonal_mixture(layers, [dims[b] for b in LENET_LAYERS])
+    got = d.loc[d["epoch"] == 2, "mixture_distance"].unique()
+    assert got.size == 1 and got[0] == pytest.approx(compare.spectrum_distance(lookup("full", 2),
+                                                                                mix))
+    # the same seed gives the same draws; another seed other draws
+    again = compare.layer_distances(run, replicates=40, seed=3)
+    np.testing.assert_array_equal(np.stack(d["draws"]), np.stack(again["draws"]))
+    other = compare.layer_distances(run, replicates=40, seed=4)
+    assert not np.array_equal(np.stack(d["draws"]), np.stack(other["draws"]))
+    # no replicates: no spread and no verdicts, but the distances
+    bare = compare.layer_distances(run, replicates=0)
+    assert bare["distance_low"].isna().all()
+    np.testing.assert_allclose(bare["distance"], d["distance"])
+    assert not compare.summarize(bare).loc[0, "peak_significant"]
+
+
+def test_exact_layers_take_their_spread_from_the_full_spectrum(tmp_path):
+    path = write_run(tmp_path / "r", epochs=[1, 2], nodes=8, vectors=2)
+    spectra = pd.read_csv(path / "spectra.csv")
+    spectra["method"] = np.where(spectra["block"] == "full", "slq", "exact")
+    spectra = spectra[(spectra["block"] == "full") | (spectra["vector"] == 0)]
+    spectra.to_csv(path / "spectra.csv", index=False)
+    run = load_run(path)
+    assert compare.measure_lookup(run)("fc1.weight", 1).method == "exact"
+    d = compare.layer_distances(run, replicates=30)
+    assert (d["spread"] == "vectors(2)/exact").all()
+    # all layers see the same draws of the full spectrum: with the full spectrum fixed too
+    # (exact), no spread is left
+    spectra["method"] = "exact"
+    spectra[spectra["vector"] == 0].to_csv(path / "spectra.csv", index=False)
+    fixed = compare.layer_distances(load_run(path), replicates=30)
+    assert (fixed["spread"] == "exact/exact").all()
+    np.testing.assert_allclose(fixed["distance_low"], fixed["distance"])
+    np.testing.assert_allclose(fixed["distance_high"], fixed["distance"])
+
+
+def test_summary_verdicts_and_peak_epoch_care(tmp_path):
+    run = load_run(write_run(tmp_path / "r", epochs=range(0, 6), best_layer=1, peak_epoch=3,
+                             nodes=12))
+    d = compare.layer_distances(run, "paper", replicates=60, points=128)
+    s = compare.summarize(d).iloc[0]
+    assert s["peak_epoch"] == 3 and s["peak_layer"] == "conv2.weight"
+    assert s["peak_significant"] and s["peak_verdict"] == "conv2.weight"
+    assert s["peak_low"] <= s["peak_high"] and 0 <= s["peak_support"] <= 1
+    assert "3" in s["peak_epochs_within_spread"].split(",")
+    assert s["best_share"] == pytest.approx(2000 / run.config["block_dims"]["full"])
+    per_epoch = compare.epoch_verdicts(d)
+    assert list(per_epoch["epoch"]) == [1, 2, 3, 4, 5]
+    assert (per_epoch["layer"] == "conv2.weight").all()
+    # two identical layers: no layer is significantly closer, and the summary says so
+    twin = write_run(tmp_path / "twin", layers=("a.weight", "b.weight"), epochs=[1, 2],
+                     spectra={(e, b): (np.r_[0.0, 0.5, 1.0 + e], [0.6, 0.3, 0.1])
+                              for e in (1, 2) for b in ("full", "a.weight", "b.weight")})
+    d = compare.layer_distances(load_run(twin), replicates=40)
+    s = compare.summarize(d).iloc[0]
+    assert not s["peak_significant"] and s["peak_verdict"] == compare.NO_VERDICT
+    assert s["best_verdict"] == compare.NO_VERDICT
+
+
+def test_match_prints_a_verdict_with_its_spread(tmp_path, capsys):
+    twin = write_run(tmp_path / "twin", layers=("a.weight", "b.weight"), epochs=[1, 2],
+                     spectra={(e, b): (np.r_[-0.2, 0.0, 0.5, 1.0 + e], [0.05, 0.55, 0.3, 0.1])
+                              for e in (1, 2) for b in ("full", "a.weight", "b.weight")})
+    assert main(["match", str(twin), "--out", str(tmp_path / "o"), "--replicates", "30",
+                 "--dpi", "50", "--metric", "w1-maxabs", "w1-minmax"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("no layer significantly closer") == 4  # 2 metrics x (peak, training)
+    assert "baseline: block-diagonal mixture over the layer weights only" in text
+    assert "[" in text and "runner-up" in text
+    table = pd.read_csv(tmp_path / "o" / "match_distros.csv")
+    assert {"distance_low", "distance_high", "share", "mixture_distance"} <= set(table.columns)
+    assert "draws" not in table.columns
+    summary = pd.read_csv(tmp_path / "o" / "match_distros_summary.csv")
+    assert (summary["peak_verdict"] == compare.NO_VERDICT).all()
+    assert main(["match", str(twin), "--replicates", "-1"]) == 2
+    # argparse (one-line usage error, exit 2): not one of the registry's names
+    assert main(["match", str(twin), "--metric", "kl"]) == 2
+    err = capsys.readouterr().err
+    assert "--metric: invalid choice 'kl'" in err and "w1-maxabs" in err

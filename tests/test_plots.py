@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from layerhessians.analysis import figures as plots
-from layerhessians.analysis.report import block_dimensions
+from layerhessians.analysis import matching as compare
+from layerhessians.analysis.matching import block_dimensions
 from layerhessians.cli.main import main
 from layerhessians.cli.plot import _check_identity
 from layerhessians.store.runs import load_run
@@ -160,3 +161,104 @@ def test_experiment_scripts_run_from_any_directory(tmp_path, monkeypatch, capsys
         runpy.run_path(str(script), run_name="__main__")
     assert done.value.code == 2
     assert capsys.readouterr().err.startswith("layerhessians match: error: none of the 12 seed")
+
+
+# ----------------------------------------------------------------------------- match figures
+def _text_boxes_overlap(fig, texts):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts if t.get_text()]
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_run_styles_colour_per_model_marker_per_dataset_and_never_identical():
+    runs = [("a", "LeNet", "MNIST"), ("b", "LeNet", "CIFAR10"), ("c", "VGG11_bn", "MNIST"),
+            ("d", "LeNet", "MNIST"), ("e", "ResNet18", "SVHN")]
+    styles = plots.run_styles(runs)
+    assert styles["a"][0] == styles["b"][0] == styles["d"][0] != styles["c"][0]
+    assert styles["a"][1] == styles["c"][1] == styles["d"][1] != styles["b"][1]
+    assert len(set(styles.values())) == len(runs)  # a and d differ by line style
+
+
+def test_depth_profiles_one_panel_per_metric_with_bars_and_verdict_marks():
+    def frame(best):
+        depth = np.linspace(0, 1, 4)
+        rel = 0.3 + np.abs(depth - depth[best])
+        rel = rel / rel.max()
+        return pd.DataFrame({"depth": depth, "relative": rel, "relative_low": rel - 0.05,
+                             "relative_high": rel + 0.05})
+
+    entries = [{"label": "LeNet+MNIST", "model": "LeNet", "dataset": "MNIST", "frame": frame(1),
+                "best_index": 1, "significant": True},
+               {"label": "VGG11_bn+SVHN", "model": "VGG11_bn", "dataset": "SVHN",
+                "frame": frame(2), "best_index": 2, "significant": False}]
+    labels = {m: compare.DISTANCES[m].label for m in ("w1-maxabs", "paper", "w1-minmax")}
+    fig = plots.plot_depth_profiles({m: entries for m in labels}, labels, title="t")
+    panels = [ax for ax in fig.axes if ax.get_xlabel()]
+    assert len(panels) == 3
+    assert not _text_boxes_overlap(fig, [ax.title for ax in panels])
+    ax = panels[0]
+    assert len(ax.containers) == 2  # error bars per run
+    markers = [line.get_marker() for line in ax.get_lines()]
+    assert markers.count("*") == 1  # the significant run's closest layer
+    assert any(t.get_text() == "n.s." for t in ax.texts)
+    legend = fig.legends[0]
+    assert "colour = model, marker = dataset" in legend.get_title().get_text()
+    assert any("no layer significantly closer" in t.get_text() for t in legend.get_texts())
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_heatmap_is_scaled_per_epoch_and_marks_the_verdicts():
+    matrix = pd.DataFrame([[1.0, 100.0, 0.0], [2.0, 110.0, 0.0], [4.0, 300.0, 0.0]],
+                          index=["a", "b", "c"], columns=[1, 2, 3])
+    scaled = plots.per_epoch_scaled(matrix)
+    np.testing.assert_allclose(scaled[1], [1, 2, 4])
+    np.testing.assert_allclose(scaled[2], [1, 1.1, 3])  # within epoch 2: told apart
+    np.testing.assert_allclose(scaled[3], [1, 1, 1])  # all zero: a tie, shown as one colour
+    verdicts = pd.DataFrame({"epoch": [1, 2, 3], "index": [0, 0, 0],
+                             "significant": [True, True, False]})
+    curves = {"closest layer": (np.array([1, 2, 3]), np.array([1.0, 100, 0]),
+                                np.array([0.9, 90, 0]), np.array([1.1, 110, 0]))}
+    fig = plots.plot_distance_heatmap(matrix, "d", peak=2, verdicts=verdicts, curves=curves)
+    ax = [a for a in fig.axes if a.get_ylabel().startswith("layer")][0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "no layer significantly closer" in labels and "peak epoch 2" in labels
+    offsets = {c.get_label(): c.get_offsets() for c in ax.collections if c.get_label()}
+    np.testing.assert_allclose(offsets["closest layer (significantly)"], [[1, 0], [2, 0]])
+    np.testing.assert_allclose(offsets["no layer significantly closer"], [[3, 0]])
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_epoch_ticks_do_not_overlap_at_50_epochs():
+    epochs = np.arange(51)
+    grid = np.linspace(-1, 5, 40)
+    densities = np.exp(-(grid[None, :] - epochs[:, None] / 10) ** 2)
+    fig = plots.plot_full_overview(grid, epochs, densities, epochs / 10 + 1, epochs * 3.0)
+    for ax in fig.axes:
+        if ax.get_xlabel() == "epoch" or ax.get_ylabel() == "epoch":
+            axis = ax.xaxis if ax.get_xlabel() == "epoch" else ax.yaxis
+            fig.canvas.draw()
+            ticks = [t for t in axis.get_ticklabels() if t.get_text()]
+            assert 3 <= len(ticks) <= 10
+            assert not _text_boxes_overlap(fig, ticks)
+    matrix = pd.DataFrame(np.random.default_rng(0).random((5, 50)) + 0.1,
+                          index=list("abcde"), columns=range(1, 51))
+    fig = plots.plot_distance_heatmap(matrix, "d")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert not _text_boxes_overlap(fig, ax.xaxis.get_ticklabels())
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_wrap_label_never_breaks_inside_math():
+    label = "$W_1$ on $\\lambda / \\max|\\lambda|$, nonzero part of the spectrum"
+    wrapped = plots.wrap_label(label, 12)
+    assert wrapped.replace("\n", " ") == label
+    assert all(line.count("$") % 2 == 0 for line in wrapped.split("\n"))
+    assert wrapped.count("\n") >= 2

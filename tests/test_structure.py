@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import layerhessians
+from layerhessians.cli.main import COMMANDS
 from layerhessians.errors import UserError
 from layerhessians.pipeline.grid import GridRun, flags_to_config
 from layerhessians.store.atomic import atomic_path
@@ -37,7 +38,7 @@ def test_no_module_outside_cli_imports_the_cli():
     assert offenders == []
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], *([c, "--help"] for c in COMMANDS)])
 def test_help_does_not_import_torch(argv):
     code = ("import sys, runpy; sys.argv = ['layerhessians', *sys.argv[1:]]\n"
             "try:\n    runpy.run_module('layerhessians', run_name='__main__')\n"

@@ -8,6 +8,7 @@ The public API is imported lazily so that ``layerhessians --version`` stays fast
   :func:`layer_spectra`, :class:`SpectralMeasure`
 - run store: :func:`load_run`
 - your own loop: :class:`SpectraTracker`
+- analysis: :data:`DISTANCES` (named distances between spectra), :func:`spectrum_distance`
 """
 
 from importlib import import_module
@@ -29,6 +30,8 @@ _API = {
     "SpectralMeasure": "layerhessians.spectra",
     "load_run": "layerhessians.store.runs",
     "SpectraTracker": "layerhessians.tracking",
+    "DISTANCES": "layerhessians.analysis.distances",
+    "spectrum_distance": "layerhessians.analysis.distances",
     "UserError": "layerhessians.errors",
 }
 

@@ -27,3 +27,5 @@ INSTALL_HINT = "pip install 'layerhessians[cluster]'"
 SLURM_DEFAULT_MINUTES = 24 * 60  # a Slurm job's time limit unless --time
 #: torch.distributed backends under torchrun (auto: nccl on GPUs, gloo on CPUs)
 BACKENDS = ("auto", "gloo", "nccl")
+#: bootstrap draws behind each distance's spread and the matching verdicts
+DEFAULT_REPLICATES = 200

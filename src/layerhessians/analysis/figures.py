@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from layerhessians.store.atomic import atomic_path  # noqa: E402
@@ -63,6 +64,27 @@ def save_figure(fig, path, dpi: int = 200) -> Path:
 def safe_name(block: str) -> str:
     """A file-name-safe version of a block name (``layer1.0.conv1.weight`` stays as is)."""
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in block)
+
+
+def wrap_label(text: str, width: int) -> str:
+    """``text`` broken into lines of about ``width`` characters, never inside ``$...$``
+    (mathtext cannot span lines)."""
+    words, chunk = [], []
+    for word in str(text).split(" "):
+        chunk.append(word)
+        if " ".join(chunk).count("$") % 2 == 0:  # outside math: a breakable word
+            words.append(" ".join(chunk))
+            chunk = []
+    if chunk:
+        words.append(" ".join(chunk))
+    lines, line = [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join([*lines, line])
 
 
 def _epoch_colors(epochs):
@@ -145,7 +167,7 @@ def plot_full_overview(grid, epochs, densities, top, trace, trace_label: str = "
         ax.legend(loc="upper right", frameon=True, framealpha=0.85, fontsize=8)
         ax.set_xlabel("eigenvalue $\\lambda$")
         ax.set_ylabel("epoch")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
         ax.set_title("full Hessian spectral density")
         ax.grid(False)
         bar = fig.colorbar(mesh, ax=ax, pad=0.02)
@@ -157,29 +179,71 @@ def plot_full_overview(grid, epochs, densities, top, trace, trace_label: str = "
             ax_trace.plot(epochs, trace, marker="o", ms=3, color="C0")
         ax_trace.set_ylabel(trace_label)
         ax_trace.set_xlabel("epoch")
-        ax_trace.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_trace.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
         if title:
             fig.suptitle(title)
     return fig
 
 
 # ----------------------------------------------------------------------------- distances
-def plot_distance_heatmap(matrix: pd.DataFrame, metric_label: str, peak=None,
-                          title: str | None = None):
-    """Distance of each layer's spectrum to the full one: layers (rows, input at top) x
-    epochs (columns). Dots mark the best-matching layer per epoch; a box marks ``peak``."""
+def per_epoch_scaled(matrix: pd.DataFrame) -> pd.DataFrame:
+    """Each epoch (column) of a layers x epochs table divided by its smallest distance
+    (1 = the closest layer at that epoch, 3 = three times as far). A zero minimum is
+    replaced by the column's smallest positive distance (a column of zeros gives 1)."""
     values = matrix.to_numpy(float)
+    floor = np.min(np.where(values > 0, values, np.inf), axis=0)
+    floor = np.where(np.isfinite(floor), floor, 1.0)
+    scaled = np.maximum(values, 0) / floor
+    scaled = np.where(values > 0, scaled, 1.0)
+    return pd.DataFrame(np.where(np.isnan(values), np.nan, scaled), index=matrix.index,
+                        columns=matrix.columns)
+
+
+def plot_distance_heatmap(matrix: pd.DataFrame, metric_label: str, peak=None,
+                          title: str | None = None, verdicts: pd.DataFrame | None = None,
+                          curves=None):
+    """Distance of each layer's spectrum to the full one: layers (rows, input at top) x
+    epochs (columns), each epoch's column divided by its smallest distance and coloured on
+    a log scale (:func:`per_epoch_scaled`), so layers within an epoch can be told apart
+    whatever the epoch's overall level and however far the farthest layer is.
+
+    ``verdicts``: optional per-epoch frame (``epoch``, ``index``, ``significant``; see
+    :func:`layerhessians.analysis.matching.epoch_verdicts`): the closest layer gets a white
+    dot where it is significantly closer, a black cross where no layer is. Without it, dots
+    mark the closest layer. ``peak``: an epoch boxed in red. ``curves``: optional
+    ``{label: (epochs, value, low, high)}`` drawn above the map on the raw scale (e.g. the
+    closest layer's distance and the block-diagonal baseline) with bands for ``low``..``high``.
+    """
+    values = matrix.to_numpy(float)
+    scaled = per_epoch_scaled(matrix).to_numpy(float)
     epochs = np.asarray(matrix.columns)
     layers = list(matrix.index)
-    height = min(9.0, max(2.8, 1.6 + 0.22 * len(layers)))
+    height = min(9.5, max(3.2, 1.8 + 0.22 * len(layers))) + (1.3 if curves else 0.0)
     with style():
-        fig, ax = plt.subplots(figsize=(7.0, height), layout="constrained")
+        fig = plt.figure(figsize=(7.2, height), layout="constrained")
+        if curves:
+            grid = fig.add_gridspec(2, 1, height_ratios=[1, 2.6])
+            ax_top = fig.add_subplot(grid[0])
+            ax = fig.add_subplot(grid[1], sharex=ax_top)
+        else:
+            ax_top, ax = None, fig.add_subplot(1, 1, 1)
         rows = np.arange(len(layers))
-        mesh = ax.pcolormesh(epochs, rows, values, shading="nearest", cmap="viridis",
+        top = np.nanmax(scaled) if np.isfinite(scaled).any() else 1.0
+        mesh = ax.pcolormesh(epochs, rows, scaled, shading="nearest", cmap="viridis_r",
+                             norm=LogNorm(vmin=1.0, vmax=max(top, 1.0 + 1e-6)),
                              rasterized=True)
         best = np.nanargmin(np.where(np.isnan(values), np.inf, values), axis=0)
-        ax.scatter(epochs, best, s=10, color="white", edgecolor="black", lw=0.5, zorder=3,
-                   label="best layer per epoch")
+        if verdicts is not None:
+            v = verdicts.set_index("epoch").reindex(epochs)
+            sig = v["significant"].fillna(False).to_numpy(bool)
+            best = v["index"].fillna(-1).to_numpy(int)
+            ax.scatter(epochs[sig], best[sig], s=14, color="white", edgecolor="black", lw=0.6,
+                       zorder=3, label="closest layer (significantly)")
+            ax.scatter(epochs[~sig], best[~sig], s=30, marker="x", color="black", lw=1.4,
+                       zorder=3, label="no layer significantly closer")
+        else:
+            ax.scatter(epochs, best, s=10, color="white", edgecolor="black", lw=0.5, zorder=3,
+                       label="closest layer per epoch")
         if peak is not None and peak in set(epochs.tolist()):
             col = list(epochs).index(peak)
             ax.scatter([peak], [best[col]], s=90, marker="s", facecolor="none",
@@ -187,14 +251,26 @@ def plot_distance_heatmap(matrix: pd.DataFrame, metric_label: str, peak=None,
         ax.set_yticks(rows, layers, fontsize=8 if len(layers) <= 12 else 6.5)
         ax.invert_yaxis()
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
         ax.set_ylabel("layer (input $\\to$ output)")
         ax.grid(False)
-        ax.set_title(title or "distance of each layer's spectrum to the full spectrum")
         bar = fig.colorbar(mesh, ax=ax, pad=0.01)
-        bar.set_label(metric_label)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 if height > 3 else -0.2),
-                  ncol=2, frameon=False)
+        bar.set_label("distance / closest layer's\n(per epoch, log scale)")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14 if height > 3.5 else -0.22),
+                  ncol=3, frameon=False, fontsize=8)
+        if ax_top is not None:
+            for k, (label, (x, y, lo, hi)) in enumerate(curves.items()):
+                color = f"C{k + 1}"
+                ax_top.plot(x, y, color=color, marker="o", ms=2.5, lw=1.2, label=label)
+                lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+                if np.isfinite(lo).any():
+                    ax_top.fill_between(x, lo, hi, color=color, alpha=0.25, lw=0)
+            ax_top.set_ylabel(wrap_label(metric_label, 22), fontsize=8.5)
+            ax_top.tick_params(labelbottom=False)
+            ax_top.legend(loc="best", frameon=False, fontsize=7.5)
+            ax_top.set_title(title or "distance of each layer's spectrum to the full spectrum")
+        else:
+            ax.set_title(title or "distance of each layer's spectrum to the full spectrum")
     return fig
 
 
@@ -206,9 +282,11 @@ def normalized_curve(grid, density, lo: float, hi: float):
 
 
 def plot_best_match(full_curve, layer_curve, full_support, layer_support, layer: str,
-                    epoch: int, distance: float, metric_label: str):
-    """The full spectrum overlaid with a layer's, on the eigenvalue axis (left) and on each
-    spectrum's own support mapped to [0, 1] (right; the axis the default metric uses).
+                    epoch: int, distance: float, metric_label: str, axis: str = "maxabs"):
+    """The full spectrum overlaid with a layer's, on the eigenvalue axis (left) and on the
+    normalised axis a W1 metric compares (right): ``axis="maxabs"`` divides each spectrum
+    by its own largest ``|eigenvalue|`` (the default metric's axis), ``"minmax"`` maps each
+    support to [0, 1].
 
     ``*_curve``: ``(grid, density)``; ``*_support``: ``(min node, max node)``.
     """
@@ -221,7 +299,12 @@ def plot_best_match(full_curve, layer_curve, full_support, layer_support, layer:
             grid, density = curve
             ax_raw.plot(grid, np.clip(density, 1e-300, None), color=color, ls=line, lw=1.3,
                         label=label)
-            x, y = normalized_curve(grid, density, *support)
+            if axis == "minmax":
+                lo, hi = support
+            else:
+                scale = max(abs(support[0]), abs(support[1])) or 1.0
+                lo, hi = 0.0, scale
+            x, y = normalized_curve(grid, density, lo, hi)
             ax_norm.plot(x, np.clip(y, 1e-300, None), color=color, ls=line, lw=1.3, label=label)
             curves.append((x, y))
         for ax in (ax_raw, ax_norm):
@@ -230,11 +313,15 @@ def plot_best_match(full_curve, layer_curve, full_support, layer_support, layer:
         ax_raw.set_ylim(*_density_limits([full_curve, layer_curve]))
         ax_norm.set_ylim(*_density_limits(curves))
         ax_raw.set_xlabel("eigenvalue $\\lambda$")
-        ax_norm.set_xlabel("$(\\lambda - \\lambda_{min}) / (\\lambda_{max} - \\lambda_{min})$")
+        if axis == "minmax":
+            ax_norm.set_xlabel("$(\\lambda - \\lambda_{min}) / (\\lambda_{max} - \\lambda_{min})$")
+            ax_norm.set_title("each support mapped to [0, 1]")
+        else:
+            ax_norm.set_xlabel("$\\lambda / \\max|\\lambda|$")
+            ax_norm.set_title("each spectrum / its largest $|\\lambda|$")
         ax_raw.set_title("eigenvalue axis")
-        ax_norm.set_title("each support mapped to [0, 1]")
         ax_raw.legend(loc="upper right", frameon=False)
-        fig.suptitle(f"best match at epoch {epoch}: {layer} ({metric_label} = {distance:.3g})")
+        fig.suptitle(f"closest layer at epoch {epoch}: {layer} ({metric_label} = {distance:.3g})")
     return fig
 
 
@@ -261,7 +348,7 @@ def plot_training_curves(metrics: pd.DataFrame, title: str | None = None):
                 ax.plot(frame["epoch"], values * scale, color="C0" if split == "train" else "C1",
                         marker="o", ms=2.5, label=split)
             ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
             ax.set_ylabel(label)
             ax.legend(frameon=False)
         if title:
@@ -284,37 +371,93 @@ def save_training_curves(metrics: pd.DataFrame, folder, title: str | None = None
     return written
 
 
+MODEL_ORDER = ("LeNet", "VGG11", "VGG11_bn", "ResNet18")
+DATASET_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def run_styles(runs) -> dict:
+    """``{label: (colour, marker, linestyle)}`` for runs ``[(label, model, dataset), ...]``:
+    one colour per model, one marker per dataset, and a new line style for each further
+    run of the same model and dataset, so no two runs look the same."""
+    runs = list(runs)
+    models = sorted({m for _, m, _ in runs},
+                    key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else 99, str(m)))
+    datasets = sorted({d for _, _, d in runs},
+                      key=lambda d: (DATASET_ORDER.index(d) if d in DATASET_ORDER else 99, str(d)))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    markers = {d: DATASET_MARKERS[i % len(DATASET_MARKERS)] for i, d in enumerate(datasets)}
+    seen, styles = {}, {}
+    for label, model, dataset in runs:
+        if label in styles:
+            continue
+        k = seen.get((model, dataset), 0)
+        seen[(model, dataset)] = k + 1
+        styles[label] = (colors[model], markers[dataset], LINESTYLES[k % len(LINESTYLES)])
+    return styles
+
+
 def plot_depth_profiles(profiles, metric_labels, title: str | None = None):
     """Relative distance to the full spectrum against relative depth, one line per run.
 
-    ``profiles``: ``{panel: [(label, model, dataset, frame), ...]}`` with frames having
-    ``depth`` (in [0, 1]) and ``relative`` (distance / the run's maximum) columns; one
-    panel per key (e.g. per metric), titled by ``metric_labels[key]``. Colour = dataset,
-    line style and marker = model.
+    ``profiles``: ``{panel: [entry, ...]}``, one panel per key (e.g. per metric) titled by
+    ``metric_labels[key]``; an entry is a dict with ``label``, ``model``, ``dataset``,
+    ``frame`` (columns ``depth`` in [0, 1], ``relative`` = distance / the run's maximum,
+    optional ``relative_low``/``relative_high``: the interval, drawn as error bars) and
+    optional ``best_index`` (the closest layer's row) and ``significant`` (the verdict).
+    The closest layer is marked with a star when it is significantly closer than every
+    other layer, with an open circle and "n.s." otherwise. Colour = model, marker =
+    dataset (:func:`run_styles`).
     """
     panels = list(profiles)
-    datasets = sorted({d for rows in profiles.values() for _, _, d, _ in rows},
-                      key=lambda d: (DATASET_ORDER.index(d) if d in DATASET_ORDER else 99, str(d)))
-    colors = {d: f"C{i % 10}" for i, d in enumerate(datasets)}
+    runs = [(e["label"], e["model"], e["dataset"]) for rows in profiles.values() for e in rows]
+    styles = run_styles(runs)
     with style():
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 2.0, 3.2),
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels) + 2.4, 3.6),
                                  layout="constrained", squeeze=False, sharey=True)
         handles = {}
         for ax, panel in zip(axes[0], panels):
-            for label, model, dataset, frame in profiles[panel]:
-                line, marker = MODEL_STYLES.get(model, ("-.", "D"))
-                (h,) = ax.plot(frame["depth"], frame["relative"], linestyle=line, marker=marker,
-                               ms=3.5, lw=1.3, color=colors[dataset], label=label)
-                handles.setdefault(label, h)
-            ax.set_xlim(-0.03, 1.03)
-            ax.set_ylim(-0.03, 1.05)
+            for e in profiles[panel]:
+                frame = e["frame"]
+                color, marker, line = styles[e["label"]]
+                x, y = frame["depth"].to_numpy(float), frame["relative"].to_numpy(float)
+                if {"relative_low", "relative_high"} <= set(frame.columns):
+                    lo = frame["relative_low"].to_numpy(float)
+                    hi = frame["relative_high"].to_numpy(float)
+                    if np.isfinite(lo).all() and np.isfinite(hi).all():
+                        ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)],
+                                    fmt="none", ecolor=color, elinewidth=0.9, capsize=2.5,
+                                    alpha=0.8)
+                (h,) = ax.plot(x, y, linestyle=line, marker=marker, ms=4, lw=1.3, color=color,
+                               mfc="white", mew=1.1, label=e["label"])
+                handles.setdefault(e["label"], h)
+                best = e.get("best_index")
+                if best is not None:
+                    if e.get("significant", False):
+                        ax.plot(x[best], y[best], marker="*", ms=13, color=color, mec="black",
+                                mew=0.7, zorder=5, linestyle="none")
+                    else:
+                        ax.plot(x[best], y[best], marker="o", ms=13, mfc="none", mec="0.35",
+                                mew=1.2, zorder=5, linestyle="none")
+                        ax.annotate("n.s.", (x[best], y[best]), xytext=(0, -14),
+                                    textcoords="offset points", ha="center", fontsize=7.5,
+                                    color="0.3")
+            ax.set_xlim(-0.05, 1.05)
+            ax.set_ylim(-0.12, 1.12)
             ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0\nfirst", "0.25", "0.5", "0.75", "1\nlast"])
             ax.set_xlabel("relative depth of layer")
-            ax.set_title(metric_labels.get(panel, str(panel)))
+            ax.set_title(wrap_label(metric_labels.get(panel, str(panel)), 40), fontsize=9.5)
         axes[0][0].set_ylabel("distance / run's maximum")
         if title:
             fig.suptitle(title)
-        fig.legend(list(handles.values()), list(handles), loc="outside right center",
-                   frameon=False, title="model+dataset")
+        verdicts = [
+            Line2D([], [], marker="*", ms=11, color="0.5", mec="black", ls="none",
+                   label="closest layer, significantly"),
+            Line2D([], [], marker="o", ms=11, mfc="none", mec="0.35", ls="none",
+                   label="n.s.: no layer significantly closer"),
+        ]
+        fig.legend([*handles.values(), *verdicts], [*handles, *(v.get_label() for v in verdicts)],
+                   loc="outside right center", frameon=False,
+                   title="colour = model, marker = dataset\n(bars: bootstrap interval)",
+                   title_fontsize=8.5)
     return fig
-

@@ -1,44 +1,82 @@
-"""Distances between spectra, and the epoch where a layer matches the full Hessian best.
+"""Matching layers to the full Hessian: distances with their spread, verdicts, the peak epoch
+and the block-diagonal baseline.
 
-A spectrum here is anything with ``.nodes`` and ``.weights`` (1-D float arrays, weights >= 0
-summing to 1): a :class:`~layerhessians.spectra.SpectralMeasure` from SLQ (Ritz values and
-quadrature weights) or an exact spectrum.
+The distances themselves live in :mod:`layerhessians.analysis.distances` (the registry
+:data:`~layerhessians.analysis.distances.DISTANCES`; default ``"w1-maxabs"``). This module
+applies them to runs, epoch by epoch, and says how sure the answer is.
 
-Two metrics:
+**Spread.** Every distance comes with ``replicates`` bootstrap draws (default
+:data:`REPLICATES`) and a percentile interval (``distance_low``, ``distance_high``; level
+:data:`LEVEL`). In draw ``b`` every block's measure is resampled once per epoch
+(:func:`resample`) and all distances of that epoch are recomputed, so the draws of layers
+at one epoch share the full spectrum's draw (a paired design: noise of the full spectrum
+moves every layer's distance together and cancels in comparisons between layers). How a
+measure is resampled (:func:`spread_method`):
 
-``"wasserstein"`` (default)
-    The 1-Wasserstein distance between the two spectral measures on the eigenvalue axis,
-    after mapping each axis by a normalisation (:data:`NORMALIZATIONS`, default ``"minmax"``:
-    each measure's own support ``[min node, max node]`` -> ``[0, 1]``, as the paper compares
-    shapes, not scales). Unit: the normalised eigenvalue axis (raw eigenvalue units with
-    ``"none"``).
-``"paper"``
-    The original ``match_distros.py`` computation, reproduced exactly: each spectrum's
-    density curve on 1024 grid points is log-transformed, min-max scaled and normalised to
-    sum 1 (:func:`paper_transform`), and the two resulting 1024-vectors are compared by
-    ``scipy.stats.wasserstein_distance`` *as unweighted samples*. This ignores the
-    eigenvalue axis (the grid), so it is not a distance between spectra; it is kept to show
-    the original's numbers side by side.
+- ``"vectors(V)"`` (``V >= 2`` SLQ start vectors): a bootstrap over the vectors, V rows
+  drawn with replacement and averaged. Model-free, but crude for small V (V = 2 gives 3
+  distinct measures);
+- ``"dirichlet"`` (one vector, operator size ``D`` known): the weights are redrawn as
+  ``Dirichlet(D * w / 2)`` at fixed Ritz values. For a start vector uniform on the sphere
+  (a normalised Gaussian) and Ritz values equal to eigenvalues of multiplicity
+  ``m_j = D w_j``, the quadrature weights are exactly ``Dirichlet(m / 2)``, so this has the
+  noise of one SLQ vector's weights (``Var w_j = 2 w_j (1 - w_j) / (D + 2)``). Limitations:
+  it leaves the Ritz values fixed (interior Ritz values of a real run also move from vector
+  to vector), and it overstates the noise of Rademacher start vectors;
+- ``"exact"`` (a measure with ``method == "exact"``): not resampled; against exact layers
+  the spread comes from the full spectrum alone;
+- ``"none"`` (one vector, size unknown): no model for the noise; draws are NaN and no
+  verdict is given.
+
+**Verdict.** Among candidates (layers at one epoch, layers summed over training, or
+epochs), the one with the smallest distance is *significantly closer* when it is strictly
+closer than every other candidate in at least ``level`` of the draws (its *support*).
+Otherwise the answer is "no layer significantly closer" (or, for epochs, the epochs not
+significantly farther than the peak are listed).
+
+**Peak epoch** (:func:`peak_epoch`): ``argmin_epoch min_layer distance``, the earliest
+epoch on ties; :func:`summarize` adds its support and the epochs within its spread.
+
+**Baseline.** For blocks partitioning all parameters, the spectrum of the block-diagonal
+part of the Hessian is the parameter-weighted mixture ``sum_b (d_b / D) mu_b``
+(:func:`block_diagonal_mixture`). The layer blocks cover the Conv2d/Linear weights only; a
+block named :data:`REST` (biases, batch-norm parameters) completes the partition when a run
+has it, otherwise the mixture is over the layers alone (``mixture_blocks`` says which).
 
 Depth of layer ``i`` (0-based) of ``L`` layers is ``i / (L - 1)`` in [0, 1] (0 for ``L == 1``).
-
-The *peak epoch* of a run (:func:`peak_epoch`) is the epoch at which the best-matching layer
-is closest to the full spectrum: ``argmin_epoch min_layer distance(full, layer)``, the
-earliest epoch on ties.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
-from scipy.stats import wasserstein_distance
 
+from layerhessians.analysis.distances import (  # noqa: F401  (re-exported)
+    DEFAULT_DISTANCE,
+    DISTANCES,
+    LEGACY_W1,
+    METRICS,
+    NORMALIZATIONS,
+    PAPER_POINTS,
+    as_measure,
+    get_distance,
+    normalize_nodes,
+    paper_distance,
+    paper_metric,
+    paper_transform,
+    spectrum_distance,
+    wasserstein,
+)
 from layerhessians.errors import UserError
-from layerhessians.vocabulary import FULL
+from layerhessians.spectra.measure import SpectralMeasure
+from layerhessians.vocabulary import DEFAULT_REPLICATES, FULL
 
-METRICS = ("wasserstein", "paper")
-NORMALIZATIONS = ("minmax", "joint", "maxabs", "none")
-PAPER_POINTS = 1024  # the original's density grid
+REST = "rest"  # the block of every parameter that is not a layer weight, when measured
+REPLICATES = DEFAULT_REPLICATES
+LEVEL = 0.95
+NO_VERDICT = "no layer significantly closer"
 
 # The original match_distros.py's hard-coded peak epochs, as 0-based indices into its 50
 # per-epoch spectra; index k is the spectrum after k + 1 training epochs, i.e. our epoch
@@ -62,28 +100,11 @@ def seed_run_name(model: str, dataset: str) -> str:
 
 SEED_RUNS = tuple(seed_run_name(m, d) for m in SEED_MODELS for d in SEED_DATASETS)
 
-DISTANCE_COLUMNS = ["run", "model", "dataset", "epoch", "layer", "index", "depth",
-                    "distance", "metric", "normalize"]
-
-
-# ----------------------------------------------------------------------------- measures
-def _as_measure(measure):
-    """``(nodes, weights)`` float64 1-D arrays of a measure, zero-weight nodes dropped."""
-    try:
-        nodes = np.asarray(measure.nodes, dtype=np.float64).ravel()
-        weights = np.asarray(measure.weights, dtype=np.float64).ravel()
-    except AttributeError:
-        raise TypeError(f"expected a spectral measure with .nodes and .weights, got "
-                        f"{type(measure).__name__}") from None
-    if nodes.shape != weights.shape or nodes.size == 0:
-        raise ValueError(f"a measure needs as many nodes as weights (>0), got {nodes.size} "
-                         f"nodes and {weights.size} weights")
-    if not (np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights))):
-        raise ValueError("a measure's nodes and weights must be finite")
-    if np.any(weights < 0) or weights.sum() <= 0:
-        raise ValueError("a measure's weights must be >= 0 with a positive sum")
-    keep = weights > 0
-    return nodes[keep], weights[keep] / weights[keep].sum()
+# the table of layer_distances; ``draws`` (float64 arrays [replicates]) is not written to CSV
+CSV_COLUMNS = ["run", "model", "dataset", "epoch", "layer", "index", "depth", "share",
+               "distance", "distance_low", "distance_high", "mixture_distance", "mixture_low",
+               "mixture_high", "mixture_blocks", "spread", "replicates", "metric", "normalize"]
+DISTANCE_COLUMNS = [*CSV_COLUMNS, "draws"]
 
 
 def depth(index: int, count: int) -> float:
@@ -91,115 +112,144 @@ def depth(index: int, count: int) -> float:
     return 0.0 if count <= 1 else index / (count - 1)
 
 
-def _affine_to_unit(nodes, lo, hi):
-    """Map ``[lo, hi]`` -> ``[0, 1]``; a single point (``hi == lo``) goes to 0.5."""
-    width = hi - lo
-    if width <= 0:
-        return np.full_like(nodes, 0.5)
-    return (nodes - lo) / width
+def resolve_metric(metric: str | None, normalize: str | None = None) -> str:
+    """The registry name for ``metric`` (``None``: the default); the legacy name
+    ``"wasserstein"`` means W1 on the axis ``normalize`` (default ``"maxabs"``).
 
-
-def normalize_nodes(nodes, how: str = "minmax", reference=None) -> np.ndarray:
-    """The eigenvalue axis of ``nodes`` mapped by the normalisation ``how``.
-
-    - ``"minmax"``: ``(x - min) / (max - min)`` over ``nodes`` itself -> ``[0, 1]``;
-    - ``"joint"``: the same with min/max taken over ``reference`` (the nodes of both
-      measures being compared) so both share one map;
-    - ``"maxabs"``: ``x / max|x|`` -> ``[-1, 1]`` (keeps 0 and the sign);
-    - ``"none"``: unchanged (raw eigenvalues).
-
-    Degenerate supports never divide by zero: with ``max == min`` ("minmax"/"joint") every
-    node maps to 0.5, the middle of [0, 1]; with all nodes 0 ("maxabs") they stay at 0.
+    Raises:
+        UserError: unknown metric or normalisation.
     """
-    nodes = np.asarray(nodes, dtype=np.float64)
-    if how == "minmax":
-        return _affine_to_unit(nodes, nodes.min(), nodes.max())
-    if how == "joint":
-        ref = nodes if reference is None else np.asarray(reference, dtype=np.float64)
-        return _affine_to_unit(nodes, ref.min(), ref.max())
-    if how == "maxabs":
-        scale = np.abs(nodes).max()
-        return nodes / scale if scale > 0 else nodes.copy()
-    if how == "none":
-        return nodes.copy()
-    raise UserError(f"unknown normalisation {how!r}; choose one of {', '.join(NORMALIZATIONS)}")
-
-
-def wasserstein(p, q, normalize: str = "minmax") -> float:
-    """1-Wasserstein distance between spectral measures ``p`` and ``q``.
-
-    Each measure's eigenvalue nodes are first mapped by :func:`normalize_nodes`
-    (``normalize``); the distance is then ``int |F_p(x) - F_q(x)| dx`` of the two
-    cumulative distribution functions (``scipy.stats.wasserstein_distance`` with the
-    quadrature weights). Unit: the normalised eigenvalue axis.
-    """
-    p_nodes, p_weights = _as_measure(p)
-    q_nodes, q_weights = _as_measure(q)
-    union = np.concatenate([p_nodes, q_nodes])
-    u = normalize_nodes(p_nodes, normalize, reference=union)
-    v = normalize_nodes(q_nodes, normalize, reference=union)
-    return float(wasserstein_distance(u, v, p_weights, q_weights))
-
-
-# ----------------------------------------------------------------------------- the original
-def paper_transform(density) -> np.ndarray:
-    """The original's density transform: density values -> a vector summing to 1.
-
-    For a density curve ``d`` (shape ``[P]``, values >= 0, e.g. P = 1024 grid points):
-    zeros are replaced by the smallest positive value ``d_min`` (``d + eps`` with
-    ``eps_i = d_min`` where ``d_i == 0``), then ``p = log(d + eps)`` is min-max scaled to
-    [0, 1] and divided by its sum. The grid (eigenvalue axis) plays no part. If ``log d``
-    is constant (0/0 in the original, giving NaN) this returns the uniform vector ``1/P``.
-    The result does not change when ``d`` is multiplied by a positive constant.
-    """
-    d = np.asarray(density, dtype=np.float64).ravel()
-    if d.size == 0 or not np.all(np.isfinite(d)) or np.any(d < 0):
-        raise ValueError("a density for the paper metric must be a non-empty, finite, "
-                         "non-negative array")
-    positive = d[d > 0]
-    if positive.size == 0:
-        raise ValueError("a density for the paper metric needs at least one positive value")
-    p = np.log(np.where(d == 0, positive.min(), d))
-    lo, hi = p.min(), p.max()
-    if hi == lo:
-        return np.full_like(p, 1.0 / p.size)
-    p = (p - lo) / (hi - lo)
-    return p / p.sum()
-
-
-def paper_distance(density_p, density_q) -> float:
-    """The original ``match_distros.py`` distance between two density curves.
-
-    ``scipy.stats.wasserstein_distance(paper_transform(d_p), paper_transform(d_q))``: the
-    transformed density values are treated as two unweighted samples.
-    """
-    return float(wasserstein_distance(paper_transform(density_p), paper_transform(density_q)))
-
-
-def paper_metric(p, q, points: int = PAPER_POINTS) -> float:
-    """:func:`paper_distance` of two measures' densities (``measure.density(points)``),
-    standing in for the original's 1024-point Papyan densities."""
-    return paper_distance(p.density(points=points)[1], q.density(points=points)[1])
-
-
-def spectrum_distance(p, q, metric: str = "wasserstein", normalize: str = "minmax",
-                      points: int = PAPER_POINTS) -> float:
-    """Distance between two spectra by ``metric`` (:data:`METRICS`)."""
     if metric == "wasserstein":
-        return wasserstein(p, q, normalize)
-    if metric == "paper":
-        return paper_metric(p, q, points)
-    raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        how = normalize or "maxabs"
+        if how not in LEGACY_W1:
+            raise UserError(f"unknown normalisation {how!r} for --metric wasserstein; choose "
+                            f"one of {', '.join(LEGACY_W1)}")
+        return LEGACY_W1[how]
+    return get_distance(metric).name
+
+
+def distance_entry(metric: str | None, points: int = PAPER_POINTS):
+    """The registry entry ``metric``; for ``"paper"`` with a density grid of ``points``."""
+    entry = get_distance(metric)
+    if entry.name == "paper" and int(points) != PAPER_POINTS:
+        points = int(points)
+        entry = replace(entry, normalize=lambda m: paper_transform(m.density(points=points)[1]))
+    return entry
+
+
+# ----------------------------------------------------------------------------- block sizes
+def block_dimensions(config) -> dict:
+    """``{block: number of parameters}`` from config.json (``block_dims``), else counted on
+    a freshly built model of the run's architecture (input channels and classes from the
+    config, else from the dataset registry); ``{}`` if neither is possible."""
+    # torch: counting parameters builds the model; not imported for `match --help`
+    from layerhessians.data.registry import get_spec
+    from layerhessians.models import build_model, layer_blocks
+
+    for key in ("block_dims", "dims"):
+        if isinstance(config.get(key), dict):
+            return {k: int(v) for k, v in config[key].items()}
+    try:
+        channels, classes = config.get("in_channels"), config.get("num_classes")
+        if not (channels and classes):
+            spec = get_spec(config.get("dataset"))
+            channels, classes = channels or spec.in_channels, classes or spec.num_classes
+        model = build_model(config["model"], in_channels=int(channels), num_classes=int(classes))
+    except Exception:  # unknown architecture or dataset: no sizes
+        return {}
+    dims = {name: sum(p.numel() for p in ps) for name, ps in layer_blocks(model).items()}
+    dims[FULL] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dims
+
+
+# ----------------------------------------------------------------------------- resampling
+def spread_method(measure) -> str:
+    """How :func:`resample` redraws ``measure``: ``"exact"``, ``"vectors(V)"``,
+    ``"dirichlet"`` or ``"none"`` (see the module docstring)."""
+    if getattr(measure, "method", "slq") == "exact":
+        return "exact"
+    if measure.num_vectors >= 2:
+        return f"vectors({measure.num_vectors})"
+    return "dirichlet" if getattr(measure, "dim", None) else "none"
+
+
+def resample(measure, rng: np.random.Generator):
+    """One bootstrap draw of ``measure`` (a :class:`SpectralMeasure`), by
+    :func:`spread_method`: the measure itself if exact, a new measure otherwise, ``None``
+    when there is no noise model."""
+    how = spread_method(measure)
+    if how == "exact":
+        return measure
+    if how == "none":
+        return None
+    if how != "dirichlet":
+        rows = [measure.per_vector[i] for i in rng.integers(0, measure.num_vectors,
+                                                           measure.num_vectors)]
+        return SpectralMeasure([n for n, _ in rows], [w for _, w in rows], dim=measure.dim)
+    nodes, weights = measure.per_vector[0]
+    draw = rng.gamma(np.maximum(measure.dim * weights / 2.0, 1e-300))
+    draw = np.maximum(draw, np.finfo(np.float64).tiny)  # keep every Ritz value in the support
+    return SpectralMeasure(nodes, draw / draw.sum(), dim=measure.dim)
+
+
+# ----------------------------------------------------------------------------- baseline
+class BlockMixture(SpectralMeasure):
+    """The mixture ``sum_b s_b mu_b`` of block measures (shares ``s_b`` summing to 1).
+
+    ``nodes``/``weights`` are the components' concatenated with weights ``s_b * w``; its
+    :meth:`density` is the same mixture of the components' densities (each with its own
+    kernel width), so the paper's metric sees the mixture of the curves it would plot.
+    """
+
+    def __init__(self, components, shares, dim: int | None = None):
+        shares = np.asarray(shares, np.float64)
+        nodes = np.concatenate([c.nodes for c in components])
+        weights = np.concatenate([s * c.weights for c, s in zip(components, shares)])
+        super().__init__(nodes, weights / weights.sum(), dim=dim)
+        self.components, self.shares = list(components), shares
+
+    def density(self, points: int = 1024, sigma=None, grid=None, margin: float = 0.05):
+        if grid is None:
+            low, high = self.support
+            span = high - low if high > low else (abs(low) or 1.0)
+            grid = np.linspace(low - margin * span, high + margin * span, int(points))
+        grid = np.asarray(grid, np.float64)
+        return grid, sum(s * c.density(grid=grid, sigma=sigma)[1]
+                         for c, s in zip(self.components, self.shares))
+
+
+def block_diagonal_mixture(measures, dims) -> BlockMixture:
+    """Spectrum of the block-diagonal part of a Hessian from its blocks' spectra.
+
+    For a symmetric matrix with diagonal blocks ``H_b`` of sizes ``d_b`` (``D = sum d_b``),
+    the block-diagonal matrix ``diag(H_1, ..., H_B)`` has the eigenvalues of all blocks, so
+    its spectral measure is ``sum_b (d_b / D) mu_b``.
+
+    Args:
+        measures: sequence of B spectral measures (``.nodes``, ``.weights``).
+        dims: sequence of B positive block sizes (parameters per block).
+
+    Returns:
+        A :class:`BlockMixture` with ``dim = D``.
+
+    Raises:
+        UserError: lengths differ, no blocks, or a size is not positive.
+    """
+    measures, dims = list(measures), [int(d) for d in dims]
+    if not measures or len(measures) != len(dims) or min(dims) <= 0:
+        raise UserError("a block-diagonal mixture needs one positive size per block measure")
+    total = sum(dims)
+    return BlockMixture(measures, [d / total for d in dims], dim=total)
 
 
 # ----------------------------------------------------------------------------- runs
-def measure_lookup(run):
+def measure_lookup(run, dims=None):
     """A ``(block, epoch) -> measure`` function for ``run``, equal to ``run.measure`` but
-    grouping ``run.spectra`` once and caching (``run.measure`` scans the whole table on
-    every call, ~10 ms each for a 50-epoch ResNet18 run). Missing pairs go to
-    ``run.measure``, which raises its :class:`UserError`."""
-    from layerhessians.spectra import SpectralMeasure
-
+    grouping ``run.spectra`` once and caching. Measures get ``dim`` from ``dims`` (default
+    :func:`block_dimensions` of the run's config) and ``method`` from an optional
+    ``method`` column of the spectra table (``"exact"`` for exact spectra). Missing pairs
+    go to ``run.measure``, which raises its :class:`UserError`."""
+    dims = block_dimensions(getattr(run, "config", {}) or {}) if dims is None else dims
     spectra = run.spectra
     groups = {(block, int(epoch)): rows for (block, epoch), rows
               in spectra.groupby(["block", "epoch"], sort=False)}
@@ -210,7 +260,12 @@ def measure_lookup(run):
         if key not in cache:
             if key not in groups:
                 return run.measure(block, epoch)
-            cache[key] = SpectralMeasure.from_frame(groups[key][["vector", "node", "weight"]])
+            rows = groups[key]
+            found = SpectralMeasure.from_frame(rows[["vector", "node", "weight"]],
+                                               dim=dims.get(block))
+            if "method" in rows and rows["method"].notna().any():
+                found.method = str(rows["method"].dropna().iloc[0])
+            cache[key] = found
         return cache[key]
 
     return lookup
@@ -224,61 +279,192 @@ def default_epochs(epochs) -> list:
     return trained or epochs
 
 
-def layer_distances(run, metric: str = "wasserstein", normalize: str = "minmax",
-                    epochs=None, points: int = PAPER_POINTS, measure=None) -> pd.DataFrame:
-    """Distance of every layer's spectrum to the full spectrum, at every epoch of ``run``.
+def _interval(draws, level):
+    if draws.size == 0 or not np.all(np.isfinite(draws)):
+        return np.nan, np.nan
+    tail = 50.0 * (1.0 - level)
+    lo, hi = np.percentile(draws, [tail, 100.0 - tail])
+    return float(lo), float(hi)
 
-    ``run``: a :class:`~layerhessians.store.runs.Run` (``.blocks``, ``.epochs``, ``.measure``).
-    ``epochs``: the epochs to use (default :func:`default_epochs`); epochs the run lacks
-    are a :class:`UserError`. ``measure``: optional ``(block, epoch) -> measure``
-    (default :func:`measure_lookup` of ``run``). Returns a DataFrame with
-    :data:`DISTANCE_COLUMNS`, one row per epoch and layer: ``index`` is the 0-based layer
-    index, ``depth`` its relative depth, ``distance`` in the metric's unit (normalised
-    eigenvalue axis for ``"wasserstein"``), ``normalize`` empty for the paper metric.
+
+def _checked_epochs(run, name, epochs):
+    available = list(run.epochs)
+    if not available:
+        raise UserError(f"run {name} has no spectra yet; train it first")
+    chosen = default_epochs(available) if epochs is None else sorted({int(e) for e in epochs})
+    missing = [e for e in chosen if e not in available]
+    if missing:
+        raise UserError(f"run {name} has no spectra at epoch(s) {missing}; it has epochs "
+                        f"{available[0]}..{available[-1]}")
+    return chosen
+
+
+def distance_table(run, metrics=(DEFAULT_DISTANCE,), epochs=None, points: int = PAPER_POINTS,
+                   measure=None, replicates: int = REPLICATES, seed: int = 0,
+                   level: float = LEVEL) -> pd.DataFrame:
+    """Distance of every layer's spectrum to the full spectrum, with its spread, at every
+    epoch of ``run``, for every metric in ``metrics`` (registry names).
+
+    All metrics use the same bootstrap draws of the measures (module docstring).
+
+    Args:
+        run: a :class:`~layerhessians.store.runs.Run` (``.blocks``, ``.epochs``,
+            ``.measure``, ``.config``).
+        metrics: registry names (:data:`METRICS`).
+        epochs: epochs to use (default :func:`default_epochs`).
+        points: density grid of the ``"paper"`` metric.
+        measure: optional ``(block, epoch) -> measure`` (default :func:`measure_lookup`).
+        replicates: bootstrap draws per distance (0: no spread, no verdicts).
+        seed: seed of the draws (the same seed gives the same draws).
+        level: interval level in (0, 1).
+
+    Returns:
+        DataFrame with :data:`DISTANCE_COLUMNS`, one row per metric, epoch and layer:
+        ``share`` the layer's fraction of all parameters (NaN if sizes are unknown);
+        ``distance`` between the averaged measures; ``distance_low``/``distance_high`` the
+        percentile interval of the draws; ``mixture_*`` the full spectrum's distance to the
+        block-diagonal mixture (the same on every row of an epoch; NaN if sizes are
+        unknown); ``spread`` how full/layer were resampled; ``draws`` the draws [replicates].
+
+    Raises:
+        UserError: unknown metric, missing epochs, or a run without full and layer spectra.
     """
-    if metric not in METRICS:
-        raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    if metric == "wasserstein" and normalize not in NORMALIZATIONS:
-        raise UserError(f"unknown normalisation {normalize!r}; choose one of "
-                        f"{', '.join(NORMALIZATIONS)}")
+    entries = [distance_entry(m, points) for m in metrics]
+    if not 0 < level < 1:
+        raise UserError(f"level must be in (0, 1); got {level}")
     blocks = list(run.blocks)
-    layers = [b for b in blocks if b != FULL]
+    layers = [b for b in blocks if b not in (FULL, REST)]
     name = getattr(run, "name", str(getattr(run, "path", "run")))
     if FULL not in blocks or not layers:
         raise UserError(f"run {name} needs spectra of the full Hessian and of at least one "
                         f"layer to compare them (it has: {', '.join(blocks) or 'none'}); "
                         "train it without --no-layers")
-    available = list(run.epochs)
-    chosen = default_epochs(available) if epochs is None else sorted({int(e) for e in epochs})
-    missing = [e for e in chosen if e not in available]
-    if not available:
-        raise UserError(f"run {name} has no spectra yet; train it first")
-    if missing:
-        raise UserError(f"run {name} has no spectra at epoch(s) {missing}; it has epochs "
-                        f"{available[0]}..{available[-1]}")
+    chosen = _checked_epochs(run, name, epochs)
     config = getattr(run, "config", {}) or {}
-    measure = measure_lookup(run) if measure is None else measure
+    dims = block_dimensions(config)
+    measure = measure_lookup(run, dims) if measure is None else measure
+    total = dims.get(FULL) or config.get("num_params")
+    parts = layers + ([REST] if REST in blocks else [])
+    mixable = all(dims.get(b) for b in parts)
+    mixture_blocks = ("" if not mixable else "layers + rest" if REST in blocks
+                      else "layers only")
+    shares = [dims[b] / total if total and dims.get(b) else np.nan for b in layers]
+    rng = np.random.default_rng(seed)
     rows = []
     for epoch in chosen:
         full = measure(FULL, epoch)
-        full_density = full.density(points=points)[1] if metric == "paper" else None
-        for index, layer in enumerate(layers):
-            spectrum = measure(layer, epoch)
-            if metric == "paper":
-                dist = paper_distance(full_density, spectrum.density(points=points)[1])
-            else:
-                dist = wasserstein(full, spectrum, normalize)
-            rows.append((name, config.get("model"), config.get("dataset"), epoch, layer,
-                         index, depth(index, len(layers)), dist, metric,
-                         normalize if metric == "wasserstein" else ""))
+        parts_m = [measure(b, epoch) for b in parts]
+        mix = (block_diagonal_mixture(parts_m, [dims[b] for b in parts]) if mixable else None)
+        spread = f"{spread_method(full)}/" + "+".join(sorted({spread_method(m)
+                                                             for m in parts_m[:len(layers)]}))
+        draws = [[] for _ in entries]  # per metric: [replicates, layers + 1 (mixture)]
+        for _ in range(int(replicates)):
+            rf = resample(full, rng)
+            rp = [resample(m, rng) for m in parts_m]
+            rmix = (block_diagonal_mixture(rp, [dims[b] for b in parts])
+                    if mixable and all(r is not None for r in rp) else None)
+            for k, entry in enumerate(entries):
+                if rf is None:
+                    draws[k].append([np.nan] * (len(layers) + 1))
+                    continue
+                f = entry.normalize(rf)
+                values = [np.nan if r is None else entry.function(f, entry.normalize(r))
+                          for r in rp[:len(layers)]]
+                values.append(np.nan if rmix is None else entry.function(f, entry.normalize(rmix)))
+                draws[k].append(values)
+        for k, entry in enumerate(entries):
+            f = entry.normalize(full)
+            point = [entry.function(f, entry.normalize(m)) for m in parts_m[:len(layers)]]
+            mix_point = np.nan if mix is None else entry.function(f, entry.normalize(mix))
+            table = np.asarray(draws[k], np.float64).reshape(int(replicates), len(layers) + 1)
+            mix_lo, mix_hi = _interval(table[:, -1], level) if mix is not None else (np.nan,) * 2
+            for index, layer in enumerate(layers):
+                lo, hi = _interval(table[:, index], level)
+                rows.append((name, config.get("model"), config.get("dataset"), epoch, layer,
+                             index, depth(index, len(layers)), shares[index], float(point[index]),
+                             lo, hi, float(mix_point), mix_lo, mix_hi, mixture_blocks, spread,
+                             int(replicates), entry.name, entry.axis, table[:, index].copy()))
     return pd.DataFrame(rows, columns=DISTANCE_COLUMNS)
 
 
-def distance_matrix(distances: pd.DataFrame) -> pd.DataFrame:
+def layer_distances(run, metric: str | None = None, normalize: str | None = None, epochs=None,
+                    points: int = PAPER_POINTS, measure=None, replicates: int = REPLICATES,
+                    seed: int = 0, level: float = LEVEL) -> pd.DataFrame:
+    """:func:`distance_table` for one metric (a registry name, default
+    :data:`DEFAULT_DISTANCE`; ``"wasserstein"`` with ``normalize`` for the former names)."""
+    return distance_table(run, [resolve_metric(metric, normalize)], epochs=epochs,
+                          points=points, measure=measure, replicates=replicates, seed=seed,
+                          level=level)
+
+
+def distance_matrix(distances: pd.DataFrame, column: str = "distance") -> pd.DataFrame:
     """``distances`` of one run and metric as a layers x epochs table (layers in order)."""
-    table = distances.pivot(index="layer", columns="epoch", values="distance")
+    table = distances.pivot(index="layer", columns="epoch", values=column)
     order = distances.drop_duplicates("layer").sort_values("index")["layer"]
     return table.loc[list(order)]
+
+
+# ----------------------------------------------------------------------------- verdicts
+def verdict(points, draws, level: float = LEVEL) -> dict:
+    """Whether the candidate with the smallest distance is significantly closer.
+
+    Args:
+        points: [K] distances (NaN ignored).
+        draws: [K, B] paired bootstrap draws of the same distances.
+        level: the support required, in (0, 1).
+
+    Returns:
+        ``{"best": i, "runner_up": j or None, "support": s, "significant": bool}``:
+        ``best`` the smallest point distance (first on ties), ``support`` the fraction of
+        draws in which it is strictly closer than every other candidate (NaN without
+        draws), ``significant`` when ``support >= level`` and the point distances do not
+        tie. A single candidate is significant by definition (support 1).
+    """
+    points = np.asarray(points, np.float64)
+    draws = np.asarray(draws, np.float64).reshape(points.size, -1)
+    finite = np.where(np.isnan(points), np.inf, points)
+    order = np.argsort(finite, kind="stable")
+    best = int(order[0])
+    if points.size == 1:
+        return {"best": best, "runner_up": None, "support": 1.0, "significant": True}
+    runner = int(order[1])
+    scale = max(np.nanmax(np.abs(points)), 1e-300)
+    tol = 1e-9 * scale
+    if draws.shape[1] == 0 or not np.all(np.isfinite(draws)):
+        return {"best": best, "runner_up": runner, "support": np.nan, "significant": False}
+    others = np.delete(draws, best, axis=0)
+    support = float(np.mean(np.all(draws[best] < others - tol, axis=0)))
+    strict = finite[runner] - finite[best] > tol
+    return {"best": best, "runner_up": runner, "support": support,
+            "significant": bool(strict and support >= level)}
+
+
+def _cube(distances):
+    """``(epochs [E], layers frame [L], points [E, L], draws [E, L, B])`` of one run/metric."""
+    frame = distances.sort_values(["epoch", "index"], kind="stable")
+    epochs = sorted(frame["epoch"].unique())
+    layers = frame.drop_duplicates("index").sort_values("index")
+    E, L = len(epochs), len(layers)
+    points = frame["distance"].to_numpy(np.float64).reshape(E, L)
+    if "draws" in frame:
+        draws = np.stack([np.asarray(d, np.float64) for d in frame["draws"]])
+        draws = draws.reshape(E, L, -1)
+    else:
+        draws = np.zeros((E, L, 0))
+    return epochs, layers, points, draws
+
+
+def epoch_verdicts(distances: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
+    """Per epoch of one run and metric: ``epoch, layer, index, distance, support,
+    significant`` for the closest layer (:func:`verdict`)."""
+    epochs, layers, points, draws = _cube(distances)
+    rows = []
+    for e, epoch in enumerate(epochs):
+        v = verdict(points[e], draws[e], level)
+        rows.append((epoch, layers["layer"].iloc[v["best"]], v["best"], points[e, v["best"]],
+                     v["support"], v["significant"]))
+    return pd.DataFrame(rows, columns=["epoch", "layer", "index", "distance", "support",
+                                       "significant"])
 
 
 def peak_epoch(distances: pd.DataFrame) -> int:
@@ -308,21 +494,31 @@ def best_layer(distances: pd.DataFrame, epoch=None) -> pd.Series:
     return summed.sort_values(["distance", "index"], kind="stable").iloc[0]
 
 
-def profile(distances: pd.DataFrame, epoch=None) -> pd.DataFrame:
-    """Per layer of one run and metric: ``layer, index, depth, distance, relative``.
+def profile(distances: pd.DataFrame, epoch=None, level: float = LEVEL) -> pd.DataFrame:
+    """Per layer of one run and metric: ``layer, index, depth, share, distance, low, high,
+    relative, relative_low, relative_high``.
 
     ``distance`` is the distance at ``epoch``, or summed over all epochs in ``distances``
-    if ``epoch`` is None; ``relative`` is ``distance / max over layers`` (the original's
-    per-run normalisation for its figures; NaN if that maximum is 0).
+    if ``epoch`` is None; ``low``/``high`` the percentile interval of its draws (the draws
+    summed over epochs; NaN without draws); ``relative*`` are divided by the largest
+    ``distance`` over layers (the original's per-run normalisation for its figures; NaN if
+    that maximum is 0).
     """
     rows = distances if epoch is None else distances[distances["epoch"] == epoch]
     if rows.empty:
         raise ValueError(f"no distances at epoch {epoch}")
-    table = (rows.groupby(["index", "layer", "depth"], sort=True)["distance"]
-             .sum(min_count=1).reset_index())
+    epochs, layers, points, draws = _cube(rows)
+    summed, summed_draws = points.sum(axis=0), draws.sum(axis=0)
+    intervals = [_interval(d, level) for d in summed_draws]
+    table = pd.DataFrame({
+        "layer": layers["layer"].to_numpy(), "index": layers["index"].to_numpy(),
+        "depth": layers["depth"].to_numpy(),
+        "share": layers["share"].to_numpy() if "share" in layers else np.nan,
+        "distance": summed, "low": [i[0] for i in intervals], "high": [i[1] for i in intervals]})
     top = table["distance"].max()
-    table["relative"] = table["distance"] / top if top > 0 else np.nan
-    return table[["layer", "index", "depth", "distance", "relative"]]
+    for col, src in (("relative", "distance"), ("relative_low", "low"), ("relative_high", "high")):
+        table[col] = table[src] / top if top > 0 else np.nan
+    return table.reset_index(drop=True)
 
 
 def paper_peak_epoch(model, dataset):
@@ -330,30 +526,87 @@ def paper_peak_epoch(model, dataset):
     return PAPER_PEAK_EPOCH.get((model, dataset))
 
 
-def summarize(distances: pd.DataFrame, peaks=None) -> pd.DataFrame:
+def _epoch_list(epochs) -> str:
+    return ",".join(str(int(e)) for e in epochs)
+
+
+def summarize(distances: pd.DataFrame, peaks=None, level: float = LEVEL) -> pd.DataFrame:
     """One row per (run, metric): the peak epoch and the best-matching layer there and over
-    training. ``peaks``: optional ``{run: epoch}`` overrides (else :func:`peak_epoch`)."""
+    training, each with its spread and verdict, and the block-diagonal baseline.
+
+    ``peaks``: optional ``{run: epoch}`` overrides (else :func:`peak_epoch`). Columns beyond
+    the layer's name/index/depth/distance: ``*_low``/``*_high`` intervals, ``*_share`` the
+    layer's share of the parameters, ``*_support`` and ``*_significant`` (:func:`verdict`),
+    ``*_verdict`` the layer name or :data:`NO_VERDICT`, ``*_runner_up``;
+    ``peak_epoch_support`` and ``peak_epochs_within_spread`` (comma-separated epochs not
+    significantly farther than the peak; empty for a given peak); ``mixture_*`` the full
+    spectrum's distance to the block-diagonal mixture at the peak and summed.
+    """
     peaks = peaks or {}
     rows = []
     for (run, metric), group in distances.groupby(["run", "metric"], sort=False):
-        if run in peaks and peaks[run] is not None:
+        epochs, layers, points, draws = _cube(group)
+        names = layers["layer"].tolist()
+        best_e = points.min(axis=1)
+        given = run in peaks and peaks[run] is not None
+        if given:
             peak, source = int(peaks[run]), "given"
+            if peak not in epochs:
+                raise ValueError(f"no distances at epoch {peak}")
+            epoch_support, within = np.nan, ""
         else:
             peak, source = peak_epoch(group), "computed"
-        at_peak = best_layer(group, peak)
-        overall = best_layer(group)
-        rows.append({
-            "run": run, "model": group["model"].iloc[0], "dataset": group["dataset"].iloc[0],
-            "metric": metric, "normalize": group["normalize"].iloc[0],
-            "peak_epoch": peak, "peak_source": source,
-            "peak_layer": at_peak["layer"], "peak_index": int(at_peak["index"]),
-            "peak_depth": float(at_peak["depth"]), "peak_distance": float(at_peak["distance"]),
-            "best_layer": overall["layer"], "best_index": int(overall["index"]),
-            "best_depth": float(overall["depth"]), "best_summed": float(overall["distance"]),
-            "layers": int(group["index"].max()) + 1, "epochs": int(group["epoch"].nunique()),
+            best_draws = draws.min(axis=1) if draws.shape[2] else draws[:, 0, :]
+            ev = verdict(best_e, best_draws, level)
+            epoch_support = ev["support"]
+            p = epochs.index(peak)
+            if best_draws.shape[1] and np.all(np.isfinite(best_draws)):
+                tol = 1e-9 * max(np.abs(best_e).max(), 1e-300)
+                farther = np.mean(best_draws > best_draws[p] + tol, axis=1)
+                within = _epoch_list(e for i, e in enumerate(epochs)
+                                     if i == p or farther[i] < level)
+            else:
+                within = _epoch_list(epochs)
+        p = epochs.index(peak)
+        at = verdict(points[p], draws[p], level)
+        summed = profile(group, level=level)
+        over = verdict(summed["distance"].to_numpy(), draws.sum(axis=0), level)
+        peak_rows = group[group["epoch"] == peak].sort_values("index")
+        first = group.iloc[0]
+        mix_summed = float(group.drop_duplicates("epoch")["mixture_distance"].sum(min_count=1)
+                           ) if "mixture_distance" in group else np.nan
+        row = {"run": run, "model": first["model"], "dataset": first["dataset"],
+               "metric": metric, "normalize": first["normalize"], "peak_epoch": peak,
+               "peak_source": source, "peak_epoch_support": epoch_support,
+               "peak_epochs_within_spread": within}
+        for prefix, v, frame, value in (("peak", at, peak_rows, "distance"),
+                                        ("best", over, summed, "distance")):
+            b = v["best"]
+            r = frame.iloc[b]
+            key = "peak_distance" if prefix == "peak" else "best_summed"
+            row.update({
+                f"{prefix}_layer": names[b], f"{prefix}_index": int(layers["index"].iloc[b]),
+                f"{prefix}_depth": float(layers["depth"].iloc[b]), key: float(r[value]),
+                f"{prefix}_low": float(r["distance_low" if prefix == "peak" else "low"]),
+                f"{prefix}_high": float(r["distance_high" if prefix == "peak" else "high"]),
+                f"{prefix}_share": float(r["share"]) if "share" in r else np.nan,
+                f"{prefix}_support": v["support"], f"{prefix}_significant": v["significant"],
+                f"{prefix}_verdict": names[b] if v["significant"] else NO_VERDICT,
+                f"{prefix}_runner_up": "" if v["runner_up"] is None else names[v["runner_up"]],
+            })
+        peak_first = peak_rows.iloc[0]
+        row.update({
+            "mixture_peak": float(peak_first.get("mixture_distance", np.nan)),
+            "mixture_peak_low": float(peak_first.get("mixture_low", np.nan)),
+            "mixture_peak_high": float(peak_first.get("mixture_high", np.nan)),
+            "mixture_summed": mix_summed,
+            "mixture_blocks": peak_first.get("mixture_blocks", ""),
+            "spread": peak_first.get("spread", ""),
+            "replicates": int(peak_first.get("replicates", 0)), "level": level,
+            "layers": len(names), "epochs": len(epochs),
         })
+        rows.append(row)
     return pd.DataFrame(rows)
-
 
 
 def parse_epochs(text: str) -> list:

@@ -13,34 +13,12 @@ import pandas as pd
 
 from layerhessians.analysis import figures as plots
 from layerhessians.analysis import matching as compare
-from layerhessians.data.registry import get_spec
+from layerhessians.analysis.matching import block_dimensions
 from layerhessians.errors import UserError
-from layerhessians.models import build_model, layer_blocks
 from layerhessians.store.runs import write_csv
 from layerhessians.vocabulary import FULL
 
-
 # ----------------------------------------------------------------------------- one run
-def block_dimensions(config) -> dict:
-    """``{block: number of parameters}`` from config.json (``block_dims``), else counted on
-    a freshly built model of the run's architecture (input channels and classes from the
-    config, else from the dataset registry); ``{}`` if neither is possible."""
-    for key in ("block_dims", "dims"):
-        if isinstance(config.get(key), dict):
-            return {k: int(v) for k, v in config[key].items()}
-    try:
-        channels, classes = config.get("in_channels"), config.get("num_classes")
-        if not (channels and classes):
-            spec = get_spec(config.get("dataset"))
-            channels, classes = channels or spec.in_channels, classes or spec.num_classes
-        model = build_model(config["model"], in_channels=int(channels), num_classes=int(classes))
-    except Exception:  # unknown architecture or dataset: plot the mean eigenvalue instead
-        return {}
-    dims = {name: sum(p.numel() for p in ps) for name, ps in layer_blocks(model).items()}
-    dims[FULL] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return dims
-
-
 #: accepted image resolutions (dots per inch)
 DPI_RANGE = (10, 2400)
 
@@ -52,6 +30,15 @@ def check_dpi(dpi) -> int:
         raise UserError(f"--dpi {dpi} is not a resolution; give {lo}..{hi} dots per inch "
                         "(default 200)")
     return dpi
+
+
+def check_replicates(replicates) -> int:
+    """``replicates`` (bootstrap draws behind each distance's spread) if it is an integer
+    >= 0, else :class:`UserError`."""
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 0:
+        raise UserError(f"--replicates {replicates} must be >= 0 (default "
+                        f"{compare.REPLICATES}; 0: no spread, no verdicts)")
+    return replicates
 
 
 def parse_epochs_within(spec, available, where) -> list:
@@ -94,16 +81,23 @@ def _title(run):
     return f"{model} on {dataset}" if model and dataset else run.path.name
 
 
-def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None, metric="wasserstein",
-                 normalize="minmax", out=None) -> list:
+def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
+                 metric=compare.DEFAULT_DISTANCE, normalize="maxabs", out=None,
+                 replicates=compare.REPLICATES) -> list:
     """Write every figure of ``run`` (a :class:`~layerhessians.store.runs.Run`) into ``out``
-    (default ``RUN/images``); returns the written paths."""
+    (default ``RUN/images``); returns the written paths.
+
+    ``metric``: a registry name (:data:`~layerhessians.analysis.distances.DISTANCES`) or
+    ``"wasserstein"`` (W1 on the ``normalize`` axis) for the layer heat map and the best
+    match; ``replicates``: bootstrap draws behind the verdict marks and bands."""
     if points < 16:
         raise UserError(f"--points {points} is too few for a density curve; use >= 16 "
                         "(default 1024)")
     if fmt not in plots.FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(plots.FORMATS)}")
     check_dpi(dpi)
+    check_replicates(replicates)
+    metric = compare.resolve_metric(metric, normalize)
     out = run.path / "images" if out is None else out
     _check_folder(out)
     epochs = _selected_epochs(run, epochs)
@@ -142,30 +136,41 @@ def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None, metric="w
                                       title=title), "overview_full")
 
     if FULL in run.blocks and len(run.blocks) > 1 and full_epochs:
-        distances = compare.layer_distances(run, metric, normalize, epochs=full_epochs,
-                                            points=points, measure=lookup)
+        distances = compare.layer_distances(run, metric, epochs=full_epochs, points=points,
+                                            measure=lookup, replicates=replicates)
         # the peak among training epochs (epoch 0 only if alone), as `match` chooses it
         trained = distances["epoch"].isin(compare.default_epochs(full_epochs))
         peak = compare.peak_epoch(distances[trained])
-        label = (f"$W_1$ to full spectrum\n({normalize} axis)" if metric == "wasserstein"
-                 else "original distance\n(log-density values)")
+        label = compare.DISTANCES[metric].label
+        per_epoch = distances.sort_values(["epoch", "index"]).groupby("epoch")
+        closest = per_epoch.apply(lambda g: g.loc[g["distance"].idxmin()], include_groups=False)
+        mixture = distances.drop_duplicates("epoch").sort_values("epoch")
+        curves = {"closest layer": (closest.index.to_numpy(), closest["distance"],
+                                    closest["distance_low"], closest["distance_high"])}
+        if mixture["mixture_distance"].notna().any():
+            curves["block-diagonal mixture"] = (mixture["epoch"].to_numpy(),
+                                                mixture["mixture_distance"],
+                                                mixture["mixture_low"], mixture["mixture_high"])
         save(plots.plot_distance_heatmap(compare.distance_matrix(distances), label, peak=peak,
                                          title=f"{title}: distance of each layer to the full "
-                                               "spectrum"), "layer_distances")
+                                               "spectrum",
+                                         verdicts=compare.epoch_verdicts(distances),
+                                         curves=curves), "layer_distances")
         best = compare.best_layer(distances, peak)
         full_m, layer_m = measures[FULL, peak], measures[best["layer"], peak]
         support = [(m.nodes[m.weights > 0].min(), m.nodes[m.weights > 0].max())
                    for m in (full_m, layer_m)]
-        short = "$W_1$" if metric == "wasserstein" else "distance"
+        short = "distance" if metric == "paper" else "$W_1$"
         save(plots.plot_best_match(full_m.density(points=points), layer_m.density(points=points),
                                    support[0], support[1], best["layer"], peak,
-                                   float(best["distance"]), short), "best_match")
+                                   float(best["distance"]), short,
+                                   axis="minmax" if metric == "w1-minmax" else "maxabs"),
+             "best_match")
 
     columns = [f"{s}_{k}" for s in ("train", "test") for k in ("loss", "acc")]
     if len(run.metrics) and run.metrics.reindex(columns=columns).notna().any().any():
         save(plots.plot_training_curves(run.metrics, title=title), "training_curves")
     return written
-
 
 
 def _check_folder(out):
@@ -245,47 +250,118 @@ def _labels(summary) -> dict:
             for run, lab in zip(runs["run"], labels)}
 
 
-def _metric_label(metric, normalize):
-    if metric == "paper":
-        return "original metric (log-density values)"
-    return f"$W_1$ between spectra ({normalize} axis)"
+def _metric_label(metric):
+    return compare.DISTANCES[metric].label if metric in compare.DISTANCES else str(metric)
 
 
-def _print_summary(summary, stream=None):
+def metric_names(requested, normalize="maxabs") -> tuple:
+    """Registry names for ``--metric`` values (``both`` = the default and ``paper``;
+    ``wasserstein`` = W1 on the ``normalize`` axis), in order, without repeats.
+
+    Raises:
+        UserError: an unknown metric or normalisation.
+    """
+    names = []
+    for name in [requested] if isinstance(requested, str) else requested:
+        expanded = ((compare.DEFAULT_DISTANCE, "paper") if name == "both"
+                    else (compare.resolve_metric(name, normalize),))
+        names += [n for n in expanded if n not in names]
+    return tuple(names)
+
+
+def _fmt(value, low, high):
+    if np.isnan(low) or np.isnan(high):
+        return f"{value:.4g} (no spread)"
+    return f"{value:.4g} [{low:.4g}, {high:.4g}]"
+
+
+def _share(value):
+    return "" if value is None or np.isnan(value) else f", {100 * value:.2g}% of parameters"
+
+
+def _support(value):
+    return "no spread available" if np.isnan(value) else f"closest in {100 * value:.0f}% of draws"
+
+
+def _layer_line(r, prefix, key):
+    text = (f"#{r[prefix + '_index']} {r[prefix + '_layer']} (depth {r[prefix + '_depth']:.2f}"
+            f"{_share(r[prefix + '_share'])}), distance "
+            f"{_fmt(r[key], r[prefix + '_low'], r[prefix + '_high'])}")
+    runner = r[prefix + "_runner_up"]
+    if r[prefix + "_significant"]:
+        return (f"{text}; significantly closer than every other layer "
+                f"({_support(r[prefix + '_support'])})")
+    return (f"{compare.NO_VERDICT}: closest {text}, runner-up {runner} "
+            f"({_support(r[prefix + '_support'])})")
+
+
+def print_summary(summary, stream=None):
+    """Print ``summary`` (:func:`~layerhessians.analysis.matching.summarize`'s table) to
+    ``stream`` (default stdout): per run and metric the best layer at the peak epoch and over
+    training with its bootstrap interval and verdict, the peak epoch's own verdict, and the
+    block-diagonal mixture baseline."""
     stream = sys.stdout if stream is None else stream
-    print("best-matching layer per run (index 0-based; depth = index / (layers - 1))",
-          file=stream)
+    print("best-matching layer per run (index 0-based; depth = index / (layers - 1)); "
+          "[low, high] = bootstrap interval", file=stream)
     for run, rows in summary.groupby("run", sort=False):
         first = rows.iloc[0]
         print(f"{first['model']}+{first['dataset']}  [{run}]  {first['layers']} layers, "
-              f"{first['epochs']} epochs", file=stream)
+              f"{first['epochs']} epochs; spread (full/layers): {first['spread']}, "
+              f"{first['replicates']} draws, level {first['level']:.0%}", file=stream)
         for _, r in rows.iterrows():
-            name = r["metric"] + (f"/{r['normalize']}" if r["normalize"] else "")
+            name = r["metric"]
             print(f"  {name:<18} at peak epoch {r['peak_epoch']} ({r['peak_source']}): "
-                  f"#{r['peak_index']} {r['peak_layer']} (depth {r['peak_depth']:.2f}), "
-                  f"distance {r['peak_distance']:.4g}", file=stream)
-            print(f"  {'':<18} over training: #{r['best_index']} {r['best_layer']} "
-                  f"(depth {r['best_depth']:.2f}), summed distance {r['best_summed']:.4g}",
+                  f"{_layer_line(r, 'peak', 'peak_distance')}", file=stream)
+            if r["peak_source"] == "computed":
+                others = [e for e in str(r["peak_epochs_within_spread"]).split(",")
+                          if e and e != str(r["peak_epoch"])]
+                note = ("significantly closer than every other epoch" if not others else
+                        f"epochs {', '.join(others)} not significantly farther")
+                print(f"  {'':<18} peak epoch: {note} ({_support(r['peak_epoch_support'])})",
+                      file=stream)
+            print(f"  {'':<18} over training: {_layer_line(r, 'best', 'best_summed')}",
                   file=stream)
+            if r["mixture_blocks"]:
+                scope = ("all parameters" if r["mixture_blocks"] == "layers + rest" else
+                         "the layer weights only (no spectrum of the other parameters: "
+                         "biases, batch norm)")
+                print(f"  {'':<18} baseline: block-diagonal mixture over {scope}: distance "
+                      f"{_fmt(r['mixture_peak'], r['mixture_peak_low'], r['mixture_peak_high'])}"
+                      f" at the peak, {r['mixture_summed']:.4g} summed", file=stream)
+            else:
+                print(f"  {'':<18} baseline: not available (block sizes unknown)", file=stream)
 
 
-def match_runs(runs, *, metrics=("wasserstein",), normalize="minmax", peaks=None, epochs=None,
-               points=compare.PAPER_POINTS, out=None, fmt="png", dpi=200, ids=None,
-               stream=None):
-    """Compare ``runs`` (loaded :class:`~layerhessians.store.runs.Run` objects), write the CSVs
-    and figures into ``out`` (default: the runs' :func:`common_parent`) and print the
-    summary. Returns ``(distances, summary, paths)``."""
+def _profile_entry(label, row, frame, kind):
+    prefix = "peak" if kind == "peak" else "best"
+    return {"label": label, "model": row["model"], "dataset": row["dataset"], "frame": frame,
+            "best_index": int(row[prefix + "_index"]),
+            "significant": bool(row[prefix + "_significant"])}
+
+
+def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, peaks=None,
+               epochs=None, points=compare.PAPER_POINTS, out=None, fmt="png", dpi=200,
+               ids=None, stream=None, replicates=compare.REPLICATES):
+    """Compare ``runs`` (loaded :class:`~layerhessians.store.runs.Run` objects) by
+    ``metrics`` (registry names, or ``--metric`` values for :func:`metric_names` with
+    ``normalize``), write the CSVs and figures into ``out`` (default: the runs'
+    :func:`common_parent`) and print the summary (:func:`print_summary`) to ``stream``.
+    Returns ``(distances, summary, paths)``.
+
+    Raises:
+        UserError: bad resolution, replicates, metric, output folder or peak epoch.
+    """
     check_dpi(dpi)
+    check_replicates(replicates)
+    metrics = metric_names(metrics, normalize or "maxabs")
     out = common_parent([r.path for r in runs]) if out is None else Path(out)
     _check_folder(out)
     ids = ids or run_ids(runs)
     frames = []
     for run, rid in zip(runs, ids):
-        measure = compare.measure_lookup(run)
-        for metric in metrics:
-            frame = compare.layer_distances(run, metric, normalize, epochs=epochs,
-                                            points=points, measure=measure)
-            frames.append(frame.assign(run=rid))
+        frame = compare.distance_table(run, metrics, epochs=epochs, points=points,
+                                       replicates=replicates)
+        frames.append(frame.assign(run=rid))
     distances = pd.concat(frames, ignore_index=True)[compare.DISTANCE_COLUMNS]
     peaks = peaks or {}
     for rid, epoch in peaks.items():
@@ -297,21 +373,21 @@ def match_runs(runs, *, metrics=("wasserstein",), normalize="minmax", peaks=None
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "match_distros.csv", out / "match_distros_summary.csv"]
-    write_csv(paths[0], distances)
+    write_csv(paths[0], distances[compare.CSV_COLUMNS])
     write_csv(paths[1], summary)
 
     labels = _labels(summary)
-    titles = {m: _metric_label(m, normalize) for m in metrics}
+    titles = {m: _metric_label(m) for m in metrics}
     for kind, name in (("summed", "match_distros_wasserstein"), ("peak", "match_distros_peak")):
         profiles = {m: [] for m in metrics}
-        for row in summary.itertuples():
-            rows = distances[(distances["run"] == row.run) & (distances["metric"] == row.metric)]
-            frame = compare.profile(rows, row.peak_epoch if kind == "peak" else None)
-            profiles[row.metric].append((labels[row.run], row.model,
-                                         row.dataset, frame))
+        for _, row in summary.iterrows():
+            rows = distances[(distances["run"] == row["run"])
+                             & (distances["metric"] == row["metric"])]
+            frame = compare.profile(rows, row["peak_epoch"] if kind == "peak" else None)
+            profiles[row["metric"]].append(_profile_entry(labels[row["run"]], row, frame, kind))
         title = ("layer vs full spectrum: distance summed over training" if kind == "summed"
                  else "layer vs full spectrum: distance at each run's peak epoch")
         fig = plots.plot_depth_profiles(profiles, titles, title=title)
         paths.append(plots.save_figure(fig, out / f"{name}.{fmt}", dpi=dpi))
-    _print_summary(summary, stream)
+    print_summary(summary, stream)
     return distances, summary, paths

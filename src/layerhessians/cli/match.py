@@ -1,17 +1,23 @@
 """``layerhessians match [RUN ...]``: which layer's Hessian spectrum matches the full one.
 
 For every run, layer and epoch: the distance between the layer's spectrum and the full
-spectrum (:mod:`layerhessians.analysis.matching`; default the 1-Wasserstein distance on each
-spectrum's eigenvalue axis mapped to [0, 1]; ``--metric paper`` the original's computation).
-Writes into ``--out`` (default: the folder that holds the runs, i.e. their common parent;
-``experiments/match_distros.py`` keeps the original's working directory) and prints the
+spectrum by each ``--metric`` (:data:`layerhessians.analysis.distances.DISTANCES`; default
+``w1-maxabs``, W1 after dividing each spectrum by its own largest |eigenvalue|; ``paper``
+the original's computation; ``both`` = the default and ``paper``), with a bootstrap spread
+and a verdict (:mod:`layerhessians.analysis.matching`;
+:func:`layerhessians.analysis.report.match_runs`). Writes into ``--out`` (default: the
+folder that holds the runs, i.e. their common parent; ``experiments/match_distros.py``
+keeps the original's working directory), prints the summary with its verdicts and the
 paths it wrote:
 
-- ``match_distros.csv``: every distance (run, model, dataset, epoch, layer, index, depth,
-  distance, metric, normalize);
-- ``match_distros_summary.csv``: per run and metric, the peak epoch and best layers;
+- ``match_distros.csv``: every distance with its interval, the layer's share of the
+  parameters and the full spectrum's distance to the block-diagonal mixture
+  (:data:`~layerhessians.analysis.matching.CSV_COLUMNS`);
+- ``match_distros_summary.csv``: per run and metric, the peak epoch and best layers with
+  their spread and verdicts;
 - ``match_distros_wasserstein.<fmt>``: per run, each layer's distance summed over the
-  epochs, divided by the run's maximum, against relative depth ``i / (L - 1)``;
+  epochs, divided by the run's maximum, against relative depth ``i / (L - 1)``, one panel
+  per metric, error bars = the interval;
 - ``match_distros_peak.<fmt>``: the same at each run's peak epoch.
 
 The peak epoch is computed (:func:`layerhessians.analysis.matching.peak_epoch`: the epoch at which
@@ -24,14 +30,15 @@ import sys
 from pathlib import Path
 
 from layerhessians.errors import UserError
+from layerhessians.vocabulary import DEFAULT_REPLICATES
 
 HELP = "compare every layer's Hessian spectrum with the full spectrum across runs"
 
 
 def add_arguments(parser):
     # matplotlib and scipy: only when this command is chosen (fast `layerhessians --help`)
+    from layerhessians.analysis import distances as compare
     from layerhessians.analysis import figures as plots
-    from layerhessians.analysis import matching as compare
 
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="run directories (default: the 12 seed runs in the working "
@@ -41,12 +48,19 @@ def add_arguments(parser):
     parser.add_argument("--out", default=None,
                         help="folder for the figures and CSVs (default: the runs' common "
                              "parent folder)")
-    parser.add_argument("--metric", choices=(*compare.METRICS, "both"), default="wasserstein",
-                        help="wasserstein: W1 between spectral measures (default); paper: the "
-                             "original's log-density computation; both: side by side")
-    parser.add_argument("--normalize", choices=compare.NORMALIZATIONS, default="minmax",
-                        help="eigenvalue axis map before W1: minmax (each support -> [0, 1], "
-                             "default), joint (both by their union), maxabs (x / max|x|), none")
+    parser.add_argument("--metric", nargs="+", metavar="NAME",
+                        choices=(*compare.METRICS, "wasserstein", "both"),
+                        default=[compare.DEFAULT_DISTANCE],
+                        help=f"one or more of {', '.join(compare.METRICS)} (default "
+                             f"{compare.DEFAULT_DISTANCE}; w1-minmax is the former, degenerate "
+                             "default); both = the default and paper; wasserstein = W1 on the "
+                             "--normalize axis")
+    parser.add_argument("--normalize", choices=tuple(compare.LEGACY_W1), default="maxabs",
+                        help="axis of --metric wasserstein: maxabs (x / max|x|, default), "
+                             "minmax (each support -> [0, 1]), none")
+    parser.add_argument("--replicates", type=int, default=DEFAULT_REPLICATES,
+                        help="bootstrap draws behind each distance's spread and the verdicts "
+                             f"(default {DEFAULT_REPLICATES}; 0: no spread, no verdicts)")
     parser.add_argument("--peak", action="append", default=[], metavar="RUN=EPOCH|paper",
                         help="peak epoch of a run (repeatable), or 'paper' for the original's "
                              "12 hard-coded epochs; default: computed per run")
@@ -63,8 +77,10 @@ def run(args) -> int:
     from layerhessians.analysis import matching as compare
     from layerhessians.analysis.report import (
         check_dpi,
+        check_replicates,
         find_seed_runs,
         match_runs,
+        metric_names,
         parse_epochs_within,
         parse_peaks,
         run_ids,
@@ -75,6 +91,8 @@ def run(args) -> int:
     if args.points < 16:
         raise UserError(f"--points {args.points} is too few for a density curve; use >= 16")
     check_dpi(args.dpi)
+    check_replicates(args.replicates)
+    metrics = metric_names(args.metric, args.normalize)
     paths = [Path(p) for p in run_paths(args, "match")]
     if not paths:
         paths, missing = find_seed_runs(".")
@@ -91,13 +109,12 @@ def run(args) -> int:
                             "`layerhessians train` run")
     runs = [load_run(p) for p in paths]
     ids = run_ids(runs)
-    metrics = compare.METRICS if args.metric == "both" else (args.metric,)
     available = sorted({e for r in runs for e in r.epochs}) or [0]
     epochs = parse_epochs_within(args.epochs, available, "the runs") if args.epochs else None
     peaks = parse_peaks(args.peak, runs, ids)
-    _, _, written = match_runs(runs, metrics=metrics, normalize=args.normalize, peaks=peaks,
-                               epochs=epochs, points=args.points, out=args.out,
-                               fmt=args.format, dpi=args.dpi, ids=ids)
+    _, _, written = match_runs(runs, metrics=metrics, peaks=peaks, epochs=epochs,
+                               points=args.points, out=args.out, fmt=args.format,
+                               dpi=args.dpi, ids=ids, replicates=args.replicates)
     for path in written:
         print(f"saved: {path}")
     return 0

@@ -18,8 +18,8 @@ HELP = "plot a run's spectra, layer distances and training curves into RUN/image
 
 def add_arguments(parser):
     # matplotlib and scipy: only when this command is chosen (fast `layerhessians --help`)
+    from layerhessians.analysis import distances as compare
     from layerhessians.analysis import figures as plots
-    from layerhessians.analysis import matching as compare
 
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="run directories (from `train -r`); also accepted as -r RUN")
@@ -33,12 +33,13 @@ def add_arguments(parser):
                         help="image format (default: png)")
     parser.add_argument("--dpi", type=int, default=200, help="resolution of PNGs (default: 200)")
     parser.add_argument("--epochs", help="epochs to plot, e.g. 0-50 or 1,10,20 (default: all)")
-    parser.add_argument("--metric", choices=compare.METRICS, default="wasserstein",
-                        help="distance for the layer heat map and best match "
-                             "(default: wasserstein)")
-    parser.add_argument("--normalize", choices=compare.NORMALIZATIONS, default="minmax",
-                        help="eigenvalue axis normalisation of the wasserstein metric "
-                             "(default: minmax, each spectrum's support -> [0, 1])")
+    parser.add_argument("--metric", choices=(*compare.METRICS, "wasserstein"),
+                        default=compare.DEFAULT_DISTANCE,
+                        help="distance for the layer heat map and best match (default: "
+                             f"{compare.DEFAULT_DISTANCE}; wasserstein = W1 on the "
+                             "--normalize axis)")
+    parser.add_argument("--normalize", choices=tuple(compare.LEGACY_W1), default="maxabs",
+                        help="axis of --metric wasserstein (default: maxabs, x / max|x|)")
 
 
 def _check_identity(run, args):

@@ -403,8 +403,10 @@ def read_metrics(path) -> pd.DataFrame:
 
 def read_spectra(path) -> pd.DataFrame:
     """``spectra.csv`` read strictly (:func:`read_table`): :data:`SPECTRA_COLUMNS`, all
-    filled, ``block`` a name, the others numbers."""
-    return read_table(path, SPECTRA_COLUMNS)
+    filled, ``block`` a name, the others numbers; an optional ``method`` column (how each
+    spectrum was computed: ``slq`` or ``exact``, read by
+    :func:`~layerhessians.analysis.matching.measure_lookup`) is text."""
+    return read_table(path, SPECTRA_COLUMNS, text_columns=("block", "method"))
 
 
 def read_config(path) -> dict:
