@@ -81,7 +81,8 @@ def test_layer_spectra_of_a_spectral_norm_layer_equal_its_exact_block_spectrum()
     leaf = model[2].parametrizations.weight.original
     assert blocks["2.parametrizations.weight.original"] == [leaf]
     dims = block_dims(blocks)
-    spectra = layer_spectra(model, loss, [(x, y)], iterations=max(dims.values()) + 16)
+    spectra = layer_spectra(model, loss, [(x, y)], iterations=max(dims.values()) + 16,
+                            layer_method="slq")
     assert list(spectra) == [FULL, *blocks]
     for name, params in blocks.items():
         exact = exact_spectrum(hessian_operator(model, loss, [(x, y)], params=params))
@@ -249,7 +250,8 @@ def test_selected_blocks_drive_layer_spectra():
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.arange(8) % 2
     loss = nn.CrossEntropyLoss()
     blocks = select_blocks(model, types=(nn.Linear, nn.LayerNorm), group="module")
-    spectra = layer_spectra(model, loss, [(x, y)], iterations=40, layers=blocks)
+    spectra = layer_spectra(model, loss, [(x, y)], iterations=40, layers=blocks,
+                            layer_method="slq")
     for name, params in blocks.items():
         matrix = dense_matrix(hessian_operator(model, loss, [(x, y)], params=params))
         values = torch.linalg.eigvalsh(matrix).numpy()

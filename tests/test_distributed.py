@@ -158,7 +158,8 @@ def engine_case(ctx: Context) -> dict:
     # rank 0 also cuts its shard into micro-batches: sharding and micro-batching compose
     micro = 5 if ctx.rank == 0 else None
     spectra = layer_spectra(model, CE, local, iterations=30, vectors=1, seed=3,
-                            reduction=reduction, micro_batch_size=micro, reorthogonalize=True)
+                            reduction=reduction, micro_batch_size=micro, reorthogonalize=True,
+                            layer_method="slq")  # as the sharded runs (SLQ on every block)
     op = hessian_operator(model, CE, local, reduction=reduction)
     product = op.matvec(start_vector(op.dim, 5, 0, "v"))
 
@@ -312,13 +313,16 @@ def test_torchrun_two_processes_match_one_and_only_rank0_writes(two_process_run,
     log_text = (run / "logs" / "train.log").read_text()
     assert log_text.count("epoch 2/2") == 1 and "2 processes (gloo)" in log_text
 
-    assert main(["train", "-r", str(tmp_path / "one"), *flags(mnist_root)]) == 0
+    # SLQ layer blocks, as the sharded run (the Gram route runs on one process)
+    assert main(["train", "-r", str(tmp_path / "one"), *flags(mnist_root),
+                 "--layer-spectra", "slq"]) == 0
     one = load_run(tmp_path / "one")
     assert one.config["world_size"] == 1 and one.config["backend"] is None
     columns = ["train_loss", "test_loss"]
     np.testing.assert_allclose(two.metrics[columns], one.metrics[columns], rtol=TRAJECTORY_RTOL)
     np.testing.assert_array_equal(two.metrics["train_acc"], one.metrics["train_acc"])
     assert list(two.spectra["block"]) == list(one.spectra["block"])
+    assert set(two.spectra["method"]) == set(one.spectra["method"]) == {"slq"}
     for block, rows in one.spectra.groupby("block"):
         other = two.spectra[two.spectra["block"] == block]
         assert _relative(other["node"], rows["node"]) < TRAJECTORY_RTOL, block
@@ -375,9 +379,9 @@ def test_micro_batched_products_equal_single_batch(kind, reuse_graph):
 
 def test_micro_batched_spectra_equal_single_batch():
     model, data = conv_model_and_data()
-    whole = layer_spectra(model, CE, data, iterations=15, seed=1)
+    whole = layer_spectra(model, CE, data, iterations=15, seed=1, layer_method="slq")
     for micro, reuse in ((2, True), (5, False)):
-        pieces = layer_spectra(model, CE, data, iterations=15, seed=1,
+        pieces = layer_spectra(model, CE, data, iterations=15, seed=1, layer_method="slq",
                                micro_batch_size=micro, reuse_graph=reuse)
         for block, measure in whole.items():
             assert _relative(pieces[block].nodes, measure.nodes) < 1e-10, block
@@ -388,7 +392,7 @@ def test_micro_batched_spectra_equal_single_batch():
     plan = plan_memory(model, CE, data, dims=[10], iterations=15, reorthogonalize=False,
                        budget=small, cost=cost)
     assert (plan.micro_batch_size, plan.reuse_graph, plan.fits) == (3, False, True)
-    tight = layer_spectra(model, CE, data, iterations=15, seed=1,
+    tight = layer_spectra(model, CE, data, iterations=15, seed=1, layer_method="slq",
                           micro_batch_size="auto", reuse_graph="auto", memory_budget=small)
     for block, measure in whole.items():
         assert _relative(tight[block].nodes, measure.nodes) < 1e-10, block

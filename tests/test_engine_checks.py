@@ -179,8 +179,9 @@ def nan_problem():
     lambda op, m, d: hessian_trace(op, samples=3),
     lambda op, m, d: exact_spectrum(op),
     lambda op, m, d: dense_matrix(op),
-    lambda op, m, d: layer_spectra(m, CE, d, iterations=5),
-    lambda op, m, d: layer_spectra(m, CE, d, iterations=5, reuse_graph=False),
+    lambda op, m, d: layer_spectra(m, CE, d, iterations=5, layer_method="slq"),
+    lambda op, m, d: layer_spectra(m, CE, d, iterations=5, reuse_graph=False,
+                                   layer_method="slq"),
 ], ids=["slq", "slq-nosym", "slq_many", "top_eigenvalues", "hessian_trace", "exact_spectrum",
         "dense_matrix", "layer_spectra", "layer_spectra-rebuilt"])
 def test_non_finite_curvature_is_a_clear_error_in_every_estimator(estimator):
@@ -188,6 +189,12 @@ def test_non_finite_curvature_is_a_clear_error_in_every_estimator(estimator):
     op = hessian_operator(model, CE, data)
     with pytest.raises(NonFiniteError, match="'full'.*NaN or infinite"):
         estimator(op, model, data)
+
+
+def test_non_finite_curvature_in_the_exact_route_names_the_block():
+    model, data = nan_problem()  # the certification probe meets the NaN first
+    with pytest.raises(NonFiniteError, match="'fc.weight'.*NaN or infinite"):
+        layer_spectra(model, CE, data, iterations=5, layer_method="auto")
 
 
 def test_non_finite_foreign_operator_names_the_lanczos_step():

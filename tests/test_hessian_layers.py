@@ -19,7 +19,8 @@ def test_layer_spectra_equal_separate_slq_runs_and_share_one_forward():
     # graph forwards only: the batch-coupling probe adds two small no-grad forwards
     model.register_forward_hook(lambda *args: forwards.append(1) if torch.is_grad_enabled()
                                 else None)
-    spectra = layer_spectra(model, CE, data, iterations=12, vectors=2, seed=4)
+    spectra = layer_spectra(model, CE, data, iterations=12, vectors=2, seed=4,
+                            layer_method="slq")
     assert list(spectra) == ["full", "conv1.weight", "conv2.weight", "fc.weight"]
     assert len(forwards) == len(data)  # one forward per batch for everything
     assert_state_equal(model, state)
@@ -37,7 +38,8 @@ def test_layer_spectra_equal_separate_slq_runs_and_share_one_forward():
 
 def test_full_runs_give_exact_block_eigenvalues():
     model, data = tiny_convnet(), conv_data(sizes=(10,))  # one batch: batch statistics
-    spectra = layer_spectra(model, CE, data, iterations=200, kind="ggn", bn_mode="train")
+    spectra = layer_spectra(model, CE, data, iterations=200, kind="ggn", bn_mode="train",
+                            layer_method="slq")
     for name, param in [("conv1.weight", model.conv1.weight),
                         ("conv2.weight", model.conv2.weight)]:
         op = hessian_operator(model, CE, data, params=[param], kind="ggn", bn_mode="train")
@@ -58,8 +60,9 @@ def test_full_runs_give_exact_block_eigenvalues():
 
 def test_seed_independent_of_other_blocks_and_layer_options():
     model, data = tiny_convnet(), conv_data()
-    all_blocks = layer_spectra(model, CE, data, iterations=6)
-    only_fc = layer_spectra(model, CE, data, iterations=6, layers={"fc.weight": model.fc.weight})
+    all_blocks = layer_spectra(model, CE, data, iterations=6, layer_method="slq")
+    only_fc = layer_spectra(model, CE, data, iterations=6, layers={"fc.weight": model.fc.weight},
+                            layer_method="slq")
     assert list(only_fc) == ["full", "fc.weight"]
     np.testing.assert_allclose(only_fc["fc.weight"].nodes, all_blocks["fc.weight"].nodes,
                                rtol=1e-12)

@@ -41,7 +41,8 @@ def test_commit_and_load_roundtrip(tmp_path):
     assert list(run.metrics["epoch"]) == [0, 1, 2]
     assert run.epochs == [0, 1, 2]
     assert run.blocks == ["full", "conv1.weight"]
-    assert list(run.spectra.columns) == ["epoch", "block", "vector", "node", "weight"]
+    assert list(run.spectra.columns) == ["epoch", "block", "vector", "node", "weight", "method"]
+    assert set(run.spectra["method"]) == {"slq"}  # measures without a method are SLQ's
     rows = run.spectra.query("epoch == 2 and block == 'full'")
     np.testing.assert_allclose(rows["node"], [-1.0, 2.0])
     ckpt = RunStore(tmp_path / "r").load_checkpoint()

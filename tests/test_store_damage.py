@@ -186,10 +186,12 @@ def _damage(run, name, how):
         path.write_text("")
     elif how == "cut":
         path.write_text(text[:-7])
-    elif how == "banana":
-        cells = lines[-2].split(",")
-        cells[-1] = "banana\n"
-        lines[-2] = ",".join(cells)
+    elif how == "banana":  # a non-number in a numeric column (spectra: weight; metrics: last)
+        header = lines[0].rstrip("\n").split(",")
+        column = header.index("weight") if "weight" in header else len(header) - 1
+        cells = lines[-2].rstrip("\n").split(",")
+        cells[column] = "banana"
+        lines[-2] = ",".join(cells) + "\n"
         path.write_text("".join(lines))
     elif how == "half_blocks":  # the rows of one block of the last epoch gone
         last = lines[-1].split(",")[0]

@@ -49,7 +49,8 @@ def test_run_directory_contract(digits_run):
     assert config["hessian"] == {"iterations": 8, "vectors": 1, "kind": "hessian",
                                  "bn_mode": "eval", "every": 1, "layers": True, "init": True,
                                  "distribution": "gaussian", "reorthogonalize": True,
-                                 "subset_seed": 0}
+                                 "subset_seed": 0, "layer_method": "auto",
+                                 "validate_layers": False}
     assert config["hessian_examples"] == 10 and config["device"] == "cpu"
     assert set(config["versions"]) >= {"layerhessians", "torch", "python"}
     assert len(config["dataset_checksum"]) == 64 and config["start_time"]
@@ -69,7 +70,12 @@ def test_run_directory_contract(digits_run):
     assert run.epochs == [0, 1, 2]
     sums = run.spectra.groupby(["epoch", "block", "vector"])["weight"].sum()
     assert len(sums) == 3 * 6 and np.allclose(sums, 1.0)
-    assert run.spectra.groupby(["epoch", "block"]).size().max() == 8
+    slq_rows = run.spectra[run.spectra["method"] == "slq"]
+    assert set(slq_rows["block"]) == {"full"}  # --layer-spectra auto: LeNet's blocks exact
+    assert slq_rows.groupby(["epoch", "block"]).size().max() == 8
+    # exact blocks: the 10 x 10 Gram matrix's eigenvalues and the zero eigenvalue
+    exact_rows = run.spectra[run.spectra["method"] == "exact"]
+    assert exact_rows.groupby(["epoch", "block"]).size().max() <= 10 * 10 + 1
     top = run.spectra.query("block == 'full'").groupby("epoch")["node"].max()
     assert np.allclose(top.to_numpy(), metrics["top_eigenvalue"].to_numpy())
     grid, density = run.density("fc2.weight", 1, points=256)
@@ -249,7 +255,7 @@ def test_seed_command_line_through_the_experiments_script(tmp_path, monkeypatch,
     assert list(run.metrics["epoch"]) == [1] and run.epochs == [1]
     assert run.config["learning_rate"] == 0.01 and run.config["dataset"] == "MNIST"
     assert run.config["train_examples"] == 60 and run.blocks == LENET_BLOCKS
-    assert "epoch 1/1" in capsys.readouterr().out
+    assert "epoch 1/1" in capsys.readouterr().err  # log lines go to stderr
 
 
 def test_seed_command_line_with_missing_gpu_fails_clearly(tmp_path, capsys, monkeypatch):

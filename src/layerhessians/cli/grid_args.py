@@ -21,6 +21,10 @@ def add_common_arguments(parser):
     parser.add_argument("--no-plots", action="store_true", help="skip the per-run figures")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the commands that would run, and which runs are complete")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads of every run (and of plotting and matching); "
+                             "set 1 when other processes share the cores (default: torch's, "
+                             "one per core; a resumed run keeps its recorded count)")
     add_launcher_arguments(parser)
 
 
@@ -75,8 +79,16 @@ def run_grid_command(runs, root, args, *, command, match=True) -> int:
     """Parse the shared flags and run the grid; exit status 0, or 1 when anything failed."""
     from layerhessians.pipeline import launchers
     from layerhessians.pipeline.run_grid import run_grid
+    from layerhessians.training.threads import check_threads, set_threads
 
     overrides, progress = train_overrides(args.train_args)
+    threads = check_threads(getattr(args, "threads", None))
+    if threads is not None:
+        if overrides.get("threads", threads) != threads:
+            raise UserError(f"--threads {threads} and --train-args --threads "
+                            f"{overrides['threads']} disagree; give one")
+        overrides["threads"] = threads
+        set_threads(threads)  # plotting and matching in this process
     launcher = launchers.make_launcher(args, Path(root))
     ok = run_grid(runs, root, launcher, overrides=overrides, progress=progress,
                   plots=not args.no_plots, match=match, dry_run=args.dry_run, command=command)

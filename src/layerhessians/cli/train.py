@@ -20,6 +20,7 @@ from layerhessians.errors import UserError
 from layerhessians.training.config import (
     HESSIAN_KINDS,
     IGNORED_FLAGS,
+    LAYER_METHODS,
     HessianConfig,
     TrainConfig,
     apply_flags,
@@ -35,7 +36,10 @@ EPILOG = """\
 The run directory (-r RUN; default runs/model=M,dataset=D,opt=O,lr=LR,l2=L2,b=B,seed=S):
   config.json          every setting, versions, device, dataset checksum, start time
   metrics.csv          one row per epoch: epoch, lr, train/test loss and accuracy, seconds
-  spectra.csv          SLQ quadrature per epoch and block: epoch, block, vector, node, weight
+  spectra.csv          quadrature per epoch and block: epoch, block, vector, node, weight,
+                       method (slq: Lanczos; exact: the block's eigenvalues, Gram route)
+  metrics.csv also has top_eigenvalue/BLOCK and trace/BLOCK for the exact blocks
+  slq_fidelity.csv     with --validate-layer-spectra: SLQ's W1 error per exact block, epoch
   checkpoints/last.pt  latest full training state; epoch_EEEE.pt every --save_freq epochs
   logs/train.log       what was printed
   images/              loss.png, acc.png (train and test, per epoch)
@@ -143,6 +147,15 @@ def add_arguments(parser):
          help="Lanczos re-orthogonalisation: full, none (the original), or auto: full when "
               "the bases fit half the memory budget (default auto; config.json records "
               "the choice)")
+    _add(hg, "--layer-spectra", dest="layer_spectra", choices=LAYER_METHODS,
+         help="layer blocks' spectra: exact (the Gram route; refused before training where "
+              "a block's Hessian is not certified equal to its Gauss-Newton part), slq "
+              "(Lanczos, as the full spectrum), or auto: exact where certified and within "
+              "the memory budget, else slq, the reason logged (default "
+              f"{h.layer_method}; spectra.csv records each block's method)")
+    _add(hg, "--validate-layer-spectra", dest="validate_layer_spectra", action="store_true",
+         help="also run SLQ on the exact blocks every measured epoch and record its W1 "
+              "error against the exact spectrum in RUN/slq_fidelity.csv")
 
     sg = parser.add_argument_group("memory and processes")
     _add(sg, "--hessian-batch-size", type=int, metavar="M",
@@ -159,6 +172,10 @@ def add_arguments(parser):
     _add(sg, "--sync-bn", action="store_true",
          help="SyncBatchNorm when training on several GPUs (default: batch statistics per "
               "rank)")
+    _add(sg, "--threads", type=int, metavar="N",
+         help="torch CPU threads; set 1 when other processes share the cores (the default, "
+              "one per core, is then several times slower). config.json records the count; "
+              "--resume reuses it (another count warns: not bit-identical)")
 
     rg = parser.add_argument_group("run")
     _add(rg, "--device", metavar="DEV", help=f"{DEVICE_CHOICES} (default: cpu, or --cuda N)")

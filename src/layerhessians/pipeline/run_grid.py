@@ -62,6 +62,33 @@ def check_datasets(configs) -> None:
                               "datasets`)")
 
 
+def verdicts(summary) -> list:
+    """One line per run of a match summary (:func:`~layerhessians.analysis.report.match_runs`'s
+    ``summary``, its first metric): the verdict column where the summary has one, else the
+    layer whose spectrum is closest to the full spectrum over training and at the peak epoch."""
+    if summary is None or not len(summary):
+        return []
+    lines = []
+    for run, rows in summary.groupby("run", sort=False):
+        r = rows.iloc[0]
+        label = f"{r.get('model')}+{r.get('dataset')} [{run}]"
+        if isinstance(r.get("verdict"), str) and r.get("verdict"):
+            lines.append(f"{label}: {r['verdict']}")
+            continue
+        if not {"best_index", "best_layer", "best_depth"} <= set(rows.columns):
+            lines.append(f"{label}: see match_distros_summary.csv")
+            continue
+        text = (f"{label}: closest to the full spectrum over training: #{r['best_index']} "
+                f"{r['best_layer']} (depth {r['best_depth']:.2f})")
+        if "peak_layer" in r and r.get("peak_layer") == r["best_layer"]:
+            text += f", also at the peak epoch {r['peak_epoch']}"
+        elif "peak_layer" in r:
+            text += (f"; at the peak epoch {r['peak_epoch']}: #{r['peak_index']} "
+                     f"{r['peak_layer']} (depth {r['peak_depth']:.2f})")
+        lines.append(text + f" [{r['metric']}]")
+    return lines
+
+
 def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True, match=True,
              dry_run=False, command="reproduce") -> bool:
     """Train ``runs`` (:class:`~layerhessians.pipeline.grid.GridRun`) under ``root`` with
@@ -129,10 +156,10 @@ def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True,
             except UserError as err:
                 print(f"{command}: plot {entry.run}: error: {err}", file=sys.stderr)
                 failed.append(entry.run)
-    match_ok = True
+    match_ok, summary = True, None
     if match and present:
         try:
-            _, _, written = match_runs([load_run(r.path(root)) for r in present], out=root)
+            _, summary, written = match_runs([load_run(r.path(root)) for r in present], out=root)
             for path in written:
                 print(f"saved: {path}")
             figures += [p for p in written if Path(p).suffix != ".csv"]
@@ -145,13 +172,14 @@ def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True,
 
     minutes = (time.time() - started) / 60
     figures = [str(p) for p in figures if Path(p).is_file()]
-    where = ""
+    print(f"{command}: {len(present)}/{len(runs)} runs with spectra, {minutes:.1f} min",
+          flush=True)
     if figures:  # only figures that exist are named
         match_figures = [p for p in figures if Path(p).name.startswith("match_distros")]
-        where = "; figures: " + ", ".join(match_figures or figures[:1]) + (
-            " and each run's images/" if plots and present else "")
-    print(f"{command}: {len(present)}/{len(runs)} runs with spectra, {minutes:.1f} min"
-          f"{where}", flush=True)
+        print(f"{command}: figures: " + ", ".join(match_figures or figures[:1]) + (
+            " and each run's images/" if plots and present else ""), flush=True)
+    for line in verdicts(summary):
+        print(f"{command}: {line}", flush=True)
     if failed:
         print(f"{command}: failed: {', '.join(dict.fromkeys(failed))} (see their messages above; "
               "run the same command again to resume)", file=sys.stderr)

@@ -122,7 +122,7 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
                   reorthogonalize=True, kind: str = "hessian", bn_mode: str = "eval",
                   layers=True, progress: bool = False,
                   reduction: Reduction | None = None, micro_batch_size=None,
-                  reuse_graph=True, memory_budget=None, layer_method: str = "slq",
+                  reuse_graph=True, memory_budget=None, layer_method: str = "auto",
                   certificates=None, loss_reduction: str = "mean",
                   check_symmetry: bool = True) -> LayerSpectra:
     """Spectra of the full Hessian and of every layer's diagonal Hessian block.
@@ -158,11 +158,10 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
             default of :mod:`~layerhessians.curvature.memory`), for the ``"auto"`` choices
             and the Gram route's factors.
         layer_method: how the layer blocks are computed (the full spectrum is always SLQ):
-            ``"slq"`` (default for now: as the full spectrum), ``"exact"`` (the Gram route of
-            :mod:`~layerhessians.spectra.exact_layers`: every block must be certified, else
-            :class:`UserError`) or ``"auto"`` (default: exact where certified and the
-            factors fit the memory budget, SLQ elsewhere, logged once per call; to become
-            the default once the trainer records the method of each block).
+            ``"auto"`` (the default: exact where certified and the factors fit the memory
+            budget, SLQ elsewhere, the fallbacks logged once per call), ``"exact"`` (the
+            Gram route of :mod:`~layerhessians.spectra.exact_layers`: every block must be
+            certified, else :class:`UserError`) or ``"slq"`` (as the full spectrum).
         certificates: ``{block: Certificate}`` from an earlier call's ``.certificates`` (the
             probe is skipped for those blocks: the architecture, not the weights, decides;
             the factor check still runs); ``None`` probes every block.

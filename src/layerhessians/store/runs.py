@@ -4,7 +4,8 @@ Layout (see docs/architecture.md)::
 
     RUN/config.json          every setting, versions, device, dataset checksum, start time
     RUN/metrics.csv          one row per epoch
-    RUN/spectra.csv          long table: epoch, block, vector, node, weight
+    RUN/spectra.csv          long table: epoch, block, vector, node, weight[, method]
+    RUN/slq_fidelity.csv     with --validate-layer-spectra (written by the trainer)
     RUN/checkpoints/last.pt  latest full training state (the commit point of an epoch)
     RUN/checkpoints/epoch_EEEE.pt   weights every --save_freq epochs
     RUN/logs/train.log       what was printed
@@ -71,6 +72,10 @@ LOCK = ".lock"
 MANIFEST = ".layerhessians-files.json"
 JOURNAL = ".layerhessians-op.json"
 SPECTRA_COLUMNS = ["epoch", "block", "vector", "node", "weight"]
+#: optional spectra.csv column: how a block's measure was computed ("slq" or "exact"); runs
+#: written before it have none (their spectra are SLQ)
+METHOD = "method"
+METHODS = ("slq", "exact")
 METRICS_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                    "train_seconds", "spectra_seconds"]
 # settings that may differ between a run and its resumption
@@ -403,10 +408,17 @@ def read_metrics(path) -> pd.DataFrame:
 
 def read_spectra(path) -> pd.DataFrame:
     """``spectra.csv`` read strictly (:func:`read_table`): :data:`SPECTRA_COLUMNS`, all
-    filled, ``block`` a name, the others numbers; an optional ``method`` column (how each
-    spectrum was computed: ``slq`` or ``exact``, read by
-    :func:`~layerhessians.analysis.matching.measure_lookup`) is text."""
-    return read_table(path, SPECTRA_COLUMNS, text_columns=("block", "method"))
+    filled, ``block`` a name, the others numbers; the optional :data:`METHOD` column is
+    text (empty in rows of older runs)."""
+    frame = read_table(path, SPECTRA_COLUMNS, text_columns=("block", METHOD))
+    if METHOD in frame.columns:
+        bad = frame[METHOD].notna() & ~frame[METHOD].isin(METHODS)
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise _problem(Path(path), f"holds an unknown method "
+                                       f"{str(frame[METHOD].iloc[row])[:40]!r} (data row "
+                                       f"{row + 1}; expected {' or '.join(METHODS)})")
+    return frame
 
 
 def read_config(path) -> dict:
@@ -939,14 +951,16 @@ class RunStore:
         """Write one completed epoch: its spectra, its metrics row, then its checkpoint.
 
         ``spectra``: mapping ``block -> measure`` (anything with ``to_frame()`` giving
-        columns vector, node, weight) or ``None``. ``checkpoint``: a dict of tensors and
+        columns vector, node, weight; its ``method``, default ``"slq"``, fills the
+        :data:`METHOD` column) or ``None``. ``checkpoint``: a dict of tensors and
         plain containers (saved with ``"epoch"``, the committed CSV lengths and digests,
         and its own digest added) or ``None``.
         """
         if spectra:
-            frames = [m.to_frame().assign(epoch=epoch, block=block)
+            frames = [m.to_frame().assign(epoch=epoch, block=block,
+                                          method=getattr(m, "method", None) or "slq")
                       for block, m in spectra.items()]
-            new = pd.concat(frames, ignore_index=True)[SPECTRA_COLUMNS]
+            new = pd.concat(frames, ignore_index=True)[[*SPECTRA_COLUMNS, METHOD]]
             self._append(SPECTRA, self.spectra, new, epoch)
         row = pd.DataFrame([{"epoch": epoch, **metrics_row}])
         self._append(METRICS, self.metrics, row, epoch)
@@ -1005,7 +1019,10 @@ class Run:
         if rows.empty:
             raise UserError(f"run {self.path} has no spectrum for block {block!r} at epoch "
                             f"{epoch}; blocks: {', '.join(self.blocks)}; epochs: {self.epochs}")
-        return SpectralMeasure.from_frame(rows[["vector", "node", "weight"]])
+        measure = SpectralMeasure.from_frame(rows[["vector", "node", "weight"]])
+        if METHOD in rows.columns and rows[METHOD].notna().any():
+            measure.method = str(rows[METHOD].dropna().iloc[0])
+        return measure
 
     def density(self, block: str, epoch: int, **kwargs):
         """``(grid, density)`` of ``block`` at ``epoch``; kwargs go to ``measure.density``."""

@@ -28,6 +28,11 @@ from layerhessians.vocabulary import (
 )
 from layerhessians.vocabulary import KINDS as HESSIAN_KINDS
 
+LAYER_METHODS = ("auto", "exact", "slq")  # as spectra.layers.LAYER_METHODS (no torch import)
+#: the values of :class:`HessianConfig` fields added later, for runs recorded before them
+#: (their layer spectra were all SLQ)
+LEGACY_HESSIAN = {"layer_method": "slq", "validate_layers": False}
+
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("ce",)
 SGD_MOMENTUM = 0.9  # the seed's SGD momentum (fixed, recorded in config.json)
@@ -110,7 +115,12 @@ class HessianConfig:
     ``reorthogonalize``: full re-orthogonalisation in Lanczos (the original had none):
     ``True``, ``False`` or ``"auto"`` (the default: full when the Lanczos bases fit half the
     memory budget, else none with a warning; a run records what it used in config.json);
-    ``subset_seed``: seed of the class-balanced Hessian subset (the original's fixed 0).
+    ``subset_seed``: seed of the class-balanced Hessian subset (the original's fixed 0);
+    ``layer_method``: how the layer blocks' spectra are computed (``auto``: exactly by the
+    Gram route where certified and within the memory budget, else SLQ; ``exact``: refused
+    before training where a block is not certified; ``slq``: Lanczos as the full spectrum;
+    see :func:`~layerhessians.spectra.layer_spectra`); ``validate_layers``: also run SLQ on
+    the exact blocks and record its error (``slq_fidelity.csv``).
     """
 
     iterations: int = DEFAULT_ITERATIONS
@@ -123,6 +133,8 @@ class HessianConfig:
     distribution: str = DEFAULT_DISTRIBUTION
     reorthogonalize: object = "auto"  # True, False or "auto"
     subset_seed: int = 0  # the original's fixed seed of the Hessian subset (not --seed)
+    layer_method: str = "auto"
+    validate_layers: bool = False
 
     def validated(self) -> "HessianConfig":
         return replace(
@@ -137,6 +149,8 @@ class HessianConfig:
             distribution=_choice("hessian distribution", self.distribution, DISTRIBUTIONS),
             reorthogonalize=_reorthogonalize(self.reorthogonalize),
             subset_seed=_int("hessian subset seed", self.subset_seed, minimum=0),
+            layer_method=_choice("--layer-spectra", self.layer_method, LAYER_METHODS),
+            validate_layers=_bool("--validate-layer-spectra", self.validate_layers),
         )
 
     def due(self, epoch: int, num_epochs: int) -> bool:
@@ -166,7 +180,9 @@ class TrainConfig:
     ``"40%"`` of the free memory, or ``None`` (80% of a GPU's, 50% of the host's shared by
     its processes); ``dist_backend``: ``auto`` (nccl on GPUs, gloo on CPUs), ``gloo`` or
     ``nccl`` (used under torchrun); ``sync_bn``: SyncBatchNorm when training on several
-    GPUs (otherwise batch norm uses each rank's own batch statistics).
+    GPUs (otherwise batch norm uses each rank's own batch statistics); ``threads``:
+    torch's CPU threads (:mod:`~layerhessians.training.threads`; ``None``: torch's default;
+    config.json records the count in effect).
     """
 
     model: str = "LeNet"
@@ -194,6 +210,7 @@ class TrainConfig:
     memory_budget: object = None
     dist_backend: str = "auto"
     sync_bn: bool = False
+    threads: int = None  # torch's intra-op threads; None: torch's default (one per core)
     hessian: HessianConfig = field(default_factory=HessianConfig)
 
     def validated(self) -> "TrainConfig":
@@ -237,6 +254,7 @@ class TrainConfig:
             memory_budget=_budget(self.memory_budget),
             dist_backend=_choice("--dist-backend", self.dist_backend, BACKENDS),
             sync_bn=_bool("--sync-bn", self.sync_bn),
+            threads=_int("--threads", self.threads, allow_none=True),
             hessian=hessian.validated(),
         )
 
@@ -251,7 +269,7 @@ class TrainConfig:
         """The settings stored in ``data`` (e.g. a run's ``config.json``); other keys ignored."""
         kwargs = {k: v for k, v in data.items() if k in _names(cls)}
         if isinstance(kwargs.get("hessian"), dict):
-            hessian = kwargs["hessian"]
+            hessian = {**LEGACY_HESSIAN, **kwargs["hessian"]}
             kwargs["hessian"] = HessianConfig(
                 **{k: v for k, v in hessian.items() if k in _names(HessianConfig)})
         return cls(**kwargs)
@@ -273,7 +291,8 @@ HESSIAN_FLAGS = {"hessian_iterations": "iterations", "hessian_vectors": "vectors
                  "hessian_kind": "kind", "hessian_bn_mode": "bn_mode",
                  "hessian_every": "every", "hessian_distribution": "distribution",
                  "layers": "layers", "init_spectra": "init",
-                 "hessian_reorthogonalize": "reorthogonalize"}
+                 "hessian_reorthogonalize": "reorthogonalize",
+                 "layer_spectra": "layer_method", "validate_layer_spectra": "validate_layers"}
 #: flags of the seed's command lines accepted and ignored (outputs go under the run directory)
 IGNORED_FLAGS = ("log_dir", "ckpt_dir", "images_dir")
 

@@ -1,5 +1,5 @@
-"""What a run prints: its log file and console lines (that do not break progress bars),
-progress bars, and the one-line summary of an epoch."""
+"""What a run prints: its log file and console lines on stderr (that do not break progress
+bars), progress (a bar on a terminal, else log lines), and the one-line summary of an epoch."""
 
 import logging
 import math
@@ -8,7 +8,12 @@ from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
+from layerhessians import progress as _progress
+
 log = logging.getLogger("layerhessians.training")
+#: the engine's loggers whose lines also go to the run's log (fallbacks, memory choices,
+#: progress of the Lanczos steps)
+ENGINE_LOGGERS = ("layerhessians.spectra", "layerhessians.progress")
 
 
 class TqdmHandler(logging.StreamHandler):
@@ -32,27 +37,39 @@ class Silent:
 
 @contextmanager
 def run_logging(log_path, console=True):
-    """Log to ``log_path`` (appended, timestamped) and, if ``console``, to stdout."""
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    """Log to ``log_path`` (appended, timestamped) and, if ``console``, to stderr: the run's
+    lines and those of :data:`ENGINE_LOGGERS` (their other handlers are kept)."""
     handlers = [logging.FileHandler(log_path, encoding="utf-8")]
     handlers[0].setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     if console:
-        handlers.append(TqdmHandler(sys.stdout))
+        handlers.append(TqdmHandler(sys.stderr))
         handlers[-1].setFormatter(logging.Formatter("%(message)s"))
-    for handler in handlers:
-        log.addHandler(handler)
+    loggers = [log, *map(logging.getLogger, ENGINE_LOGGERS)]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        for handler in handlers:
+            logger.addHandler(handler)
     try:
         yield log
     finally:
+        for logger, (level, propagate) in zip(loggers, saved):
+            for handler in handlers:
+                logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
         for handler in handlers:
-            log.removeHandler(handler)
             handler.close()
 
 
-def progress_bar(disable, **kwargs):
-    """A tqdm bar on stderr (``disable``: ``None`` shows it on a terminal only)."""
-    return tqdm(disable=disable, dynamic_ncols=True, file=sys.stderr, **kwargs)
+def progress_bar(disable, **kwargs) -> _progress.Progress:
+    """Progress on stderr (:class:`~layerhessians.progress.Progress`): a tqdm bar on a
+    terminal, else a line in the run's log at least every
+    :data:`~layerhessians.progress.LOG_INTERVAL_S` seconds with the time left.
+    ``disable``: ``True`` shows nothing; ``None`` or ``False`` show it."""
+    kwargs.setdefault("interval", _progress.LOG_INTERVAL_S)  # read now: tests may lower it
+    return _progress.Progress(disable=disable is True, logger=log, **kwargs)
 
 
 def format_row(epoch: int, num_epochs: int, row: dict) -> str:

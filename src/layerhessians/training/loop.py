@@ -55,6 +55,7 @@ import signal
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -63,27 +64,39 @@ from layerhessians.analysis.figures import save_training_curves
 from layerhessians.data import load_dataset
 from layerhessians.errors import UserError
 from layerhessians.store.legacy import export_legacy
-from layerhessians.store.runs import RunStore
+from layerhessians.store.runs import (
+    CONFIG,
+    RunStore,
+    read_config,
+    register_output,
+    write_csv,
+)
 from layerhessians.training.checkpoint import (
     RESUME_IGNORES,
     checkpoint_state,
     restore_state,
 )
-from layerhessians.training.config import TrainConfig
+from layerhessians.training.config import LEGACY_HESSIAN, TrainConfig
 from layerhessians.training.devices import resolve_device
 from layerhessians.training.distributed import SINGLE, Context, PeerError, process_group
 from layerhessians.training.logs import Silent, format_row, progress_bar, run_logging
 from layerhessians.training.seeding import derive_seed, seed_everything
 from layerhessians.training.setup import Setup, build, describe
 from layerhessians.training.spectra_hook import (
+    FIDELITY_COLUMNS,
     compute_spectra,
+    layer_metrics,
     plan_spectra,
+    slq_fidelity_rows,
     top_eigenvalue,
 )
+from layerhessians.training.threads import THREADS_KEY, resume_threads, set_threads
 
 #: Environment hook for crash tests: ``"E:stage"`` SIGKILLs the process at that point of
 #: epoch E; stages: ``trained``, ``spectra`` (computed, nothing committed), ``committed``.
 CRASH_ENV = "LAYERHESSIANS_CRASH_AT"
+#: ``--validate-layer-spectra``: SLQ's error against the exact layer spectra, per epoch
+FIDELITY = "slq_fidelity.csv"
 
 
 class TrainingDiverged(UserError):
@@ -111,8 +124,8 @@ def train_epoch(setup: Setup, epoch: int, disable_progress=None) -> dict:
     num_batches = math.ceil(len(data.train_y) / config.batch_size)
     batches = data.train_batches(config.batch_size, shuffle=True, augment=config.augment,
                                  seed=derive_seed(config.seed, epoch, "batches"))
-    with progress_bar(disable_progress, total=num_batches, desc=f"epoch {epoch}", unit="batch",
-                      leave=False) as bar:
+    with progress_bar(disable_progress, total=num_batches, desc=f"epoch {epoch}", unit="step",
+                      leave=False) as bar:  # a bar on a terminal, else a log line every 30 s
         for x, y in batches:
             setup.optimizer.zero_grad(set_to_none=True)
             loss, value, hits = dist.batch_loss(network, setup.loss_fn, x, y)
@@ -150,6 +163,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.train(was_training)
     loss_sum, correct = dist.sum_totals(loss_sum, correct)
     return loss_sum / total, correct / total
+
+
+def write_fidelity(store: RunStore, epoch: int, rows) -> None:
+    """Put epoch ``epoch``'s rows of ``--validate-layer-spectra`` into ``RUN/slq_fidelity.csv``
+    (replacing that epoch's and later rows: a resumed epoch is measured again). Written
+    before the epoch is committed, so a committed epoch always has its rows."""
+    path = store.path / FIDELITY
+    kept = pd.read_csv(path) if path.is_file() and path.stat().st_size else \
+        pd.DataFrame(columns=FIDELITY_COLUMNS)
+    kept = kept[kept["epoch"] < epoch]
+    register_output(path, store.path)
+    write_csv(path, pd.concat([kept, rows], ignore_index=True) if len(kept) else rows)
 
 
 def commit(store: RunStore, setup: Setup, epoch: int, row: dict, spectra):
@@ -198,16 +223,24 @@ def run_epoch(setup: Setup, store: RunStore, epoch: int, disable_progress=None) 
             raise TrainingDiverged(epoch, value, where=name)
     _sync(device)
     eval_seconds = time.perf_counter() - start - train_seconds
-    spectra, spectra_start = None, time.perf_counter()
+    spectra, spectra_start, fidelity = None, time.perf_counter(), None
     if config.hessian.due(epoch, config.num_epochs):
         spectra = compute_spectra(setup, epoch, disable_progress)
     _sync(device)
     spectra_seconds = time.perf_counter() - spectra_start
+    if spectra is not None and config.hessian.validate_layers:
+        fidelity = slq_fidelity_rows(setup, epoch, spectra)
+    validate_seconds = time.perf_counter() - spectra_start - spectra_seconds
     _crash_point(epoch, "spectra")
     row = {"lr": lr, **row, "test_loss": test_loss, "test_acc": test_acc,
            "train_seconds": train_seconds, "spectra_seconds": spectra_seconds,
-           "eval_seconds": eval_seconds, "top_eigenvalue": top_eigenvalue(spectra)}
+           "eval_seconds": eval_seconds, "top_eigenvalue": top_eigenvalue(spectra),
+           **layer_metrics(spectra)}
+    if fidelity is not None:
+        row["validate_seconds"] = validate_seconds
     if store is not None:  # rank 0 (or the only process)
+        if fidelity is not None:
+            write_fidelity(store, epoch, fidelity)
         commit(store, setup, epoch, row, spectra)
     _crash_point(epoch, "committed")
     return row
@@ -267,12 +300,63 @@ def train(config: TrainConfig, run_dir, *, resume=False, overwrite=False, comman
     """
     config = config.validated()
     device = resolve_device(config.device)
-    with process_group(config.dist_backend, device) as dist:
-        return _train(config, run_dir, dist, resume=resume, overwrite=overwrite,
-                      command=command, progress=progress, console=console)
+    stored = _stored_config(run_dir) if resume and not overwrite else None
+    recorded = None if stored is None else _threads_of(stored)
+    threads, note = (config.threads, None) if stored is None else \
+        resume_threads(recorded, config.threads)
+    previous = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        with process_group(config.dist_backend, device) as dist:
+            return _train(config, run_dir, dist, resume=resume, overwrite=overwrite,
+                          command=command, progress=progress, console=console,
+                          threads=(recorded, note))
+    finally:
+        torch.set_num_threads(previous)
 
 
-def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progress, console):
+def _stored_config(run_dir):
+    """The config.json of the run in ``run_dir`` (``None``: no run there, or a damaged file,
+    which opening the run reports)."""
+    path = Path(run_dir) / CONFIG
+    try:
+        return read_config(path) if path.is_file() else None
+    except UserError:
+        return None
+
+
+def _threads_of(stored: dict):
+    """The thread count a run's config.json records (``None``: not recorded)."""
+    value = stored.get(THREADS_KEY)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else None
+
+
+def _legacy_hessian(run_config: dict, run_dir) -> None:
+    """A run recorded before a Hessian setting existed compares equal on resume when the
+    setting keeps the value those runs used (:data:`~layerhessians.training.config.LEGACY_HESSIAN`)."""
+    stored = (_stored_config(run_dir) or {}).get("hessian")
+    if not isinstance(stored, dict):
+        return
+    for key, value in LEGACY_HESSIAN.items():
+        if key not in stored and run_config["hessian"].get(key) == value:
+            del run_config["hessian"][key]
+
+
+def _log_layer_methods(logger, setup) -> None:
+    methods = setup.layer_methods or {}
+    exact = [name for name, method in methods.items() if method == "exact"]
+    if not methods:
+        return
+    text = (f"layer spectra ({setup.config.hessian.layer_method}): exact for {len(exact)} of "
+            f"{len(methods)} blocks")
+    if setup.fallbacks:
+        text += "; SLQ for " + "; ".join(f"{n} ({r})" for n, r in setup.fallbacks.items())
+    logger.info(text)
+
+
+def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progress, console,
+           threads=(None, None)):
     device = dist.device
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
@@ -283,6 +367,11 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
     setup = plan_spectra(build(config, data, device, dist), warn=False)
     config = setup.config  # reorthogonalize resolved
     run_config = describe(setup, command)
+    recorded, threads_note = threads
+    if recorded is not None:  # a resumed run keeps the count it started with
+        run_config[THREADS_KEY] = recorded
+    if resume and not overwrite:
+        _legacy_hessian(run_config, run_dir)
     disable = True if (progress is False or not dist.is_main) else None
     store, state, error = None, None, None
     if dist.is_main:
@@ -305,12 +394,16 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
             logger.info("settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()))
         else:
             logger.info(f"run {run_dir}: resuming after epoch {done} of {config.num_epochs}"
-                        + (f" on {dist.world_size} processes" if dist.active else ""))
+                        + (f" on {dist.world_size} processes" if dist.active else "")
+                        + f", {torch.get_num_threads()} torch thread(s)")
         logger.info(f"spectra: {setup.hessian_examples} Hessian examples"
                     + (f" sharded over {dist.world_size} processes" if setup.reduction else "")
                     + f"; {setup.plan.summary()}")
+        _log_layer_methods(logger, setup)
         for note in setup.plan.notes:
             logger.warning(f"warning: {note}")
+        if threads_note:
+            logger.warning(f"warning: {threads_note}")
         if config.export_legacy and done is not None and store is not None:
             export_legacy(store.path)
         first = 0 if (done is None and config.hessian.init) else (1 if done is None else done + 1)

@@ -6,12 +6,12 @@ import random
 import numpy as np
 import torch
 
-_STREAMS = {"init": 0, "batches": 1, "train": 2, "spectra": 3}
+_STREAMS = {"init": 0, "batches": 1, "train": 2, "spectra": 3, "certify": 4}
 STREAMS = tuple(_STREAMS)
 
 
 def derive_seed(seed: int, epoch: int, stream: str) -> int:
-    """A 63-bit seed for ``stream`` (init, batches, train, spectra) of ``epoch``, from
+    """A 63-bit seed for ``stream`` (init, batches, train, spectra, certify) of ``epoch``, from
     ``seed`` (numpy ``SeedSequence``): independent of what ran before, so a resumed epoch
     sees the same randomness."""
     words = np.random.SeedSequence([int(seed), int(epoch), _STREAMS[stream]]).generate_state(2)

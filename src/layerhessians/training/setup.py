@@ -34,7 +34,10 @@ class Setup:
     ``ddp`` (the DistributedDataParallel wrapper that trains ``model``), ``reduction`` (the
     engine's all-reduce hook, ``None`` when the set is not sharded) and ``hessian_examples``
     (the whole set's size); ``plan`` is the spectra's
-    :class:`~layerhessians.curvature.MemoryPlan` (``None``: the engine's defaults).
+    :class:`~layerhessians.curvature.MemoryPlan` (``None``: the engine's defaults);
+    ``layer_methods`` ``{block: "exact" | "slq"}``, ``fallbacks`` ``{block: reason}`` and
+    ``certificates`` ``{block: Certificate}``: how the layer spectra are computed, decided
+    once before epoch 1 (:func:`~layerhessians.training.spectra_hook.plan_layer_methods`).
     """
 
     config: TrainConfig
@@ -51,6 +54,9 @@ class Setup:
     reduction: object = None
     hessian_examples: int = None
     plan: object = None
+    layer_methods: dict = None
+    fallbacks: dict = None
+    certificates: dict = None
 
     @property
     def num_params(self) -> int:
