@@ -99,9 +99,9 @@ def settings(quick: bool) -> dict:
     return dict(epochs=6, steps=60, batch=32, hessian_sequences=32, iterations=48)
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, default_run="runs/transformer_lm"):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", default="runs/transformer_lm", help="run directory")
+    parser.add_argument("--run", default=default_run, help="run directory")
     parser.add_argument("--epochs", type=int, help="epochs (default 6, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="a few seconds: smaller everything")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run")

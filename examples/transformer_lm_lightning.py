@@ -57,7 +57,7 @@ class LanguageModel(pl.LightningModule):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv, default_run="runs/transformer_lm_lightning")
     cfg = settings(args.quick)
     epochs = args.epochs or cfg["epochs"]
     context = 64

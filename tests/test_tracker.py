@@ -253,7 +253,8 @@ def test_a_killed_loop_resumes_without_lost_or_duplicated_records(tmp_path, monk
     want_spectra, want_metrics = _record(tmp_path / "whole")
 
     calls = {"n": 0}
-    real = {"write_csv": runs.write_csv, "save_torch": runs.save_torch}
+    # the store's writers of the CSVs (write_bytes) and of the checkpoint (save_torch)
+    real = {"write_bytes": runs.write_bytes, "save_torch": runs.save_torch}
 
     def dying(name):
         def write(path, obj):
@@ -264,11 +265,11 @@ def test_a_killed_loop_resumes_without_lost_or_duplicated_records(tmp_path, monk
             real[name](path, obj)
         return write
 
-    monkeypatch.setattr(runs, "write_csv", dying("write_csv"))
+    monkeypatch.setattr(runs, "write_bytes", dying("write_bytes"))
     monkeypatch.setattr(runs, "save_torch", dying("save_torch"))
     with pytest.raises(Killed):
         _loop(model, loss_fn, data, tmp_path / "killed", 3, resume=False)
-    monkeypatch.setattr(runs, "write_csv", real["write_csv"])
+    monkeypatch.setattr(runs, "write_bytes", real["write_bytes"])
     monkeypatch.setattr(runs, "save_torch", real["save_torch"])
     killed = SpectraTracker(model, loss_fn, data, tmp_path / "killed", iterations=8,
                             resume=True)
@@ -287,35 +288,49 @@ def test_an_older_index_rewinds_the_record(tmp_path, monkeypatch):
     loss_fn = PROBLEMS["mlp"].loss_fn
     _loop(model, loss_fn, data, tmp_path / "run", 3, resume=False)
     want = load_run(tmp_path / "run")
-    # the loop resumed from its epoch-1 checkpoint: epoch 2 again, killed before the
-    # rows after it were dropped
+    # the loop resumed from its epoch-1 checkpoint: epoch 2 again, killed in the store's
+    # rewind to epoch 1 (journalled), before the rows after epoch 1 were dropped
     tracker = SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=8, resume=True)
     set_weights(model, 2)
 
     def killed(epoch):
-        raise Killed("killed before the rows after epoch 2 were dropped")
+        raise Killed("killed before the rows after epoch 1 were dropped")
 
     monkeypatch.setattr(tracker.store, "truncate_after", killed)
     with pytest.raises(Killed):
         tracker.update(2, metrics={"train_loss": 2.0})
     tracker.close()
+    assert (tmp_path / "run" / runs.JOURNAL).exists()
+    # the next open finishes the rewind: the record ends at epoch 1
     resumed = SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=8, resume=True)
-    assert resumed.completed == 2 and load_run(tmp_path / "run").epochs == [0, 1, 2]
+    assert resumed.completed == 1 and load_run(tmp_path / "run").epochs == [0, 1]
     set_weights(model, 1)
     resumed.update(1, metrics={"train_loss": 1.0})
     assert resumed.completed == 1 and load_run(tmp_path / "run").epochs == [0, 1]
+    assert not (tmp_path / "run" / "checkpoints" / "rewind.pt").exists()
     resumed.close()
     _loop(model, loss_fn, data, tmp_path / "run", 3, resume=True)
     got = load_run(tmp_path / "run")
     pd.testing.assert_frame_equal(got.spectra, want.spectra)
     assert got.metrics["epoch"].tolist() == [0, 1, 2, 3]
+    # an index the record starts at starts the record over (the store's overwrite)
+    with SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=8,
+                        resume=True) as again:
+        set_weights(model, 0)
+        again.update(0, metrics={"train_loss": 0.0})
+        assert again.completed == 0
+    got = load_run(tmp_path / "run")
+    assert got.epochs == [0] and got.metrics["epoch"].tolist() == [0]
+    pd.testing.assert_frame_equal(got.spectra, want.spectra[want.spectra["epoch"] == 0])
 
 
 def test_a_failed_update_records_nothing(tmp_path):
     model, data = PROBLEMS["mlp"].build()
 
-    def broken(outputs, targets):
-        raise RuntimeError("loss failed")
+    def broken(outputs, targets):  # passes the engine's probe (no gradients), fails later
+        if torch.is_grad_enabled():
+            raise RuntimeError("loss failed")
+        return PROBLEMS["mlp"].loss_fn(outputs, targets)
 
     with SpectraTracker(model, broken, data, tmp_path / "run", iterations=4) as tracker:
         with pytest.raises(RuntimeError, match="loss failed"):
@@ -355,8 +370,8 @@ def test_reopening_a_run_needs_resume_or_overwrite_and_the_same_settings(tmp_pat
     ({"reorthogonalise": True}, "unknown spectra option.*reorthogonalise"),
     ({"layers": True}, "unknown spectra option.*layers"),
     ({"blocks": {"full": []}}, "'full' is reserved"),
-    ({"blocks": {"w": []}}, "block 'w' has no parameters"),
-    ({"blocks": {"w": torch.zeros(3)}}, "not a trainable parameter"),
+    ({"blocks": {"w": []}}, "block 'w' is empty"),
+    ({"blocks": {"w": torch.zeros(3)}}, "block 'w': .* not a leaf parameter of the model"),
     ({"blocks": ["0.weight"]}, "blocks must be True"),
     ({"loggers": [1]}, "every logger must be callable"),
 ])

@@ -850,10 +850,15 @@ class RunStore:
         check_consistent(self.path, config, self.metrics, self.spectra, epoch)
 
     # -- rewinding ---------------------------------------------------------------------
-    def rewind(self, checkpoint):
+    def rewind(self, checkpoint, *, state_keys=("model", "optimizer")):
         """Make the run continue from ``checkpoint`` (a file in ``RUN/checkpoints/``
         holding a full training state written by this store): rows of later epochs are
         dropped, later ``epoch_EEEE.pt`` removed, and it becomes ``last.pt``; journalled.
+
+        Args:
+            checkpoint: the checkpoint file to continue from.
+            state_keys: the keys besides ``"epoch"`` that a full state of this run holds
+                (the trainer's: model and optimizer; a ``SpectraTracker``'s: its unit).
 
         Raises:
             UserError: the file is not in this run's checkpoints folder, is not a
@@ -869,7 +874,7 @@ class RunStore:
         if source.resolve() == self.checkpoint_path.resolve():
             return
         state = self.load_checkpoint(source)
-        if not (isinstance(state, dict) and {"epoch", "model", "optimizer"} <= set(state)):
+        if not (isinstance(state, dict) and {"epoch", *state_keys} <= set(state)):
             raise UserError(f"{source} holds only model weights (no optimizer, schedule or "
                             "random state), so training cannot continue exactly from it; "
                             f"resume from the run's last checkpoint (--resume {self.path}), or "

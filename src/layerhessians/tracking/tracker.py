@@ -38,11 +38,16 @@ from layerhessians.curvature.blocks import layer_blocks, select_blocks
 from layerhessians.errors import UserError
 from layerhessians.spectra import layer_spectra
 from layerhessians.store.runs import (
+    CHECKPOINTS,
     CONFIG,
+    METRICS,
     VOLATILE_KEYS,
     RunStore,
     config_differences,
-    load_run,
+    os_errors,
+    read_config,
+    read_metrics,
+    save_torch,
 )
 from layerhessians.tracking.scalars import full_scalars, spectra_scalars
 from layerhessians.training.seeding import derive_seed
@@ -65,6 +70,9 @@ log = logging.getLogger(__name__)
 UNITS = ("epoch", "step")
 #: config.json keys that may change when a tracker run is resumed
 RESUME_IGNORES = VOLATILE_KEYS | {"threads", "reuse_graph", "micro_batch_size", "memory_budget"}
+#: the tracker's state of an earlier update, written to rewind the record to it
+#: (``RUN/checkpoints/``; removed once the store's rewind has finished)
+REWIND_SOURCE = "rewind.pt"
 #: layer_spectra arguments the tracker sets itself
 _OWN_ARGUMENTS = {"model", "loss_fn", "data", "layers", "seed", "progress", "iterations",
                   "vectors", "distribution", "kind", "bn_mode"}
@@ -250,8 +258,8 @@ class SpectraTracker:
         self._device_data = (None, None)
         self.store = None
         if run_dir is not None:
-            config = self._describe(model_name, dataset, settings)
-            self.store = self._open(Path(run_dir), config, resume, overwrite)
+            self._config = self._describe(model_name, dataset, settings)
+            self.store = self._open(Path(run_dir), self._config, resume, overwrite)
 
     # -- the record --------------------------------------------------------------------
     def _describe(self, model_name, dataset, settings) -> dict:
@@ -284,14 +292,15 @@ class SpectraTracker:
 
     @staticmethod
     def _open(path: Path, config: dict, resume: bool, overwrite: bool) -> RunStore:
+        # tracker-worded refusals first; the store then recovers an interrupted operation
+        # and verifies the files (load_run would refuse a directory with a journal)
         if (path / CONFIG).is_file() and not overwrite:
-            old = load_run(path)
-            diffs = config_differences(old.config, config, RESUME_IGNORES)
+            diffs = config_differences(read_config(path / CONFIG), config, RESUME_IGNORES)
             if diffs:
                 raise UserError(f"{path} holds a run with different settings "
                                 f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); "
                                 "pass overwrite=True to replace it, or another run_dir")
-            if len(old.metrics) and not resume:
+            if len(read_metrics(path / METRICS)) and not resume:
                 raise UserError(f"{path} already holds this run; pass resume=True to continue "
                                 "its record, or overwrite=True to start over")
         return RunStore.create(path, config, resume=resume, overwrite=overwrite,
@@ -357,10 +366,12 @@ class SpectraTracker:
             UserError: no index, the wrong one for ``unit``, a negative index, or metrics
                 that are not numbers.
 
-        An index at or below the last committed one rewinds the record: the update replaces
-        that index's rows and later rows are dropped (a loop resumed from an older model
-        checkpoint records again from there). An update interrupted at any point leaves
-        the record as it was before it.
+        An index at or below the last committed one first rewinds the record to the update
+        before it, through the store's journalled rewind (:meth:`RunStore.rewind`; a
+        record that starts at that index is started over), then records the update (a loop
+        resumed from an older model checkpoint records again from there). An update
+        interrupted before the rewind leaves the record as it was; one interrupted later
+        leaves the record as rewound (the next open finishes an interrupted rewind).
         """
         index = self._index(epoch, step)
         row = self._metrics_row(metrics)
@@ -370,16 +381,34 @@ class SpectraTracker:
         scalars = spectra_scalars(spectra)
         if self.store is not None:
             previous = self.completed
+            if previous is not None and index <= previous:
+                log.warning("tracker: %s %d was already recorded (up to %d); its rows and "
+                            "later ones are dropped and recorded again", self.unit, index,
+                            previous)
+                self._rewind_before(index)
             self.store.commit_epoch(index, {**row, "spectra_seconds": seconds,
                                             **full_scalars(scalars)},
                                     spectra, checkpoint={"unit": self.unit})
-            if previous is not None and index < previous:
-                log.warning("tracker: %s %d was already recorded (up to %d); rows after it "
-                            "are dropped and recorded again", self.unit, index, previous)
-                self.store.truncate_after(index)
         for logger in self.loggers:
             logger(index, scalars, spectra)
         return spectra
+
+    def _rewind_before(self, index: int):
+        """Drop the rows of ``index`` and later ones, keeping the store's invariants (the
+        CSVs' digests in the checkpoint): the store's journalled rewind to the tracker's
+        state of the last update before ``index``, or, when the record starts at
+        ``index``, the store's journalled overwrite of the run."""
+        earlier = [int(e) for e in self.store.metrics["epoch"] if e < index]
+        if not earlier:  # nothing recorded before index: start the record over
+            self.store.close()
+            self.store = RunStore.create(self.store.path, self._config, overwrite=True,
+                                         ignore=RESUME_IGNORES)
+            return
+        source = self.store.path / CHECKPOINTS / REWIND_SOURCE
+        save_torch(source, {"unit": self.unit, "epoch": max(earlier)})
+        self.store.rewind(source, state_keys=("unit",))
+        with os_errors("remove", source):
+            source.unlink(missing_ok=True)
 
     def _index(self, epoch, step) -> int:
         given = {"epoch": epoch, "step": step}
