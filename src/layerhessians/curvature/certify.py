@@ -72,6 +72,45 @@ def _relative(diff: torch.Tensor, scale: float) -> float:
     return norm / scale
 
 
+def _products(model, loss_fn, data, blocks, kinds, vectors, bn_mode, reduction):
+    """``{kind: {name: product}}``: per block, ``H_bb v_b`` (one product per block: the
+    diagonal blocks) and/or ``G v`` restricted to the blocks (ONE product for all blocks,
+    ``v`` their concatenation: ``(G v)_b = sum_c G_bc v_c``), on one shared graph."""
+    params, names = resolve_params(model)
+    graph = curvature_graph(model, loss_fn, data, params, kinds, bn_mode, reduction=reduction)
+    index = {id(p): i for i, p in enumerate(params)}
+    positions = [index[id(p)] for p in blocks.values()]
+    try:
+        operators, parts = [], []
+        if "hessian" in kinds:
+            operators += [HessianOperator(graph, [i], [names[i]], name=n)
+                          for n, i in zip(blocks, positions)]
+            parts += list(vectors.values())
+        if "ggn" in kinds:
+            order = sorted(range(len(positions)), key=positions.__getitem__)
+            operators.append(GGNOperator(graph, [positions[j] for j in order],
+                                         [names[positions[j]] for j in order], name="blocks"))
+            parts.append(torch.cat([vectors[list(blocks)[j]] for j in order]))
+        products = graph.products(operators, parts)
+    finally:
+        graph.release()
+    result = {}
+    if "hessian" in kinds:
+        result["hessian"] = dict(zip(blocks, products[:len(blocks)]))
+    if "ggn" in kinds:
+        pieces = torch.split(products[-1], [blocks[list(blocks)[j]].numel() for j in order])
+        result["ggn"] = {list(blocks)[j]: piece for j, piece in zip(order, pieces)}
+    return result
+
+
+def _factor_products(factors, vectors, names) -> dict:
+    """``(V V^T v)_b = V_b sum_c V_c^T v_c`` over ``names`` (the factors' GGN restricted to
+    those blocks, cross terms included: compare with ``G v`` of :func:`_products`)."""
+    with torch.no_grad():
+        coefficients = sum(factors[n].coefficients(vectors[n]) for n in names)
+        return {n: factors[n].combine(coefficients).to(vectors[n].dtype) for n in names}
+
+
 def certify_blocks(model: nn.Module, loss_fn, data, blocks, factors=None, probes: int = 1,
                    seed: int = 0, kind: str = "hessian", bn_mode: str = "eval",
                    tolerance: float | None = None, reduction=None
@@ -91,8 +130,10 @@ def certify_blocks(model: nn.Module, loss_fn, data, blocks, factors=None, probes
 
     Returns:
         ``OrderedDict`` ``{name: Certificate}`` in block order. Costs one shared first-order
-        graph (one forward and one ``create_graph`` backward per batch) plus, per probe and
-        block, one Hessian-vector and one GGN-vector product.
+        graph (one forward and one ``create_graph`` backward per batch) plus, per probe,
+        one Hessian-vector product per block (``kind="hessian"``: ``H_bb v_b`` against the
+        factors' ``V_b V_b^T v_b`` directly) and one GGN-vector product for all blocks
+        together (``kind="ggn"``, blocks without factors, or to tell why a block failed).
     """
     if kind not in ("hessian", "ggn"):
         raise UserError(f"only kind='hessian' or 'ggn' can be certified; got {kind!r}")
@@ -100,51 +141,75 @@ def certify_blocks(model: nn.Module, loss_fn, data, blocks, factors=None, probes
     blocks = block_parameters(model, blocks)
     dtype = next(iter(blocks.values())).dtype
     tol = probe_tolerance(dtype) if tolerance is None else float(tolerance)
-    params, names = resolve_params(model)
-    graph = curvature_graph(model, loss_fn, data, params,
-                            ("hessian", "ggn") if kind == "hessian" else "ggn", bn_mode,
-                            reduction=reduction)
-    index = {id(p): i for i, p in enumerate(params)}
-    positions = {n: [index[id(p)]] for n, p in blocks.items()}
     generator = torch.Generator().manual_seed(int(seed))
+    with_factors = [n for n in blocks if n in factors]
+    nan = float("nan")
+    worst_h = dict.fromkeys(blocks, 0.0 if kind == "hessian" else nan)
+    worst_v = dict.fromkeys(blocks, nan)
+
+    def worse(old: float, new: float) -> float:  # NaN must not be lost in max()
+        return new if new != new or old != old else max(old, new)
+
+    for _ in range(int(probes)):
+        vectors = {n: torch.randn(p.numel(), generator=generator, dtype=torch.float64
+                                  ).to(dtype) for n, p in blocks.items()}
+        direct = kind == "hessian" and bool(with_factors)
+        kinds = ("hessian",) if kind == "hessian" else ()
+        if kind == "ggn" or len(with_factors) < len(blocks):
+            kinds += ("ggn",)
+        products = _products(model, loss_fn, data, blocks, kinds, vectors, bn_mode,
+                             reduction)
+        hv, gv = products.get("hessian", {}), products.get("ggn")
+        failed = []
+        if direct:  # H_bb v_b against V_b V_b^T v_b: the Gram route's block itself
+            for name in with_factors:
+                with torch.no_grad():
+                    vv = factors[name].matvec(vectors[name]).to(hv[name])
+                scale = max(float(torch.linalg.vector_norm(hv[name])),
+                            float(torch.linalg.vector_norm(vv)))
+                residual = _relative(hv[name] - vv, scale)
+                worst_h[name] = worse(worst_h[name], residual)
+                if not residual <= tol:
+                    failed.append(name)
+            if failed:  # why: G v by autograd tells H != G from wrong factors
+                gv_failed = _products(model, loss_fn, data,
+                                      OrderedDict((n, blocks[n]) for n in failed), ("ggn",),
+                                      {n: vectors[n] for n in failed}, bn_mode,
+                                      reduction)["ggn"]
+                failed_vv = _factor_products(factors, vectors, failed)
+                for name in failed:
+                    g_norm = float(torch.linalg.vector_norm(gv_failed[name]))
+                    worst_v[name] = worse(worst_v[name], _relative(
+                        failed_vv[name] - gv_failed[name], g_norm))
+        if gv is None:
+            continue
+        for name in blocks:
+            if kind == "hessian" and name not in factors:
+                scale = max(float(torch.linalg.vector_norm(hv[name])),
+                            float(torch.linalg.vector_norm(gv[name])))
+                worst_h[name] = worse(worst_h[name], _relative(hv[name] - gv[name], scale))
+        if kind == "ggn" and with_factors:  # all blocks' factors in one G v
+            vv = _factor_products(factors, vectors, with_factors)
+            for name in with_factors:
+                g_norm = float(torch.linalg.vector_norm(gv[name]))
+                worst_v[name] = worse(worst_v[name],
+                                      _relative(vv[name].to(gv[name]) - gv[name], g_norm))
     results = OrderedDict()
-    try:
-        ggns = [GGNOperator(graph, positions[n], [names[i] for i in positions[n]], name=n)
-                for n in blocks]
-        hessians = [HessianOperator(graph, positions[n], [names[i] for i in positions[n]],
-                                    name=n) for n in blocks] if kind == "hessian" else []
-        worst_h = dict.fromkeys(blocks, 0.0 if kind == "hessian" else float("nan"))
-        worst_v = dict.fromkeys(blocks, float("nan"))
-        for _ in range(int(probes)):
-            vectors = [torch.randn(op.dim, generator=generator, dtype=torch.float64).to(dtype)
-                       for op in ggns]
-            products = graph.products(ggns + hessians, vectors + vectors[:len(hessians)])
-            gv_all, hv_all = products[:len(ggns)], products[len(ggns):]
-            for j, name in enumerate(blocks):
-                gv = gv_all[j]
-                g_norm = float(torch.linalg.vector_norm(gv))
-                if hessians:
-                    hv = hv_all[j]
-                    scale = max(float(torch.linalg.vector_norm(hv)), g_norm)
-                    residual = _relative(hv - gv, scale)  # NaN must not be lost in max()
-                    worst_h[name] = residual if residual != residual \
-                        else max(worst_h[name], residual)
-                if name in factors:
-                    with torch.no_grad():
-                        vv = factors[name].matvec(vectors[j].to(gv))
-                    residual = _relative(vv - gv, g_norm)
-                    worst_v[name] = residual if worst_v[name] != worst_v[name] \
-                        else max(worst_v[name], residual)
-    finally:
-        graph.release()
     for name in blocks:
         reasons = []
-        if kind == "hessian" and not worst_h[name] <= tol:
-            reasons.append(f"Hessian block != GGN block (relative residual "
-                           f"{worst_h[name]:.2g} > {tol:.2g})")
         if name not in factors:
+            if kind == "hessian" and not worst_h[name] <= tol:
+                reasons.append(f"Hessian block != GGN block (relative residual "
+                               f"{worst_h[name]:.2g} > {tol:.2g})")
             reasons.append("no Gram factors")
-        elif not worst_v[name] <= tol:
+        elif kind == "hessian" and not worst_h[name] <= tol:
+            if worst_v[name] == worst_v[name] and not worst_v[name] <= tol:
+                reasons.append(f"Gram factors != GGN block (relative residual "
+                               f"{worst_v[name]:.2g} > {tol:.2g}; examples interact?)")
+            else:
+                reasons.append(f"Hessian block != GGN block (relative residual "
+                               f"{worst_h[name]:.2g} > {tol:.2g})")
+        elif kind == "ggn" and not worst_v[name] <= tol:
             reasons.append(f"Gram factors != GGN block (relative residual "
                            f"{worst_v[name]:.2g} > {tol:.2g}; examples interact?)")
         results[name] = Certificate(not reasons, worst_h[name], worst_v[name], tol,
