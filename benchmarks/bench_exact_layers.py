@@ -76,6 +76,12 @@ def clock(fn):
     return time.perf_counter() - start, value
 
 
+def finite_max(values) -> float | None:
+    """The largest non-NaN value (``None`` if none: a residual that was not computed)."""
+    values = [v for v in values if v == v]
+    return max(values) if values else None
+
+
 def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
@@ -138,8 +144,10 @@ def run_model(name: str, args) -> dict:
     row.update(methods={n: f.method() for n, f in factors.items()},
                gram_columns=next(iter(factors.values())).columns,
                certified=sum(c.certified for c in certificates.values()),
-               worst_hessian_residual=max(c.hessian_residual for c in certificates.values()),
-               worst_factor_residual=max(c.factor_residual for c in certificates.values()))
+               worst_hessian_residual=finite_max(c.hessian_residual
+                                                 for c in certificates.values()),
+               worst_factor_residual=finite_max(c.factor_residual
+                                                for c in certificates.values()))
     factors = None  # free the memory before the timed runs
     times = {key: [] for key in ("exact_s", "exact_later_s", "full_s", "epoch_s",
                                  "epoch_later_s", "vivit_s")}

@@ -11,14 +11,20 @@ weight used twice.
 The probe. Rather than trusting a list of module types, each block is tested at the current
 parameters with random Gaussian vectors ``v`` (not Rademacher: a sign vector can lie in
 the GGN's null space exactly, e.g. the all-ones direction of the output layer under
-cross-entropy, leaving only rounding to compare): ``r_H = ||H v - G v||`` (operators of
-:mod:`~layerhessians.curvature.kinds` on one shared graph) and, when factors are given,
-``r_V = ||V V^T v - G v||``. The block is certified when both are at most
-``tolerance * max(||H v||, ||G v||)`` with ``tolerance = PROBE_EPS_FACTOR * eps(dtype)``
-(1.2e-4 in float32, 2.2e-13 in float64): the products agree to rounding where the identity
-holds (measured: ~1e-16 relative in float64, ~1e-6 in float32 on LeNet, VGG11_bn and
-ResNet18), whereas a real residual is of the order of the block itself (0.3 to 1 relative
-on the counter-examples above). A zero block (``H v = G v = 0``) is certified.
+cross-entropy, leaving only rounding to compare). For ``kind="hessian"`` with factors,
+directly: ``r_H = ||H_bb v - V V^T v||`` (the Hessian block's product by autograd, on one
+shared graph of :mod:`~layerhessians.curvature.kinds`, against the Gram route's block, which
+is the GGN block ``G_bb`` when the factors are right); only a block that fails also gets
+``G v`` by autograd, to tell ``H != G`` from wrong factors (``r_V = ||V V^T v - G v||``).
+For ``kind="ggn"`` (or with reused certificates), the factor check ``r_V`` for all blocks
+at once from ONE GGN product ``G v`` (``v`` the blocks' concatenation; the factors give
+``(V V^T v)_b = V_b sum_c V_c^T v_c``, cross terms included). Blocks without factors get
+``r_H = ||H v - G v||``. A block is certified when its residuals are at most
+``tolerance * max(norms of the two products)`` with ``tolerance = PROBE_EPS_FACTOR *
+eps(dtype)`` (1.2e-4 in float32, 2.2e-13 in float64): the products agree to rounding where
+the identity holds (measured: ~1e-16 relative in float64, ~1e-6 in float32 on LeNet,
+VGG11_bn and ResNet18), whereas a real residual is of the order of the block itself (0.3 to
+1 relative on the counter-examples above). A zero block (both products 0) is certified.
 """
 
 from __future__ import annotations
@@ -52,8 +58,11 @@ class Certificate:
 
     Attributes:
         certified: whether the Gram route gives this block's exact Hessian spectrum.
-        hessian_residual: ``max_v ||H v - G v|| / max(||H v||, ||G v||)`` (NaN if not run).
-        factor_residual: ``max_v ||V V^T v - G v|| / ||G v||`` (NaN if no factors).
+        hessian_residual: ``max_v ||H v - G v|| / max(||H v||, ||G v||)`` with ``G v``
+            the factors' ``V V^T v`` when there are factors (NaN if not run: ``"ggn"``).
+        factor_residual: ``max_v ||V V^T v - G v|| / ||G v||`` with ``G v`` by autograd
+            (NaN if not run: no factors, or ``"hessian"`` on a block whose direct check
+            passed, which implies it).
         tolerance: the relative tolerance used.
         reason: why it is not certified (``""`` when it is).
     """

@@ -19,12 +19,17 @@ column of ``V`` for ``(n, k)`` is then local to the layer: ``g_{n,k} u_n^T`` wit
 so each Gram matrix is computed per layer, either
 
 - *factorised* over positions: ``Gram[(n,k),(m,l)] = sum_{p,q} (g_{n,k,p} . g_{m,l,q})
-  (u_{n,p} . u_{m,q})``, cost ``(N K P)^2 O + (N P)^2 I``, cheap when ``P`` is small; or
-- *materialised*: ``V`` built in chunks of output channels and ``Gram += V_c^T V_c``, cost
-  ``N K O I P + (N K)^2 O I``, cheap when ``O I`` is small;
+  (u_{n,p} . u_{m,q})``, per pair of examples ``n >= m`` (the lower triangle):
+  ``U = u_n^T u_m`` [P, P], ``S = g_n U`` [K, O, P], then ``<S_k, g_{m,l}>``; cost
+  ``N (N + 1) / 2 (P^2 I + K O P^2 + K^2 O P)``, cheap when ``P`` is small (Linear layers,
+  ``P = 1``: ``(u_n . u_m) (g_{n,k} . g_{m,l})``); or
+- *materialised*: ``V`` built in chunks of output channels and ``Gram += V_c^T V_c`` (one
+  triangle, BLAS ``syrk``), cost ``N K O I P + N K (N K + 1) / 2 O I``, cheap when ``O I``
+  is small;
 
 the cheaper by that count. When ``dim <= N K`` the ``dim x dim`` matrix ``V V^T`` itself
-is formed instead (all its eigenvalues, zeros included).
+is formed instead (all its eigenvalues, zeros included; for a Linear layer as the
+Kronecker sum ``sum_n (sum_k g_{n,k} g_{n,k}^T) (x) u_n u_n^T``).
 
 The examples must not interact (eval-mode batch norm, dropout off): the per-example
 separation of the backward pass relies on it. Whether a layer's GGN block is also its
