@@ -193,6 +193,23 @@ def test_factors_come_from_one_batched_backward_per_micro_batch(monkeypatch):
         assert calls == [True] * sum(-(-n // 2) for n in sizes), name
 
 
+@pytest.mark.parametrize("name", ["VGG11_bn", "tanh"])
+def test_certification_without_factors_compares_the_diagonal_blocks(name):
+    model, data = ZOO[name] if name in ZOO else COUNTER[name][:2]
+    blocks = layer_blocks(model)
+    certificates = certify_blocks(model, CE, data, blocks)  # no factors: H_bb v vs G_bb v
+    for block, (param,) in blocks.items():
+        hessian = reference_matrix(model, CE, data, params=[param])
+        ggn = reference_matrix(model, CE, data, params=[param], kind="ggn")
+        certificate = certificates[block]
+        assert not certificate.certified and "no Gram factors" in certificate.reason
+        if rel(hessian, ggn) < 1e-10:
+            assert certificate.hessian_residual < probe_tolerance(torch.float64), block
+            assert certificate.reason == "no Gram factors"
+        else:
+            assert certificate.hessian_residual > 1e-3, block
+
+
 @pytest.mark.parametrize("name", list(COUNTER))
 def test_certification_refuses_every_counter_example(name):
     model, data, bn_mode = COUNTER[name]

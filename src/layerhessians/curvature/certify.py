@@ -82,19 +82,22 @@ def _relative(diff: torch.Tensor, scale: float) -> float:
 
 
 def _products(model, loss_fn, data, blocks, kinds, vectors, bn_mode, reduction):
-    """``{kind: {name: product}}``: per block, ``H_bb v_b`` (one product per block: the
-    diagonal blocks) and/or ``G v`` restricted to the blocks (ONE product for all blocks,
-    ``v`` their concatenation: ``(G v)_b = sum_c G_bc v_c``), on one shared graph."""
+    """``{kind: {name: product}}`` on one shared graph: per block, ``"hessian"``: ``H_bb v_b``
+    and ``"ggn_block"``: ``G_bb v_b`` (one product per block: the diagonal blocks), and/or
+    ``"ggn"``: ``G v`` restricted to the blocks (ONE product for all blocks, ``v`` their
+    concatenation: ``(G v)_b = sum_c G_bc v_c``)."""
     params, names = resolve_params(model)
-    graph = curvature_graph(model, loss_fn, data, params, kinds, bn_mode, reduction=reduction)
+    needs = tuple(sorted({"ggn" if k == "ggn_block" else k for k in kinds}))
+    graph = curvature_graph(model, loss_fn, data, params, needs, bn_mode, reduction=reduction)
     index = {id(p): i for i, p in enumerate(params)}
     positions = [index[id(p)] for p in blocks.values()]
     try:
         operators, parts = [], []
-        if "hessian" in kinds:
-            operators += [HessianOperator(graph, [i], [names[i]], name=n)
-                          for n, i in zip(blocks, positions)]
-            parts += list(vectors.values())
+        for kind, cls in (("hessian", HessianOperator), ("ggn_block", GGNOperator)):
+            if kind in kinds:
+                operators += [cls(graph, [i], [names[i]], name=n)
+                              for n, i in zip(blocks, positions)]
+                parts += list(vectors.values())
         if "ggn" in kinds:
             order = sorted(range(len(positions)), key=positions.__getitem__)
             operators.append(GGNOperator(graph, [positions[j] for j in order],
@@ -103,9 +106,11 @@ def _products(model, loss_fn, data, blocks, kinds, vectors, bn_mode, reduction):
         products = graph.products(operators, parts)
     finally:
         graph.release()
-    result = {}
-    if "hessian" in kinds:
-        result["hessian"] = dict(zip(blocks, products[:len(blocks)]))
+    result, done = {}, 0
+    for kind in ("hessian", "ggn_block"):
+        if kind in kinds:
+            result[kind] = dict(zip(blocks, products[done:done + len(blocks)]))
+            done += len(blocks)
     if "ggn" in kinds:
         pieces = torch.split(products[-1], [blocks[list(blocks)[j]].numel() for j in order])
         result["ggn"] = {list(blocks)[j]: piece for j, piece in zip(order, pieces)}
@@ -163,12 +168,13 @@ def certify_blocks(model: nn.Module, loss_fn, data, blocks, factors=None, probes
         vectors = {n: torch.randn(p.numel(), generator=generator, dtype=torch.float64
                                   ).to(dtype) for n, p in blocks.items()}
         direct = kind == "hessian" and bool(with_factors)
-        kinds = ("hessian",) if kind == "hessian" else ()
-        if kind == "ggn" or len(with_factors) < len(blocks):
-            kinds += ("ggn",)
+        kinds = ("hessian",) if kind == "hessian" else ("ggn",)
+        if kind == "hessian" and len(with_factors) < len(blocks):
+            kinds += ("ggn_block",)  # H_bb v_b against G_bb v_b where there are no factors
         products = _products(model, loss_fn, data, blocks, kinds, vectors, bn_mode,
                              reduction)
         hv, gv = products.get("hessian", {}), products.get("ggn")
+        gv_block = products.get("ggn_block", {})
         failed = []
         if direct:  # H_bb v_b against V_b V_b^T v_b: the Gram route's block itself
             for name in with_factors:
@@ -190,13 +196,11 @@ def certify_blocks(model: nn.Module, loss_fn, data, blocks, factors=None, probes
                     g_norm = float(torch.linalg.vector_norm(gv_failed[name]))
                     worst_v[name] = worse(worst_v[name], _relative(
                         failed_vv[name] - gv_failed[name], g_norm))
-        if gv is None:
-            continue
-        for name in blocks:
-            if kind == "hessian" and name not in factors:
+        for name, product in gv_block.items():
+            if name not in factors:
                 scale = max(float(torch.linalg.vector_norm(hv[name])),
-                            float(torch.linalg.vector_norm(gv[name])))
-                worst_h[name] = worse(worst_h[name], _relative(hv[name] - gv[name], scale))
+                            float(torch.linalg.vector_norm(product)))
+                worst_h[name] = worse(worst_h[name], _relative(hv[name] - product, scale))
         if kind == "ggn" and with_factors:  # all blocks' factors in one G v
             vv = _factor_products(factors, vectors, with_factors)
             for name in with_factors:
