@@ -70,7 +70,7 @@ def _eigenvalues(matrix: torch.Tensor) -> np.ndarray:
     """All eigenvalues of a symmetric matrix in float64 (its lower triangle is read).
 
     On the CPU by LAPACK's ``dsyevd`` through scipy (eigenvalues only: tridiagonalisation
-    plus ``dsterf``), measured 1.6-2x faster than ``torch.linalg.eigvalsh`` at size 900-1,000
+    plus ``dsterf``), measured about 1.5x faster than ``torch.linalg.eigvalsh`` at size 900-1,000
     with one thread; elsewhere by ``torch.linalg.eigvalsh``.
     """
     if matrix.device.type != "cpu":
