@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from exact_problems import counter_examples, zoo
+from exact_problems import TinyLeNet, counter_examples, zoo
+from layerhessians.curvature import gram as gram_module
 from layerhessians.curvature import layer_blocks, reference_matrix
 from layerhessians.curvature.certify import certify_blocks, probe_tolerance
 from layerhessians.curvature.gram import gram_factors, output_hessian_sqrt
@@ -82,17 +83,46 @@ def test_gram_factors_give_the_dense_ggn_block_and_its_spectrum(name):
         assert certificates[block].hessian_residual < probe_tolerance(torch.float64)
 
 
+def test_float32_grams_agree_with_float64():  # the float32 BLAS routes (ssyrk)
+    model, data = ZOO["LeNet"]
+    single = [(x.float(), y) for x, y in data]
+    model32 = TinyLeNet()
+    model32.load_state_dict(model.state_dict())
+    blocks, blocks32 = layer_blocks(model), layer_blocks(model32)
+    factors = gram_factors(model, CE, data, blocks)
+    factors32 = gram_factors(model32, CE, single, blocks32)
+    for block in blocks:
+        f64, f32 = factors[block], factors32[block]
+        assert rel(f32.dense_block().double(), f64.dense_block()) < 1e-5
+        for method in ("factorised", "materialised"):
+            gram = f32.gram(method)
+            assert gram.dtype == torch.float32
+            if method == "materialised":  # one triangle by syrk, mirrored
+                assert torch.equal(gram, gram.T)
+            assert rel(gram.double(), f64.gram(method)) < 1e-5
+
+
+def test_grams_in_chunks_equal_grams_in_one_piece(monkeypatch):
+    model, data = ZOO["VGG11_bn"]
+    factors = gram_factors(model, CE, data, layer_blocks(model))
+    whole = {(b, m): f.gram(m) for b, f in factors.items()
+             for m in ("factorised", "materialised")}
+    monkeypatch.setattr(gram_module, "_CHUNK_BYTES", 1)  # one example / channel per chunk
+    for (block, method), reference in whole.items():
+        assert rel(factors[block].gram(method), reference) < 1e-13, (block, method)
+
+
 def test_zero_eigenvalue_carries_the_missing_mass():
     model, data = ZOO["VGG11_bn"]
     x, y = data
-    data = (x[:2], y[:2])  # N K = 6 < dim: a rank-deficient block
+    data = (x[:2], y[:2])  # N K = 2 * (3 - 1) = 4 < dim: a rank-deficient block
     measures, _ = exact_layer_spectra(model, CE, data)
     block = "features.8.weight"
     param = model.features[8].weight
-    assert param.numel() > 6
+    assert param.numel() > 4
     measure = measures[block]
-    assert measure.nodes.size == 7 and measure.nodes[-1] == 0.0
-    assert measure.weights[-1] == pytest.approx((param.numel() - 6) / param.numel())
+    assert measure.nodes.size == 5 and measure.nodes[-1] == 0.0
+    assert measure.weights[-1] == pytest.approx((param.numel() - 4) / param.numel())
     reference = dense_measure(reference_matrix(model, CE, data, params=[param]))
     assert relative_w1(measure, reference) < 1e-10
 
@@ -129,6 +159,55 @@ def test_output_hessian_square_root_of_cross_entropy():
     for n in range(4):
         np.testing.assert_allclose((root[n] @ root[n].T).numpy(),
                                    hessian[n, :, n, :].numpy(), atol=1e-15)
+
+
+@pytest.mark.parametrize("spread", [1.0, 40.0, 800.0])  # 800: p underflows to exact zeros
+def test_cross_entropy_square_root_has_the_output_hessians_rank(spread):
+    g = torch.Generator().manual_seed(1)
+    outputs = spread * torch.randn(6, 7, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 7, (6,), generator=g)
+    root = output_hessian_sqrt(CE, outputs, targets, 1.0 / 6)
+    assert root.shape == (6, 7, 6)  # C - 1 columns: the all-ones null direction dropped
+    hessian = torch.func.hessian(lambda z: CE(z, targets))(outputs)
+    for n in range(6):
+        np.testing.assert_allclose((root[n] @ root[n].T).numpy(),
+                                   hessian[n, :, n, :].numpy(), rtol=0, atol=1e-15)
+
+
+def test_factors_come_from_one_batched_backward_per_micro_batch(monkeypatch):
+    calls = []
+    grad = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("is_grads_batched", False))
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    for name, (model, data) in ZOO.items():
+        sizes = [int(x.shape[0]) for x, _ in (data if isinstance(data, list) else [data])]
+        calls.clear()
+        gram_factors(model, CE, data, layer_blocks(model))
+        assert calls == [True] * len(sizes), name  # not a loop over the columns
+        calls.clear()
+        gram_factors(model, CE, data, layer_blocks(model), micro_batch_size=2)
+        assert calls == [True] * sum(-(-n // 2) for n in sizes), name
+
+
+@pytest.mark.parametrize("name", ["VGG11_bn", "tanh"])
+def test_certification_without_factors_compares_the_diagonal_blocks(name):
+    model, data = ZOO[name] if name in ZOO else COUNTER[name][:2]
+    blocks = layer_blocks(model)
+    certificates = certify_blocks(model, CE, data, blocks)  # no factors: H_bb v vs G_bb v
+    for block, (param,) in blocks.items():
+        hessian = reference_matrix(model, CE, data, params=[param])
+        ggn = reference_matrix(model, CE, data, params=[param], kind="ggn")
+        certificate = certificates[block]
+        assert not certificate.certified and "no Gram factors" in certificate.reason
+        if rel(hessian, ggn) < 1e-10:
+            assert certificate.hessian_residual < probe_tolerance(torch.float64), block
+            assert certificate.reason == "no Gram factors"
+        else:
+            assert certificate.hessian_residual > 1e-3, block
 
 
 @pytest.mark.parametrize("name", list(COUNTER))

@@ -202,7 +202,7 @@ def test_library_resume_reuses_the_recorded_count(tmp_path, monkeypatch):
                          threads=1, hessian=HessianConfig(iterations=4, layers=False))
     run = train(config, tmp_path / "run", progress=False, console=False)
     seen = []
-    monkeypatch.setattr("layerhessians.training.loop.set_threads",
+    monkeypatch.setattr("layerhessians.training.threads.set_threads",
                         lambda n: seen.append(n) or torch.get_num_threads())
     from dataclasses import replace
 

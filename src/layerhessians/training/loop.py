@@ -90,7 +90,7 @@ from layerhessians.training.spectra_hook import (
     slq_fidelity_rows,
     top_eigenvalue,
 )
-from layerhessians.training.threads import THREADS_KEY, resume_threads, set_threads
+from layerhessians.training.threads import THREADS_KEY, resume_threads, thread_limits
 
 #: Environment hook for crash tests: ``"E:stage"`` SIGKILLs the process at that point of
 #: epoch E; stages: ``trained``, ``spectra`` (computed, nothing committed), ``committed``.
@@ -304,15 +304,10 @@ def train(config: TrainConfig, run_dir, *, resume=False, overwrite=False, comman
     recorded = None if stored is None else _threads_of(stored)
     threads, note = (config.threads, None) if stored is None else \
         resume_threads(recorded, config.threads)
-    previous = torch.get_num_threads()
-    set_threads(threads)
-    try:
-        with process_group(config.dist_backend, device) as dist:
-            return _train(config, run_dir, dist, resume=resume, overwrite=overwrite,
-                          command=command, progress=progress, console=console,
-                          threads=(recorded, note))
-    finally:
-        torch.set_num_threads(previous)
+    with thread_limits(threads), process_group(config.dist_backend, device) as dist:
+        return _train(config, run_dir, dist, resume=resume, overwrite=overwrite,
+                      command=command, progress=progress, console=console,
+                      threads=(recorded, note))
 
 
 def _stored_config(run_dir):

@@ -12,14 +12,19 @@ results depend on the thread count. A run therefore records the count it used (t
 - :func:`resume_threads` ``(recorded, requested) -> (int | None, str | None)``: the count
   a resumed run uses and, when it differs from the recorded one, the warning to log.
 
-Only torch's threads are set; numpy/scipy BLAS follow ``OPENBLAS_NUM_THREADS`` /
-``OMP_NUM_THREADS``, which must be set before the process starts.
+- :func:`thread_limits` ``(threads)``: a context in which torch and the BLAS libraries of
+  numpy/scipy (through threadpoolctl) use the same count, both restored afterwards. The exact
+  layer spectra's eigenvalues come from LAPACK, whose rounding depends on its thread count,
+  so a run is bit-identical to its resumed self only when BLAS threads are pinned too.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from numbers import Integral
 from typing import Optional
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from layerhessians.errors import UserError
 
@@ -92,3 +97,25 @@ def resume_threads(recorded, requested) -> tuple[Optional[int], Optional[str]]:
                            "thread(s): the continuation may not be bit-identical")
     return requested, (f"the run was trained with {recorded} thread(s) and continues with {requested}: "
                        f"the continuation is not bit-identical (config.json keeps threads={recorded})")
+
+
+@contextmanager
+def thread_limits(threads: Optional[int]) -> Iterator[int]:
+    """Run a block with ``threads`` torch threads and as many BLAS threads (numpy, scipy).
+
+    Args:
+        threads: a positive integer, or ``None`` for torch's current count (BLAS follows it).
+
+    Yields:
+        The count in effect (what a run records).
+
+    Raises:
+        UserError: ``threads`` is not ``None`` or a positive integer.
+    """
+    previous = torch.get_num_threads()
+    count = set_threads(threads)
+    try:
+        with threadpool_limits(limits=count):
+            yield count
+    finally:
+        torch.set_num_threads(previous)
