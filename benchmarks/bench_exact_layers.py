@@ -135,9 +135,10 @@ def run_model(name: str, args) -> dict:
     parts = {"factors_s": [], "certify_s": [], "eigen_s": []}
     for _ in range(repeats):
         t_factors, factors = clock(lambda: gram_factors(model, CE, data, blocks))
-        t_certify, certificates = clock(lambda: certify_blocks(model, CE, data, blocks,
-                                                               factors))
-        t_eigen, _ = clock(lambda: [layer_measure(f) for f in factors.values()])
+        t_certify, certificates = clock(lambda factors=factors: certify_blocks(
+            model, CE, data, blocks, factors))
+        t_eigen, _ = clock(lambda factors=factors: [layer_measure(f)
+                                                    for f in factors.values()])
         for key, value in zip(parts, (t_factors, t_certify, t_eigen)):
             parts[key].append(value)
     row.update({key: statistics.median(values) for key, values in parts.items()})
@@ -160,7 +161,8 @@ def run_model(name: str, args) -> dict:
     for _ in range(repeats):
         t, (spectra, fallbacks, certs) = clock(lambda: exact_blocks(model, CE, data, blocks))
         times["exact_s"].append(t)
-        t, _ = clock(lambda: exact_blocks(model, CE, data, blocks, certificates=certs))
+        t, _ = clock(lambda certs=certs: exact_blocks(model, CE, data, blocks,
+                                                      certificates=certs))
         times["exact_later_s"].append(t)
         if not compose:
             t, _ = clock(lambda: layer_spectra(model, CE, data, iterations=STEPS,
@@ -169,9 +171,9 @@ def run_model(name: str, args) -> dict:
             t, epoch = clock(lambda: layer_spectra(model, CE, data, iterations=STEPS,
                                                    layer_method="auto"))
             times["epoch_s"].append(t)
-            t, _ = clock(lambda: layer_spectra(model, CE, data, iterations=STEPS,
-                                               layer_method="auto",
-                                               certificates=epoch.certificates))
+            t, _ = clock(lambda epoch=epoch: layer_spectra(
+                model, CE, data, iterations=STEPS, layer_method="auto",
+                certificates=epoch.certificates))
             times["epoch_later_s"].append(t)
         if run_vivit is not None:
             t, vivit_values = clock(run_vivit)

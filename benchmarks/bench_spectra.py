@@ -282,7 +282,7 @@ def bench_model(name, args, device, timer, log):
         t["all_block_products"] = pair["all"]
         t["full_product_beside_blocks"] = pair["full"]
     ops["full"].release()
-    del ops
+    ops = None  # drop the operators and their graph before the next measurements
     if not big:  # the same products with PyTorch's own convolution double backward
         native = layer_operators(model, loss_fn, (x, y), conv_double_backward="native")
         native["full"].graph.build()
@@ -343,7 +343,8 @@ def bench_model(name, args, device, timer, log):
         for key, block_params in spectra_params.items():
             product = naive_product(model, loss_fn, x, y, block_params)
             vec = torch.randn(sum(p.numel() for p in block_params)).to(device)
-            naive_costs[key] = timer.median(lambda: product(vec), 1, warmup=0)
+            naive_costs[key] = timer.median(lambda product=product, vec=vec: product(vec), 1,
+                                           warmup=0)
         original_step = sum(naive_costs.values())
         t["ours_step"] = per_step
         t["ours_lanczos_vector_work_per_step"] = overhead

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""The seed's ``training_eigenspectrum.py``, as a thin wrapper over ``layerhessians train``.
+r"""The seed's ``training_eigenspectrum.py``, as a thin wrapper over ``layerhessians train``.
 
 Accepts the seed README's command lines verbatim, e.g.::
 
-    python3 training_eigenspectrum.py -lr 1e-2 -l2 0 -n 50 -o sgd -d MNIST -b 256 -m LeNet \\
+    python3 training_eigenspectrum.py -lr 1e-2 -l2 0 -n 50 -o sgd -d MNIST -b 256 -m LeNet \
         --cuda 2 -r "model=LeNet,dataset=MNIST,te,run1"
 
 Every flag and default is the seed's (``layerhessians train --help``); ``--cuda N`` on a

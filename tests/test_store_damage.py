@@ -276,7 +276,7 @@ def test_malicious_checkpoint_is_one_line_without_advice(tmp_path, capsys):
     with open(run / "checkpoints" / "last.pt", "wb") as fh:
         pickle.dump(Evil(), fh)
     with pytest.raises(UserError, match="not a readable checkpoint"):
-        RunStore(run).completed_epoch
+        _ = RunStore(run).completed_epoch
 
 
 def test_leftover_temporaries_removed_on_open(tmp_path):
