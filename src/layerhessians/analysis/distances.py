@@ -288,7 +288,8 @@ def spectrum_distance(a, b, metric: str | None = None) -> float:
     """Distance between two spectral measures by the registry entry ``metric``.
 
     Args:
-        a, b: spectral measures (``.nodes``, ``.weights``; ``.density`` for ``"paper"``).
+        a: a spectral measure (``.nodes``, ``.weights``; ``.density`` for ``"paper"``).
+        b: the other spectral measure, of the same form.
         metric: a name in :data:`DISTANCES`; ``None`` = :data:`DEFAULT_DISTANCE`.
 
     Returns:

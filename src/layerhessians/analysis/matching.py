@@ -209,6 +209,20 @@ class BlockMixture(SpectralMeasure):
         self.components, self.shares = list(components), shares
 
     def density(self, points: int = 1024, sigma=None, grid=None, margin: float = 0.05):
+        """Gaussian-smoothed density of the mixture: ``sum_b s_b`` times each component's density.
+
+        Args:
+            points: number of grid points (ignored when ``grid`` is given).
+            sigma: kernel width in eigenvalue units for every component; ``None``: each component's
+                own default width (:meth:`SpectralMeasure.density`).
+            grid: explicit 1-D grid (eigenvalue units); default ``points`` points over the
+                mixture's support widened by ``margin`` times its span on each side.
+            margin: relative widening of the support for the default grid.
+
+        Returns:
+            ``(grid, density)``: float64 arrays [points] (or the given grid's length); the
+            components' densities on the common grid are not renormalised.
+        """
         if grid is None:
             low, high = self.support
             span = high - low if high > low else (abs(low) or 1.0)

@@ -206,6 +206,14 @@ def find_seed_runs(folder=".") -> tuple:
 
 
 def run_ids(runs) -> list:
+    """Short ids of ``runs`` for tables: the folder name, or the full path where names repeat.
+
+    Args:
+        runs: loaded runs (objects with a ``.path``), in order.
+
+    Returns:
+        One id (str) per run, in order.
+    """
     names = [r.path.name for r in runs]
     return [r.path.name if names.count(r.path.name) == 1 else str(r.path) for r in runs]
 

@@ -5,6 +5,7 @@ HELP = "List the datasets (folder, present?, classes, image shape) or download s
 
 
 def add_arguments(parser) -> None:
+    """Add the ``datasets`` subcommand's options to ``parser`` (an ``argparse`` parser)."""
     # the registry (and torch, through the data package) only when this command is chosen
     from layerhessians.data import DATASETS
 
@@ -16,6 +17,18 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """List the datasets under ``args.root`` after downloading those of ``args.download``.
+
+    Args:
+        args: the parsed options of :func:`add_arguments`.
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        UserError: an unknown dataset name, or a download that fails or fails its MD5 check
+            (:class:`~layerhessians.errors.DatasetMissingError`).
+    """
     from layerhessians.data import DATASETS, dataset_table, download_dataset, get_spec
 
     names = list(DATASETS) if [n.lower() for n in args.download] == ["all"] else args.download

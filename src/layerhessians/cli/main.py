@@ -31,7 +31,7 @@ def did_you_mean(word: str, options) -> str:
 
 
 def _explain(message: str, parser: argparse.ArgumentParser) -> str:
-    """argparse's message in our words, with a close match where one exists."""
+    """Rewrite argparse's message in our words, with a close match where one exists."""
     unknown = re.match(r"unrecognized arguments: (.*)", message)
     if unknown:
         words = unknown.group(1).split()
@@ -60,6 +60,15 @@ class Parser(argparse.ArgumentParser):
     command_parser = None
 
     def error(self, message):
+        """Raise argparse's complaint as a one-line :class:`UsageError` (never prints or exits).
+
+        Args:
+            message: argparse's error message.
+
+        Raises:
+            UsageError: always; the message names the offending option or choice, a close
+                match where one exists, and the ``--help`` to read.
+        """
         target = self.command_parser or self
         raise UsageError(f"{_explain(message, target)}; see `{target.prog} --help`")
 
@@ -112,6 +121,16 @@ def os_error_message(err: OSError) -> str:
 
 
 def main(argv=None) -> int:
+    """Run the ``layerhessians`` command line.
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: the subcommand's (0 on success), 0 for bare ``--help``, 2 for an
+        error the user can fix (printed as one line on stderr: a :class:`UserError`, a bad
+        command line, an operating-system error) or a missing command, 130 when interrupted.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     only = argv[0] if argv and argv[0] in COMMANDS else None
     command = only or "COMMAND"

@@ -36,6 +36,7 @@ HELP = "compare every layer's Hessian spectrum with the full spectrum across run
 
 
 def add_arguments(parser):
+    """Add the ``match`` subcommand's options to ``parser`` (an ``argparse`` parser)."""
     # matplotlib and scipy: only when this command is chosen (fast `layerhessians --help`)
     from layerhessians.analysis import distances as compare
     from layerhessians.analysis import figures as plots
@@ -74,6 +75,18 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    """Match every layer's spectrum to the full spectrum across the runs of ``args``.
+
+    Args:
+        args: the parsed options of :func:`add_arguments`.
+
+    Returns:
+        The exit status, 0 (the figures and CSVs are written to the output folder).
+
+    Raises:
+        UserError: bad options, missing or unreadable run directories, runs without the
+            spectra to compare.
+    """
     from layerhessians.analysis import matching as compare
     from layerhessians.analysis.report import (
         check_dpi,

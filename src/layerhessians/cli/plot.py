@@ -17,6 +17,7 @@ HELP = "plot a run's spectra, layer distances and training curves into RUN/image
 
 
 def add_arguments(parser):
+    """Add the ``plot`` subcommand's options to ``parser`` (an ``argparse`` parser)."""
     # matplotlib and scipy: only when this command is chosen (fast `layerhessians --help`)
     from layerhessians.analysis import distances as compare
     from layerhessians.analysis import figures as plots
@@ -63,6 +64,18 @@ def run_paths(args, command: str) -> list:
 
 
 def run(args) -> int:
+    """Plot every run of ``args`` into its ``images/`` folder, printing each file written.
+
+    Args:
+        args: the parsed options of :func:`add_arguments`.
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        UserError: bad options, a missing or unreadable run directory, or a run whose
+            config.json does not name the ``--model``/``--dataset`` given.
+    """
     from layerhessians.analysis.report import check_dpi, make_figures
     from layerhessians.store.runs import load_run
 

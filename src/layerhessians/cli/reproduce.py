@@ -18,6 +18,7 @@ QUICK_ROOT = "runs/quick"
 
 
 def add_arguments(parser):
+    """Add the ``reproduce`` subcommand's options to ``parser`` (an ``argparse`` parser)."""
     parser.add_argument("--quick", action="store_true",
                         help="the quick-start grid (LeNet on MNIST5k and Digits, offline, "
                              "about 2 minutes on a 2-core CPU) instead of the seed's 12 runs; "
@@ -31,6 +32,17 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    """Train, plot and match the seed's grid (or ``--quick``'s, or ``--grid``'s) under the root.
+
+    Args:
+        args: the parsed options of :func:`add_arguments`.
+
+    Returns:
+        The exit status: 0 when every run, plot and the match succeeded, else 1.
+
+    Raises:
+        UserError: an unknown or malformed grid, bad settings, a launcher that cannot run here.
+    """
     from layerhessians.pipeline.grid import load_grid, select
 
     grid = args.grid or ("quick" if args.quick else "seed")

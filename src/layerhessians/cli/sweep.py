@@ -16,6 +16,7 @@ HELP = ("train a grid file's runs (in this process, one job per local GPU, or Sl
 
 
 def add_arguments(parser):
+    """Add the ``sweep`` subcommand's options to ``parser`` (an ``argparse`` parser)."""
     parser.add_argument("config", metavar="CONFIG",
                         help="grid JSON file ({\"runs\": [{\"run\": NAME, \"flags\": {...}}]}) "
                              "or a shipped grid: seed, quick")
@@ -28,6 +29,17 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    """Train (then plot and match) the runs of the grid file ``args.config`` under ``args.root``.
+
+    Args:
+        args: the parsed options of :func:`add_arguments`.
+
+    Returns:
+        The exit status: 0 when every run, plot and the match succeeded, else 1.
+
+    Raises:
+        UserError: an unknown or malformed grid, bad settings, a launcher that cannot run here.
+    """
     from layerhessians.pipeline.grid import load_grid, select
 
     runs = select(load_grid(args.config), args.only)

@@ -61,7 +61,8 @@ def _hessian_examples(text: str):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of examples or 'all', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a number of examples or 'all', got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of examples >= 1, got {value}")
     return value
@@ -75,6 +76,7 @@ def _add(group, *flags, **kwargs):
 
 
 def add_arguments(parser):
+    """Add the ``train`` subcommand's options to ``parser`` (an ``argparse`` parser)."""
     d, h = TrainConfig(), HessianConfig()
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -282,6 +284,19 @@ def command_line(flags: dict) -> str:
 
 
 def run(args) -> int:
+    """Train (or resume) one run from the parsed ``train`` options.
+
+    Args:
+        args: the parsed options of :func:`add_arguments`.
+
+    Returns:
+        The exit status: 0, or 2 on a rank other than 0 of a distributed run when another
+        rank failed (that rank prints the cause).
+
+    Raises:
+        UserError: bad settings or a run directory that cannot be used (see
+            :func:`~layerhessians.training.train`).
+    """
     from layerhessians.training import train
     from layerhessians.training.distributed import PeerError
 

@@ -254,6 +254,16 @@ class LinearCombination(CurvatureOperator):
         return list(self.terms)
 
     def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:
+        """The batch's term of ``sum_t c_t A_t v_P``: the terms' products, scaled and summed.
+
+        Args:
+            batch: what the graph kept for one batch.
+            parts: ``v_P`` as tensors shaped like the block's parameters (model dtype).
+
+        Returns:
+            One tensor per block parameter (shapes and dtype of ``parts``), or ``None`` when every
+            term is zero on this batch.
+        """
         total = None
         for coefficient, op in self.terms:
             pieces = op.batch_product(batch, parts)
@@ -269,6 +279,11 @@ class LinearCombination(CurvatureOperator):
 
     @classmethod
     def reference(cls, problem, x, y):
+        """Refuse: a combination has no dense reference of its own.
+
+        Raises:
+            UserError: always; combine the references of the terms instead.
+        """
         raise UserError("a linear combination has no dense reference of its own: combine "
                         "the references of its terms")
 

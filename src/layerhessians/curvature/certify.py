@@ -132,8 +132,12 @@ def certify_blocks(model: nn.Module, loss_fn, data, blocks, factors=None, probes
     """Certify, per block, that the Gram route gives its exact ``kind`` spectrum.
 
     Args:
-        model, loss_fn, data, bn_mode, reduction: as in
+        model: the network (left unchanged), as in
             :func:`~layerhessians.curvature.kinds.hessian_operator`.
+        loss_fn: batch mean or sum of per-example losses, as in ``hessian_operator``.
+        data: an ``(inputs, targets)`` pair or an iterable of pairs.
+        bn_mode: ``"eval"`` (running statistics, default) or ``"train"`` (batch statistics).
+        reduction: the distributed reduction hook (``None``: identity).
         blocks: ``{name: weight}``.
         factors: ``{name: LayerFactors}`` from :func:`~layerhessians.curvature.gram.gram_factors`
             (optional; blocks without factors are checked for ``H = G`` only).

@@ -36,6 +36,18 @@ class EmpiricalFisherOperator(CurvatureOperator):
     needs = frozenset({PER_EXAMPLE_GRADIENTS})
 
     def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:
+        """The batch's term of the empirical Fisher product: ``sum_n g_n (g_n^T v_P)``.
+
+        ``g_n`` is example ``n``'s gradient of the block (the per-example gradients the graph
+        keeps); no second-order pass.
+
+        Args:
+            batch: what the graph kept for one batch.
+            parts: ``v_P`` as tensors shaped like the block's parameters (model dtype).
+
+        Returns:
+            One tensor per block parameter, shaped and typed like ``parts``.
+        """
         grads = [batch.per_example_grads[i].reshape(batch.examples, -1) for i in self.indices]
         projections = sum(g @ part.reshape(-1) for g, part in zip(grads, parts))  # [n_b]
         return tuple((projections @ g).view(part.shape) for g, part in zip(grads, parts))

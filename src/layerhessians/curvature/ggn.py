@@ -29,6 +29,20 @@ class GGNOperator(CurvatureOperator):
     needs = frozenset({OUTPUT_CURVATURE})
 
     def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:
+        """The batch's term of the GGN product ``J^T H_f J v_P``.
+
+        ``J v`` by the double-backward trick on the kept ``J^T`` graph, ``H_f`` (the loss's
+        Hessian w.r.t. the outputs) by a backward through the kept output gradient, ``J^T`` by a
+        backward.
+
+        Args:
+            batch: what the graph kept for one batch.
+            parts: ``v_P`` as tensors shaped like the block's parameters (model dtype).
+
+        Returns:
+            One tensor per block parameter, shaped and typed like ``parts``, or ``None`` when the
+            outputs do not depend on the block or the loss is linear in them.
+        """
         outputs, grad_outputs = [], []
         for i, part in zip(self.indices, parts):
             if differentiable(batch.jt_dummy[i]):

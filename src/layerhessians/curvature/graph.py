@@ -141,6 +141,18 @@ class BatchLoss:
         self.fn = fn
 
     def __call__(self, model, batch) -> tuple[Tensor, int]:
+        """The batch's mean loss and its number of terms, checked.
+
+        Args:
+            model: the network ``fn`` calls.
+            batch: one batch, in whatever form ``fn`` takes.
+
+        Returns:
+            ``(loss, count)``: the mean loss as a 0-d tensor and the number of terms (int >= 1).
+
+        Raises:
+            UserError: ``fn`` returned something other than ``(scalar tensor, count >= 1)``.
+        """
         result = self.fn(model, batch)
         if not isinstance(result, (tuple, list)) or len(result) != 2:
             raise UserError("a BatchLoss function must return (mean loss, number of terms)")

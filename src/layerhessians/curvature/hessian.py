@@ -26,6 +26,18 @@ class HessianOperator(CurvatureOperator):
     needs = frozenset({GRADIENT})
 
     def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:
+        """The batch's term of the Hessian-vector product ``H_PP v_P`` (Pearlmutter's trick).
+
+        A backward of ``<grad_P L, v_P>`` through the kept first-order graph.
+
+        Args:
+            batch: what the graph kept for one batch.
+            parts: ``v_P`` as tensors shaped like the block's parameters (model dtype).
+
+        Returns:
+            One tensor per block parameter, shaped and typed like ``parts``, or ``None`` when the
+            block's gradient is constant (a zero Hessian block).
+        """
         outputs, grad_outputs = [], []
         for i, part in zip(self.indices, parts):
             if differentiable(batch.grads[i]):

@@ -15,9 +15,8 @@ and the first-order graphs.
 - :func:`plan_micro_batches` / :func:`plan_memory`: the micro-batch size and whether the
   graphs of all micro-batches are kept (``reuse_graph``) or rebuilt for every product
   (same numbers; a Lanczos step then builds each micro-batch's graph once for the full
-  operator and all layer blocks together: LeNet, 400 examples, 4 micro-batches, full + 5
-  blocks: ~1.5x the time with kept graphs, against ~4.5x when every operator rebuilt), so
-  that the peak fits the budget.
+  operator and all layer blocks together, not once per operator), so that the peak fits
+  the budget.
 
 Micro-batching never changes the operator (products are sums over examples), except for a
 batch-dependent model (batch norm using batch statistics, or a layer that mixes examples:
@@ -273,6 +272,7 @@ class GraphCost:
     per_batch: int
 
     def of(self, examples: int) -> int:
+        """Bytes of the graph for a batch of ``examples`` examples: ``per_batch + per_example * n``."""
         return self.per_batch + self.per_example * int(examples)
 
 
@@ -456,6 +456,7 @@ class MemoryPlan:
     notes: tuple = field(default=())
 
     def summary(self) -> str:
+        """One line for the log: the budget, the Lanczos bases, the micro-batches and the graphs."""
         graphs = ("kept for all products" if self.reuse_graph else "rebuilt for every product")
         return (f"memory budget {format_bytes(self.budget)}: Lanczos "
                 f"{'full re-orthogonalisation' if self.reorthogonalize else 'without re-orthogonalisation'}"
@@ -472,8 +473,14 @@ def plan_memory(model: nn.Module, loss_fn, data, *, dims: Sequence[int], iterati
     """Plan one spectra computation on ``data`` (this process's part).
 
     Args:
+        model: the network (left unchanged; its device decides the default budget).
+        loss_fn: batch mean or sum of per-example losses, as in
+            :func:`~layerhessians.curvature.kinds.hessian_operator`.
+        data: an ``(inputs, targets)`` pair or an iterable of pairs (this process's part).
         dims: dimensions of the operators run concurrently (full and blocks).
         iterations: Lanczos steps (0: no bases, e.g. for products alone).
+        kind: the curvature kind (``"hessian"``, ``"ggn"``, ...) whose graph is measured.
+        bn_mode: ``"eval"`` (running statistics, default) or ``"train"`` (batch statistics).
         reorthogonalize: ``True``, ``False`` or ``"auto"`` (:func:`choose_reorthogonalize`).
         micro_batch_size: examples per graph, or ``None`` to choose.
         reuse_graph: ``True``, ``False`` or ``"auto"``.
@@ -481,6 +488,10 @@ def plan_memory(model: nn.Module, loss_fn, data, *, dims: Sequence[int], iterati
         sharing: processes sharing the device's memory (for the default and percentages).
         cost: a known :class:`GraphCost` (else measured on the first batch).
         warn: log the notes (re-orthogonalisation off, budget exceeded) as warnings.
+
+    Returns:
+        The :class:`MemoryPlan` (budget and sizes in bytes; ``fits=False`` when even the
+        smallest plan exceeds the budget: it is tried anyway).
     """
     pairs = as_batches(data)
     device = next(model.parameters()).device

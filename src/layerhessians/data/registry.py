@@ -65,6 +65,7 @@ class DatasetSpec:
 
     @property
     def in_channels(self) -> int:
+        """Image channels ``C`` of ``image_shape`` (1 for grey-scale, 3 for colour)."""
         return self.image_shape[0]
 
     @property

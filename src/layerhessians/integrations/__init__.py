@@ -1,5 +1,6 @@
-"""Optional integrations of :class:`~layerhessians.tracking.SpectraTracker`, one module per
-package they need, each imported only when used:
+"""Optional integrations of :class:`~layerhessians.tracking.SpectraTracker`.
+
+One module per package they need, each imported only when used:
 
 - :mod:`layerhessians.integrations.tensorboard`: :class:`TensorBoardLogger` (extra
   ``tensorboard``: ``pip install 'layerhessians[tensorboard]'``);

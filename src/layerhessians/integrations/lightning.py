@@ -74,6 +74,16 @@ class SpectraCallback(Callback):
         self.tracker, self.last = None, None
 
     def setup(self, trainer, pl_module, stage):
+        """Create the tracker when fitting starts, on the global-zero process only.
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            pl_module: the LightningModule (the model whose spectra are tracked).
+            stage: Lightning's stage; only ``"fit"`` creates the tracker.
+
+        Raises:
+            UserError: the tracker's errors (bad settings, data or run directory).
+        """
         if stage != "fit" or not trainer.is_global_zero or self.tracker is not None:
             return
         blocks = self.blocks(pl_module) if callable(self.blocks) else self.blocks
@@ -86,15 +96,34 @@ class SpectraCallback(Callback):
                 epoch, metrics=_scalar_metrics(trainer.callback_metrics))
 
     def on_train_start(self, trainer, pl_module):
+        """Measure at initialisation (epoch 0) when ``at_start`` and training starts from epoch 0.
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            pl_module: the LightningModule (unused: the tracker holds it).
+        """
         if self.at_start and self.tracker is not None and trainer.current_epoch == 0:
             self._update(trainer, 0)
 
     def on_train_epoch_end(self, trainer, pl_module):
+        """Measure after training epoch ``current_epoch + 1`` when it is a multiple of ``every_n_epochs``.
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            pl_module: the LightningModule (unused: the tracker holds it).
+        """
         epoch = trainer.current_epoch + 1
         if self.tracker is not None and epoch % self.every_n_epochs == 0:
             self._update(trainer, epoch)
 
     def teardown(self, trainer, pl_module, stage):
+        """Close the tracker (and its loggers) when fitting ends.
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            pl_module: the LightningModule.
+            stage: Lightning's stage; only ``"fit"`` closes the tracker.
+        """
         if stage == "fit" and self.tracker is not None:
             self.tracker.close()
             self.tracker = None

@@ -53,6 +53,13 @@ class TensorBoardLogger:
         self.prefix = f"{prefix.rstrip('/')}/" if prefix else ""
 
     def __call__(self, index: int, scalars: dict, spectra=None):
+        """Write one update's scalars (and density images) at global step ``index``, then flush.
+
+        Args:
+            index: the update's index (the epoch for a training run), the global step.
+            scalars: ``{tag: value}`` (e.g. ``top_eigenvalue/<block>``), written under ``prefix``.
+            spectra: ``{block: SpectralMeasure}``; with ``images``, each block's density image.
+        """
         for name, value in scalars.items():
             self.writer.add_scalar(self.prefix + name, value, global_step=index)
         if self.images and spectra:

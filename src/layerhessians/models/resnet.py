@@ -47,6 +47,9 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``, the shortcut being the
+        identity or the strided 1x1 conv + batch norm: ``[N, in_planes, H, W]`` ->
+        ``[N, planes, H / stride, W / stride]``."""
         shortcut = x if self.downsample is None else self.downsample(x)
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -83,6 +86,7 @@ class ResNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits [N, num_classes] of images ``x`` [N, in_channels, 32, 32]."""
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))

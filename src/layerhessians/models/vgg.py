@@ -64,6 +64,7 @@ class VGG(nn.Module):
         _init_like_original(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits [N, num_classes] of images ``x`` [N, in_channels, 32, 32]."""
         return self.classifier(self.features(x).flatten(1))
 
 

@@ -59,6 +59,14 @@ class GridRun:
         return RunStore(path).completed_epoch if path.is_dir() else None
 
     def is_complete(self, root) -> bool:
+        """Whether the run under ``root`` has trained all its ``num_epochs`` epochs.
+
+        Args:
+            root: the folder holding the grid's run directories.
+
+        Returns:
+            ``True`` when its last committed epoch is at least the run's ``num_epochs``.
+        """
         done = self.completed_epoch(root)
         return done is not None and done >= int(self.flags.get("num_epochs", 0))
 

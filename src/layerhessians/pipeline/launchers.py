@@ -105,10 +105,27 @@ class TrainJob(_Checkpointable):
         self.task = task
 
     def __call__(self) -> Path:
+        """Train (or resume) the task in the job's process.
+
+        Returns:
+            The run directory.
+
+        Raises:
+            UserError: bad settings or a run that cannot continue (the job is marked failed).
+        """
         print(f"$ {self.task.command()}", flush=True)
         return run_task(self.task)
 
     def checkpoint(self, *args, **kwargs):
+        """Called by submitit on preemption or timeout: resubmit the same task (it resumes).
+
+        Args:
+            *args: passed on to the resubmitted job.
+            **kwargs: passed on to the resubmitted job.
+
+        Returns:
+            A ``DelayedSubmission`` of a new :class:`TrainJob` for the same task.
+        """
         from submitit.helpers import DelayedSubmission  # optional dependency
 
         print("requeued: the run continues from its last committed epoch (--resume)", flush=True)
@@ -192,15 +209,26 @@ class SequentialLauncher:
     name = "sequential"
 
     def describe(self) -> str:
+        """Where and how the runs execute, in words (for the grid's progress line)."""
         return "in this process, one run after another"
 
     def check(self):
         """Nothing to check: training runs in this process."""
 
     def task_command(self, task: Task) -> str:
+        """The command line that trains ``task`` (shown in dry runs and logs)."""
         return task.command()
 
     def launch(self, tasks) -> list:
+        """Train ``tasks`` one after another in this process; a failing run does not stop the others.
+
+        Args:
+            tasks: the :class:`Task` objects, in order.
+
+        Returns:
+            One :class:`Outcome` per task, in order (``ok=False`` with the one-line reason for a
+            run that raised a :class:`UserError`; other exceptions propagate).
+        """
         outcomes = []
         for task in tasks:
             print(f"$ {task.command()}", flush=True)
@@ -237,6 +265,7 @@ class LocalLauncher:
         self.job_factory = job_factory
 
     def describe(self) -> str:
+        """Where and how the runs execute, in words (for the grid's progress line)."""
         return (f"submitit local jobs, one per GPU at a time on GPUs "
                 f"{','.join(map(str, self.gpus))}; logs in {self.folder}")
 
@@ -249,10 +278,16 @@ class LocalLauncher:
         return task.with_device("cuda:0")
 
     def task_command(self, task: Task) -> str:
+        """The command line a job runs for ``task``, with its ``CUDA_VISIBLE_DEVICES`` placeholder."""
         return f"CUDA_VISIBLE_DEVICES=<one of {','.join(map(str, self.gpus))}> " \
                f"{self.prepare(task).command()}"
 
     def executor(self):
+        """A submitit ``LocalExecutor`` writing logs to ``folder`` (``timeout_min`` per job).
+
+        Raises:
+            UserError: submitit is not installed.
+        """
         submitit = _require_submitit("--gpus (local parallel jobs)")
         executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=MAX_REQUEUES)
         minutes = self.timeout_min if self.timeout_min is not None else LOCAL_NO_LIMIT_MINUTES
@@ -260,6 +295,18 @@ class LocalLauncher:
         return executor
 
     def launch(self, tasks) -> list:
+        """Run ``tasks`` as local jobs, one per free GPU at a time, until all have ended.
+
+        Args:
+            tasks: the :class:`Task` objects, in order.
+
+        Returns:
+            One :class:`Outcome` per task, in order.
+
+        Raises:
+            UserError: submitit is not installed.
+            KeyboardInterrupt: after cancelling the running jobs.
+        """
         executor = self.executor()
         pending, free = deque(tasks), list(self.gpus)
         running, outcomes = {}, {}
@@ -309,6 +356,7 @@ class SlurmLauncher:
         self.job_factory = job_factory
 
     def describe(self) -> str:
+        """Where and how the runs execute, in words (for the grid's progress line)."""
         flags = " ".join(sbatch_flags(self.parameters))
         return f"Slurm jobs through submitit, one per run: sbatch {flags}; logs in {self.folder}"
 
@@ -324,9 +372,15 @@ class SlurmLauncher:
         return task.with_device("cuda" if self.gpus_per_job > 0 else None)
 
     def task_command(self, task: Task) -> str:
+        """The command line a Slurm job runs for ``task``."""
         return self.prepare(task).command()
 
     def executor(self):
+        """A submitit ``SlurmExecutor`` writing logs to ``folder``, with the sweep's sbatch parameters.
+
+        Raises:
+            UserError: submitit is not installed, or Slurm's ``srun`` is not found.
+        """
         submitit = _require_submitit("--launcher slurm")
         try:
             executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=MAX_REQUEUES)
@@ -336,6 +390,18 @@ class SlurmLauncher:
         return executor
 
     def launch(self, tasks) -> list:
+        """Submit ``tasks`` as Slurm jobs, all at once, then wait until all have ended.
+
+        Args:
+            tasks: the :class:`Task` objects, in order.
+
+        Returns:
+            One :class:`Outcome` per task, in order.
+
+        Raises:
+            UserError: submitit is not installed, or Slurm's ``srun`` is not found.
+            KeyboardInterrupt: the jobs keep running (their ids and ``scancel`` are printed).
+        """
         executor = self.executor()
         jobs = []
         for task in tasks:

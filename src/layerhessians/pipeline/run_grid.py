@@ -100,7 +100,8 @@ def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True,
         launcher: one of :mod:`~layerhessians.pipeline.launchers`' launchers.
         overrides: settings (``train`` destinations) applied to every run.
         progress: progress bars (``None``: on a terminal only, ``False``: never).
-        plots, match: also plot each run, match the runs.
+        plots: also plot each run.
+        match: also match the runs (Sankar et al.'s layer matching).
         dry_run: print what would run, train nothing.
         command: the name used in messages.
 

@@ -39,6 +39,7 @@ class TraceEstimate:
 
     @property
     def samples(self) -> int:
+        """Number of Rademacher samples (products) behind the estimate."""
         return int(self.values.size)
 
     def __iter__(self):  # allows ``estimate, stderr = hessian_trace(op)``
@@ -85,7 +86,7 @@ def top_eigenvalues(op, k: int = 1, iterations: int | None = None, seed: int = 0
     up to a multiple of ``k``; a warning says when they did not converge). A rank-deficient
     block (an invariant subspace found) is completed by fresh random vectors orthogonal to
     the basis. For ``k = 1`` this is single-vector Lanczos; for larger ``k`` it needs more
-    products than single-vector Lanczos (2-3x on a small MLP's Hessian for k = 4 and 10).
+    products than single-vector Lanczos (counted by ``benchmarks/bench_top_eigenvalues.py``).
     The float64 basis grows with the products, at most ``iterations x dim x 8`` bytes.
 
     Args:

@@ -70,8 +70,9 @@ def _eigenvalues(matrix: torch.Tensor) -> np.ndarray:
     """All eigenvalues of a symmetric matrix in float64 (its lower triangle is read).
 
     On the CPU by LAPACK's ``dsyevd`` through scipy (eigenvalues only: tridiagonalisation
-    plus ``dsterf``), measured about 1.5x faster than ``torch.linalg.eigvalsh`` at size 900-1,000
-    with one thread; elsewhere by ``torch.linalg.eigvalsh``.
+    plus ``dsterf``, no eigenvectors), faster there than ``torch.linalg.eigvalsh``;
+    elsewhere by ``torch.linalg.eigvalsh``. The step is timed (``eigen_s``) by
+    ``benchmarks/bench_exact_layers.py``.
     """
     if matrix.device.type != "cpu":
         return torch.linalg.eigvalsh(matrix.to(torch.float64)).cpu().numpy()
@@ -105,7 +106,8 @@ def exact_layer_spectra(model: nn.Module, loss_fn, data, layers=True, kind: str 
         kind: ``"hessian"`` (the Hessian block; needs the certificate) or ``"ggn"``.
         certify: run the probe of :func:`~layerhessians.curvature.certify.certify_blocks`
             (default); ``False`` trusts the caller.
-        probes, seed: the probe's vectors.
+        probes: random probe vectors per block (default 1).
+        seed: seed of the probe vectors.
         micro_batch_size: examples per forward/backward pass for the factors.
         reduction: must be ``None`` (the Gram route is single-process).
 
@@ -169,7 +171,7 @@ def exact_ggn_spectrum(model: nn.Module, loss_fn, data, micro_batch_size: int | 
     trainable = {id(p) for p in params}
     with torch.no_grad():
         gram = None
-        for key, f in factors.items():
+        for f in factors.values():
             parts = [f.gram()] if id(f.module.weight) in trainable else []
             if f.module.bias is not None and id(f.module.bias) in trainable:
                 parts.append(f.bias_gram())
@@ -231,8 +233,16 @@ def exact_blocks(model: nn.Module, loss_fn, data, mapping, kind: str = "hessian"
     """The blocks of ``mapping`` whose exact spectra the Gram route gives, and those spectra.
 
     Args:
+        model: the network (left unchanged).
+        loss_fn: batch mean of per-example losses, as in
+            :func:`~layerhessians.curvature.kinds.hessian_operator`.
+        data: an ``(inputs, targets)`` pair or an iterable of pairs.
         mapping: ``{name: [parameters]}`` (layer blocks).
-        kind, bn_mode, reduction: of the requested spectra.
+        kind: the requested curvature; only ``"hessian"`` and ``"ggn"`` have a Gram route
+            (any other kind leaves every block out).
+        bn_mode: ``"eval"`` or ``"train"`` (train-mode batch norm leaves every block out).
+        reduction: the distributed reduction hook; anything but ``None`` leaves every block
+            out (the Gram route runs on one process).
         micro_batch_size: examples per pass for the factors (an int, or ``None``/``"auto"``:
             the batches as given).
         memory_budget: as in :func:`~layerhessians.curvature.memory.memory_budget`: blocks

@@ -87,6 +87,7 @@ class LanczosRun:
 
     @property
     def steps(self) -> int:
+        """``m``: steps taken (the size of ``T_m``, the number of Ritz values)."""
         return len(self.alphas)
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray]:
@@ -360,6 +361,9 @@ def lanczos(operators: Sequence, starts: Sequence[Tensor], iterations: int,
         keep_basis: return the Lanczos basis (needs its memory even without re-orth.).
         progress: report progress over the steps: a tqdm bar on a terminal, otherwise a log
             line every 30 s (:class:`~layerhessians.progress.Progress`).
+        breakdown_rtol: stop a recurrence when ``beta <= breakdown_rtol * ||T||`` (invariant
+            subspace; default :data:`BREAKDOWN_RTOL`).
+        description: the progress report's label (default ``"Lanczos"``).
         check_symmetry: probe every operator's symmetry first, all in one pass per shared
             graph (:func:`check_symmetric`; two products per operator).
 

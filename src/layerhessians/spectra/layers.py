@@ -135,7 +135,11 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
     whatever other blocks are computed.
 
     Args:
-        model, loss_fn, data, kind, bn_mode: as in :func:`hessian_operator`.
+        model: the network, as in :func:`hessian_operator`.
+        loss_fn: batch mean or sum of per-example losses, as in :func:`hessian_operator`.
+        data: an ``(inputs, targets)`` pair or an iterable of pairs.
+        kind: the curvature, one of :data:`~layerhessians.curvature.kinds.KINDS`.
+        bn_mode: ``"eval"`` (running statistics, default) or ``"train"`` (batch statistics).
         iterations: Lanczos steps per vector (default 128, the paper's run).
         vectors: random start vectors per block (default 1).
         seed: base seed (default 0).

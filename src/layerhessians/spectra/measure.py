@@ -93,6 +93,7 @@ class SpectralMeasure:
     # -- summaries
     @property
     def num_vectors(self) -> int:
+        """Number of random start vectors (rows of ``per_vector``)."""
         return len(self.per_vector)
 
     @property

@@ -137,6 +137,12 @@ class HessianConfig:
     validate_layers: bool = False
 
     def validated(self) -> "HessianConfig":
+        """A copy with every value checked (and ``reorthogonalize`` canonicalised).
+
+        Raises:
+            UserError: a value of the wrong type or out of range, or an unknown choice (named by
+                its ``layerhessians train`` option where it has one).
+        """
         return replace(
             self,
             iterations=_int("--hessian-iterations", self.iterations, minimum=2),
@@ -160,6 +166,7 @@ class HessianConfig:
         return epoch % self.every == 0 or epoch == num_epochs
 
     def to_dict(self) -> dict:
+        """The settings as a plain ``dict`` (for config.json)."""
         return asdict(self)
 
 

@@ -118,6 +118,7 @@ class Context:
                 dist.broadcast(tensor.data, src=src)
 
     def barrier(self) -> None:
+        """Wait until every rank reaches this point (nothing in a single process)."""
         if self.active:
             import torch.distributed as dist
 
@@ -234,6 +235,14 @@ class AllReduce(Reduction):
         self.calls = 0  # number of product reductions (for tests and benchmarks)
 
     def total_examples(self, count: int) -> int:
+        """The example count summed over the ranks.
+
+        Args:
+            count: this rank's number of examples.
+
+        Returns:
+            The global number of examples.
+        """
         import torch.distributed as dist
 
         tensor = torch.tensor([int(count)], dtype=torch.int64, device=self.count_device)
@@ -241,6 +250,14 @@ class AllReduce(Reduction):
         return int(tensor.item())
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks (all-reduce, in place when it is contiguous).
+
+        Args:
+            tensor: this rank's term, on the process group's device (GPU for nccl, CPU for gloo).
+
+        Returns:
+            The sum, same shape, dtype and device (``tensor`` itself when contiguous).
+        """
         import torch.distributed as dist
 
         self.calls += 1

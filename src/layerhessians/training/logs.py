@@ -20,6 +20,7 @@ class TqdmHandler(logging.StreamHandler):
     """Console log lines that do not break progress bars."""
 
     def emit(self, record):
+        """Write ``record`` through ``tqdm.write`` (above any progress bar)."""
         try:
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # pragma: no cover - logging must never raise
@@ -30,6 +31,7 @@ class Silent:
     """The logger of the ranks that do not write."""
 
     def info(self, *args, **kwargs):
+        """Drop the message (``warning`` is the same)."""
         pass
 
     warning = info

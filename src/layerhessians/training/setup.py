@@ -60,6 +60,7 @@ class Setup:
 
     @property
     def num_params(self) -> int:
+        """Number of trainable parameters of the model."""
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 

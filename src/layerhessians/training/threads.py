@@ -1,8 +1,7 @@
 """The CPU thread count of torch's intra-op parallelism (``--threads N``).
 
 torch uses one thread per core by default. When other processes share the cores, that
-oversubscribes them and the same work runs several times slower (5-17x measured on a
-2-core machine); and reductions split across threads add in a different order, so float32
+oversubscribes them and the same work runs several times slower; and reductions split across threads add in a different order, so float32
 results depend on the thread count. A run therefore records the count it used (the
 ``threads`` key of ``config.json``) and a resumed run keeps it unless told otherwise.
 
