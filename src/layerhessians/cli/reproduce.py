@@ -21,8 +21,8 @@ def add_arguments(parser):
     """Add the ``reproduce`` subcommand's options to ``parser`` (an ``argparse`` parser)."""
     parser.add_argument("--quick", action="store_true",
                         help="the quick-start grid (LeNet on MNIST5k and Digits, offline, "
-                             "about 2 minutes on a 2-core CPU) instead of the seed's 12 runs; "
-                             f"root {QUICK_ROOT}")
+                             "minutes on a laptop CPU; see the README) instead of the seed's 12 "
+                             f"runs; root {QUICK_ROOT}")
     parser.add_argument("--grid", default=None,
                         help="a grid JSON file (default: the seed's 12 runs, or the quick grid)")
     parser.add_argument("--root", default=None,
