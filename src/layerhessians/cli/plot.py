@@ -64,7 +64,7 @@ def run_paths(args, command: str) -> list:
 
 def run(args) -> int:
     from layerhessians.analysis.report import check_dpi, make_figures
-    from layerhessians.store.runs import load_run
+    from layerhessians.store.reader import load_run
 
     check_dpi(args.dpi)
     runs = [load_run(path) for path in run_paths(args, "plot")]  # every run read first
