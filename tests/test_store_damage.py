@@ -15,7 +15,7 @@ import torch
 
 from layerhessians.cli.main import main
 from layerhessians.errors import UserError
-from layerhessians.store import legacy
+from layerhessians.store import legacy, writer
 from layerhessians.store import runs as runs_module
 from layerhessians.store.runs import (
     COMMITTED_KEY,
@@ -114,6 +114,35 @@ def test_overwrite_killed_midway_is_finished_on_next_open(tmp_path, monkeypatch)
         assert store.config["learning_rate"] == 0.1
 
 
+def test_a_gap_in_the_epochs_is_refused_for_a_trainer_run_only(tmp_path):
+    """A trainer's run records every epoch: a gap is refused on resume. A SpectraTracker's
+    run (config source) may skip indices, which must still increase up to the checkpoint's."""
+    trainer = make_run(tmp_path / "trainer", epochs=(0, 1, 3))
+    with pytest.raises(UserError, match="does not hold each epoch up to the checkpoint's "
+                                        r"epoch 3 once \(holds 0..3 \(3 rows\)\)") as err:
+        RunStore.create(trainer, CONFIG, resume=True)
+    assert "metrics.csv" in one_line(err)
+    tracked = {**CONFIG, "source": runs_module.TRACKER_SOURCE}
+    with RunStore.create(tmp_path / "tracker", tracked) as store:
+        for epoch in (0, 10, 20):
+            commit(store, epoch)
+    with RunStore.create(tmp_path / "tracker", tracked, resume=True) as store:
+        assert store.completed_epoch == 20
+        commit(store, 30)
+    assert load_run(tmp_path / "tracker").epochs == [0, 10, 20, 30]
+    # without the committed bytes (an earlier version's checkpoint), the coverage check
+    # alone refuses an index held twice, or a record that stops before the checkpoint's
+    strip_commit_record(tmp_path / "tracker")
+    metrics = tmp_path / "tracker" / "metrics.csv"
+    header, *rows = metrics.read_bytes().splitlines(keepends=True)
+    for damaged in ([rows[0], rows[1], rows[1], *rows[2:]], rows[:-1]):
+        metrics.write_bytes(b"".join([header, *damaged]))
+        with pytest.raises(UserError, match="does not hold increasing indices, each once, "
+                                            "ending at the checkpoint's 30") as err:
+            RunStore.create(tmp_path / "tracker", tracked, resume=True)
+        assert str(metrics) in one_line(err)
+
+
 def test_creation_killed_before_config_is_undone(tmp_path, monkeypatch):
     run = tmp_path / "new"
     real = runs_module.write_json
@@ -123,7 +152,7 @@ def test_creation_killed_before_config_is_undone(tmp_path, monkeypatch):
             raise Crash
         return real(path, obj)
 
-    monkeypatch.setattr(runs_module, "write_json", dying)
+    monkeypatch.setattr(writer, "write_json", dying)
     with pytest.raises(Crash):
         RunStore.create(run, CONFIG)
     monkeypatch.undo()
@@ -519,7 +548,7 @@ def test_rewind_killed_midway_is_redone(tmp_path, monkeypatch):
             raise Crash
         return real(path, obj)
 
-    monkeypatch.setattr(runs_module, "save_torch", dying)
+    monkeypatch.setattr(writer, "save_torch", dying)
     with pytest.raises(Crash):
         RunStore.create(run, CONFIG, resume=True, checkpoint=run / "checkpoints" / "epoch_0001.pt")
     monkeypatch.undo()

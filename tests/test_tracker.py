@@ -18,7 +18,7 @@ from layerhessians.analysis.report import make_figures, match_runs
 from layerhessians.curvature.dense import reference_matrix
 from layerhessians.errors import UserError
 from layerhessians.spectra import layer_spectra, start_vector
-from layerhessians.store import runs
+from layerhessians.store import runs, writer
 from layerhessians.store.runs import load_run
 from layerhessians.tracking import SpectraTracker, spectra_scalars
 from layerhessians.training.seeding import derive_seed
@@ -265,12 +265,12 @@ def test_a_killed_loop_resumes_without_lost_or_duplicated_records(tmp_path, monk
             real[name](path, obj)
         return write
 
-    monkeypatch.setattr(runs, "write_bytes", dying("write_bytes"))
-    monkeypatch.setattr(runs, "save_torch", dying("save_torch"))
+    monkeypatch.setattr(writer, "write_bytes", dying("write_bytes"))
+    monkeypatch.setattr(writer, "save_torch", dying("save_torch"))
     with pytest.raises(Killed):
         _loop(model, loss_fn, data, tmp_path / "killed", 3, resume=False)
-    monkeypatch.setattr(runs, "write_bytes", real["write_bytes"])
-    monkeypatch.setattr(runs, "save_torch", real["save_torch"])
+    monkeypatch.setattr(writer, "write_bytes", real["write_bytes"])
+    monkeypatch.setattr(writer, "save_torch", real["save_torch"])
     killed = SpectraTracker(model, loss_fn, data, tmp_path / "killed", iterations=8,
                             resume=True)
     assert killed.completed == 1
@@ -322,6 +322,28 @@ def test_an_older_index_rewinds_the_record(tmp_path, monkeypatch):
     got = load_run(tmp_path / "run")
     assert got.epochs == [0] and got.metrics["epoch"].tolist() == [0]
     pd.testing.assert_frame_equal(got.spectra, want.spectra[want.spectra["epoch"] == 0])
+
+
+def test_a_tracker_updated_every_k_steps_resumes(tmp_path):
+    """Updates at steps 0, 10, 20, then resumed and updated at 30: the store accepts the
+    increasing, non-consecutive indices of a tracker's record."""
+    model, data = PROBLEMS["mlp"].build()
+    loss_fn = PROBLEMS["mlp"].loss_fn
+    with SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=4,
+                        unit="step") as tracker:
+        for step in (0, 10, 20):
+            set_weights(model, step)
+            tracker.update(step=step, metrics={"train_loss": float(step)})
+    with SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=4, unit="step",
+                        resume=True) as tracker:
+        assert tracker.completed == 20
+        set_weights(model, 30)
+        tracker.update(step=30, metrics={"train_loss": 30.0})
+        assert tracker.completed == 30
+    run = load_run(tmp_path / "run")
+    assert run.metrics["epoch"].tolist() == [0, 10, 20, 30]
+    assert run.epochs == [0, 10, 20, 30]
+    assert run.metrics["train_loss"].tolist() == [0.0, 10.0, 20.0, 30.0]
 
 
 def test_a_failed_update_records_nothing(tmp_path):

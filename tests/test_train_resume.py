@@ -17,6 +17,7 @@ from data_fixtures import mnist_arrays, write_mnist
 from layerhessians import load_run
 from layerhessians.cli.main import main
 from layerhessians.store import runs as runs_module
+from layerhessians.store import writer
 from layerhessians.store.runs import RunStore
 from layerhessians.training.loop import CRASH_ENV
 
@@ -109,10 +110,10 @@ def test_crash_between_metrics_and_checkpoint(mnist_root, tmp_path, monkeypatch)
             raise Crash("killed while writing the checkpoint")
         save_torch(path, obj)
 
-    monkeypatch.setattr(runs_module, "save_torch", failing_save)
+    monkeypatch.setattr(writer, "save_torch", failing_save)
     with pytest.raises(Crash):
         train(tmp_path / "crashed", argv)
-    monkeypatch.setattr(runs_module, "save_torch", save_torch)
+    monkeypatch.setattr(writer, "save_torch", save_torch)
     crashed = load_run(tmp_path / "crashed")
     assert list(crashed.metrics["epoch"]) == [0, 1, 2]  # written, not committed
     assert RunStore(tmp_path / "crashed").completed_epoch == 1

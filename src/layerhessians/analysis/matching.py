@@ -322,7 +322,7 @@ def distance_table(run, metrics=(DEFAULT_DISTANCE,), epochs=None, points: int = 
     All metrics use the same bootstrap draws of the measures (module docstring).
 
     Args:
-        run: a :class:`~layerhessians.store.runs.Run` (``.blocks``, ``.epochs``,
+        run: a :class:`~layerhessians.store.reader.Run` (``.blocks``, ``.epochs``,
             ``.measure``, ``.config``).
         metrics: registry names (:data:`METRICS`).
         epochs: epochs to use (default :func:`default_epochs`).

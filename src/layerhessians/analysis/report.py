@@ -15,7 +15,7 @@ from layerhessians.analysis import figures as plots
 from layerhessians.analysis import matching as compare
 from layerhessians.analysis.matching import block_dimensions
 from layerhessians.errors import UserError
-from layerhessians.store.runs import write_csv
+from layerhessians.store.manifest import write_csv
 from layerhessians.vocabulary import FULL
 
 # ----------------------------------------------------------------------------- one run
@@ -84,7 +84,7 @@ def _title(run):
 def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
                  metric=compare.DEFAULT_DISTANCE, normalize="maxabs", out=None,
                  replicates=compare.REPLICATES) -> list:
-    """Write every figure of ``run`` (a :class:`~layerhessians.store.runs.Run`) into ``out``
+    """Write every figure of ``run`` (a :class:`~layerhessians.store.reader.Run`) into ``out``
     (default ``RUN/images``); returns the written paths.
 
     ``metric``: a registry name (:data:`~layerhessians.analysis.distances.DISTANCES`) or
@@ -350,7 +350,7 @@ def _profile_entry(label, row, frame, kind):
 def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, peaks=None,
                epochs=None, points=compare.PAPER_POINTS, out=None, fmt="png", dpi=200,
                ids=None, stream=None, replicates=compare.REPLICATES):
-    """Compare ``runs`` (loaded :class:`~layerhessians.store.runs.Run` objects) by
+    """Compare ``runs`` (loaded :class:`~layerhessians.store.reader.Run` objects) by
     ``metrics`` (registry names, or ``--metric`` values for :func:`metric_names` with
     ``normalize``), write the CSVs and figures into ``out`` (default: the runs'
     :func:`common_parent`) and print the summary (:func:`print_summary`) to ``stream``.

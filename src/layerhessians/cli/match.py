@@ -99,7 +99,7 @@ def run(args) -> int:
         run_ids,
     )
     from layerhessians.cli.plot import run_paths
-    from layerhessians.store.runs import load_run
+    from layerhessians.store.reader import load_run
 
     if args.points < 16:
         raise UserError(f"--points {args.points} is too few for a density curve; use >= 16")

@@ -77,7 +77,7 @@ def run(args) -> int:
             config.json does not name the ``--model``/``--dataset`` given.
     """
     from layerhessians.analysis.report import check_dpi, make_figures
-    from layerhessians.store.runs import load_run
+    from layerhessians.store.reader import load_run
 
     check_dpi(args.dpi)
     runs = [load_run(path) for path in run_paths(args, "plot")]  # every run read first

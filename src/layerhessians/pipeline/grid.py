@@ -15,7 +15,8 @@ from importlib import resources
 from pathlib import Path
 
 from layerhessians.errors import UserError
-from layerhessians.store.runs import RunStore, safe_child
+from layerhessians.store.names import safe_child
+from layerhessians.store.writer import RunStore
 from layerhessians.training.config import (
     TrainConfig,
     apply_flags,

@@ -4,14 +4,17 @@ folder, fsynced, then ``os.replace``d over the destination, and the folder fsync
 the umask gives new files (``0o666 & ~umask``), not ``mkstemp``'s 0600."""
 
 import os
+import re
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["DURABLE", "atomic_path", "fsync_dir"]
+__all__ = ["DURABLE", "atomic_path", "fsync_dir", "remove_temporaries"]
 
 #: fsync files and folders at each replace (benchmarks switch it off to measure its cost)
 DURABLE = True
+# a temporary file of atomic_path: .NAME.XXXXXXXX.tmp (8 hex digits)
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def fsync_dir(folder) -> None:
@@ -60,3 +63,11 @@ def atomic_path(path, suffix: str = ".tmp"):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(folder) -> None:
+    """Delete the temporary files that killed :func:`atomic_path` writes left in ``folder``
+    (``.NAME.XXXXXXXX.tmp``; links and sub-folders are not touched)."""
+    for entry in os.scandir(folder):
+        if _TEMP.match(entry.name) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)

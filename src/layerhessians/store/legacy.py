@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from layerhessians.errors import UserError
-from layerhessians.store.runs import atomic_path, load_run
+from layerhessians.store.manifest import atomic_path
+from layerhessians.store.reader import load_run
 from layerhessians.vocabulary import FULL
 
 LEGACY_DIR = "ckpt"

@@ -7,7 +7,7 @@ Three lines in a loop::
         ...                              # train one epoch, as before
         tracker.update(epoch)            # full + per-block spectra, appended to the run
 
-The run directory has the layout :class:`~layerhessians.store.runs.RunStore` writes for
+The run directory has the layout :class:`~layerhessians.store.writer.RunStore` writes for
 ``layerhessians train`` (config.json, metrics.csv, spectra.csv), so ``load_run``,
 ``layerhessians plot`` and ``layerhessians match`` read it unchanged. A tracker keeps no
 copy of the model: its commit point is the store's checkpoint file holding only the
@@ -37,18 +37,12 @@ from layerhessians import __version__
 from layerhessians.curvature.blocks import layer_blocks, select_blocks
 from layerhessians.errors import UserError
 from layerhessians.spectra import layer_spectra
-from layerhessians.store.runs import (
-    CHECKPOINTS,
-    CONFIG,
-    METRICS,
-    VOLATILE_KEYS,
-    RunStore,
-    config_differences,
-    os_errors,
-    read_config,
-    read_metrics,
-    save_torch,
-)
+from layerhessians.store.checkpoints import save_torch
+from layerhessians.store.consistency import TRACKER_SOURCE, VOLATILE_KEYS, config_differences
+from layerhessians.store.names import CHECKPOINTS, CONFIG, METRICS
+from layerhessians.store.oserrors import os_errors
+from layerhessians.store.readers import read_config, read_metrics
+from layerhessians.store.writer import RunStore
 from layerhessians.tracking.scalars import full_scalars, spectra_scalars
 from layerhessians.training.seeding import derive_seed
 from layerhessians.vocabulary import (
@@ -269,7 +263,7 @@ class SpectraTracker:
             dims[block] = sum(params[n].numel() for n in names)
         device = next(iter(params.values())).device if params else torch.device("cpu")
         return {
-            "source": "SpectraTracker",
+            "source": TRACKER_SOURCE,
             "model": model_name or type(self.model).__name__,
             "dataset": dataset,
             "unit": self.unit,

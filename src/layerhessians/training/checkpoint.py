@@ -5,10 +5,10 @@ from collections import Counter
 
 import torch
 
-from layerhessians.store.runs import VOLATILE_KEYS
+from layerhessians.store.consistency import VOLATILE_KEYS
 
-#: config.json keys that may change when a run is resumed (besides runs.VOLATILE_KEYS).
-#: The scale-out settings are among them: like the world size (runs.VOLATILE_KEYS), they
+#: config.json keys that may change when a run is resumed (besides consistency.VOLATILE_KEYS).
+#: The scale-out settings are among them: like the world size (consistency.VOLATILE_KEYS), they
 #: change numbers only by rounding (micro-batches, budget, backend) or batch-norm statistics
 #: across GPUs (--sync-bn), and runs written before they existed lack them.
 RESUME_IGNORES = VOLATILE_KEYS | {"command", "device_name", "threads", "dataset_folder",

@@ -18,7 +18,7 @@ An epoch ``E`` (1..n; 0 = the spectra at initialisation with ``--init-spectra``)
    mean cross-entropy) in the recorded batch-norm mode, seeded from ``(seed, E)``; the
    model's buffers (batch-norm running statistics) are restored afterwards, so measuring
    never changes training;
-5. commits spectra -> metrics -> checkpoint through :class:`~layerhessians.store.runs.RunStore`
+5. commits spectra -> metrics -> checkpoint through :class:`~layerhessians.store.writer.RunStore`
    (the checkpoint is the commit point), so a run killed at any moment resumes from the
    last completed epoch and, on the CPU, reproduces an uninterrupted run exactly.
 
@@ -64,13 +64,10 @@ from layerhessians.analysis.figures import save_training_curves
 from layerhessians.data import load_dataset
 from layerhessians.errors import UserError
 from layerhessians.store.legacy import export_legacy
-from layerhessians.store.runs import (
-    CONFIG,
-    RunStore,
-    read_config,
-    register_output,
-    write_csv,
-)
+from layerhessians.store.manifest import register_output, write_csv
+from layerhessians.store.names import CONFIG
+from layerhessians.store.readers import read_config
+from layerhessians.store.writer import RunStore
 from layerhessians.training.checkpoint import (
     RESUME_IGNORES,
     checkpoint_state,

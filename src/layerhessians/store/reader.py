@@ -1,0 +1,92 @@
+"""Reading a run directory back (:func:`load_run`, :class:`Run`): settings, per-epoch
+metrics and the spectra, each file read strictly (:mod:`layerhessians.store.readers`)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from layerhessians.errors import UserError
+from layerhessians.store import journal
+from layerhessians.store.names import CONFIG, METRICS, SPECTRA, run_path
+from layerhessians.store.oserrors import os_errors
+from layerhessians.store.readers import METHOD, read_config, read_metrics, read_spectra
+from layerhessians.vocabulary import FULL
+
+__all__ = ["Run", "load_run"]
+
+
+@dataclass
+class Run:
+    """A run directory read back: settings, per-epoch metrics and the spectra."""
+
+    path: Path
+    config: dict
+    metrics: pd.DataFrame
+    spectra: pd.DataFrame = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model(self):
+        return self.config.get("model")
+
+    @property
+    def dataset(self):
+        return self.config.get("dataset")
+
+    @property
+    def blocks(self) -> list:
+        """Block names: ``"full"`` first, then the layers from input to output."""
+        present = list(dict.fromkeys(self.spectra["block"]))
+        listed = [b for b in self.config.get("blocks", []) if b in present]
+        return listed + [b for b in present if b not in listed]
+
+    @property
+    def layers(self) -> list:
+        return [b for b in self.blocks if b != FULL]
+
+    @property
+    def epochs(self) -> list:
+        """Epochs that have spectra, ascending (0 = at initialisation)."""
+        return sorted(int(e) for e in self.spectra["epoch"].unique())
+
+    def measure(self, block: str, epoch: int):
+        """The :class:`~layerhessians.spectra.SpectralMeasure` of ``block`` at ``epoch``."""
+        from layerhessians.spectra import SpectralMeasure  # imports torch: only when used
+
+        rows = self.spectra[(self.spectra["epoch"] == epoch) & (self.spectra["block"] == block)]
+        if rows.empty:
+            raise UserError(f"run {self.path} has no spectrum for block {block!r} at epoch "
+                            f"{epoch}; blocks: {', '.join(self.blocks)}; epochs: {self.epochs}")
+        measure = SpectralMeasure.from_frame(rows[["vector", "node", "weight"]])
+        if METHOD in rows.columns and rows[METHOD].notna().any():
+            measure.method = str(rows[METHOD].dropna().iloc[0])
+        return measure
+
+    def density(self, block: str, epoch: int, **kwargs):
+        """``(grid, density)`` of ``block`` at ``epoch``; kwargs go to ``measure.density``."""
+        return self.measure(block, epoch).density(**kwargs)
+
+
+def load_run(path) -> Run:
+    """Read the run directory ``path`` (written by ``layerhessians train``).
+
+    Raises:
+        UserError: one line when ``path`` is not a run directory, an operation on it was
+            interrupted (rerun the train command), or a file is unreadable or damaged.
+    """
+    path = run_path(path)
+    with os_errors("read", path):
+        if journal.pending(path):
+            raise UserError(f"{path} has an unfinished operation (a create, overwrite or rewind "
+                            "was interrupted); run the same `layerhessians train` command again "
+                            "to finish it")
+        if not (path / CONFIG).is_file():
+            raise UserError(f"{path} is not a LayerHessians run directory (no {CONFIG}); "
+                            "pass the -r directory of a `layerhessians train` run")
+    return Run(path=path, config=read_config(path / CONFIG),
+               metrics=read_metrics(path / METRICS), spectra=read_spectra(path / SPECTRA))
+

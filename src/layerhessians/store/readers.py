@@ -1,0 +1,137 @@
+"""Strict readers of a run's files: ``config.json``, ``metrics.csv`` and ``spectra.csv``.
+Damaged files (not UTF-8, cut mid-row, malformed, a missing column, a non-number) give one
+:class:`~layerhessians.errors.UserError` line naming the file and the problem."""
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from layerhessians.errors import UserError
+from layerhessians.store.oserrors import os_errors
+
+SPECTRA_COLUMNS = ["epoch", "block", "vector", "node", "weight"]
+#: optional spectra.csv column: how a block's measure was computed ("slq" or "exact"); runs
+#: written before it have none (their spectra are SLQ)
+METHOD = "method"
+METHODS = ("slq", "exact")
+METRICS_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+                   "train_seconds", "spectra_seconds"]
+
+
+def problem(path, what: str) -> UserError:
+    """The refusal of a damaged run file: ``PATH WHAT; restore it ... or start over``."""
+    return UserError(f"{path} {what}; restore it from a backup, or start the run over with "
+                     "--overwrite")
+
+
+def read_table(path, columns, *, text_columns=("block",), nullable=(),
+               empty_columns=None) -> pd.DataFrame:
+    """Read one of the run's CSVs strictly.
+
+    Args:
+        path: the CSV file; a missing or empty file gives an empty frame with
+            ``empty_columns`` (default ``columns``).
+        columns: required columns; all but ``text_columns`` must be numbers, and all but
+            ``nullable`` non-empty on every row (``epoch``/``vector`` integers).
+        text_columns: columns read as strings.
+        nullable: required columns that may be empty.
+
+    Returns:
+        The table, with integer ``epoch`` (and ``vector``) columns.
+
+    Raises:
+        UserError: one line naming the file and the problem (not UTF-8, cut mid-row,
+            malformed, a missing column, a non-number, an incomplete row).
+    """
+    path = Path(path)
+    with os_errors("read", path):
+        raw = path.read_bytes() if path.exists() else b""
+    if not raw:
+        return pd.DataFrame(columns=list(empty_columns or columns))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise problem(path, f"is not UTF-8 text (byte {err.start} is damaged)") from None
+    if not text.endswith("\n"):
+        raise problem(path, "ends in the middle of a row (the file was cut off)")
+    try:
+        with warnings.catch_warnings():  # rows longer than the header: an error, not a warning
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(io.StringIO(text), dtype={c: str for c in text_columns},
+                                keep_default_na=False, na_values=[""], index_col=False)
+    except (ValueError, pd.errors.ParserError, pd.errors.ParserWarning) as err:
+        detail = " ".join(str(err).split())[:120]
+        raise problem(path, f"is not a well-formed CSV table ({detail})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise problem(path, f"misses the column{'s' * (len(missing) > 1)} {', '.join(missing)}")
+    for column in frame.columns:
+        if column in text_columns:
+            continue
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() & frame[column].notna()
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise problem(path, f"holds a non-number {str(frame[column].iloc[row])[:40]!r} in "
+                                 f"column {column} (data row {row + 1})")
+        frame[column] = values
+    for column in columns:
+        if column in nullable:
+            continue
+        empty = frame[column].isna()
+        if empty.any():
+            row = int(empty.to_numpy().nonzero()[0][0])
+            raise problem(path, f"has an incomplete row (data row {row + 1}: no {column})")
+    for column in ("epoch", "vector"):
+        if column in frame.columns and len(frame):
+            as_int = frame[column].astype("int64")
+            if not (as_int == frame[column]).all():
+                raise problem(path, f"holds a non-integer {column}")
+            frame[column] = as_int
+    return frame
+
+
+def read_metrics(path) -> pd.DataFrame:
+    """``metrics.csv`` read strictly (:func:`read_table`): an ``epoch`` column of integers,
+    every other column numbers (possibly empty: an epoch without spectra has no
+    ``top_eigenvalue``)."""
+    return read_table(path, ["epoch"], text_columns=(), nullable=METRICS_COLUMNS[1:],
+                      empty_columns=METRICS_COLUMNS)
+
+
+def read_spectra(path) -> pd.DataFrame:
+    """``spectra.csv`` read strictly (:func:`read_table`): :data:`SPECTRA_COLUMNS`, all
+    filled, ``block`` a name, the others numbers; the optional :data:`METHOD` column is
+    text (empty in rows of older runs)."""
+    frame = read_table(path, SPECTRA_COLUMNS, text_columns=("block", METHOD))
+    if METHOD in frame.columns:
+        bad = frame[METHOD].notna() & ~frame[METHOD].isin(METHODS)
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise problem(Path(path), f"holds an unknown method "
+                                       f"{str(frame[METHOD].iloc[row])[:40]!r} (data row "
+                                       f"{row + 1}; expected {' or '.join(METHODS)})")
+    return frame
+
+
+def read_config(path) -> dict:
+    """``config.json`` as a dict; one :class:`UserError` line if it is not a JSON object."""
+    path = Path(path)
+    with os_errors("read", path):
+        raw = path.read_bytes()
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise problem(path, "is not UTF-8 text (damaged)") from None
+    except ValueError as err:
+        raise problem(path, f"is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(config, dict):
+        raise problem(path, f"holds a JSON {type(config).__name__}, not the object of settings")
+    blocks = config.get("blocks", [])
+    if not isinstance(blocks, list) or not all(isinstance(b, str) for b in blocks):
+        raise problem(path, "has a 'blocks' entry that is not a list of names")
+    return config
+

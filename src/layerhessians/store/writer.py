@@ -1,0 +1,565 @@
+"""The writer of a run directory (:class:`RunStore`): what a training run or a
+SpectraTracker writes, how it resumes, and what ``--resume PATH`` names.
+
+Commit protocol.
+
+- Every file is written atomically: a temporary file ``.NAME.XXXXXXXX.tmp`` in the same
+  folder, fsynced, ``os.replace``d over ``NAME``, then the folder fsynced (so a committed
+  epoch survives power loss). Temporary files left by a killed write are removed by the
+  next writer (under the lock).
+- An epoch is committed in the order spectra -> metrics -> checkpoint; the checkpoint's
+  epoch is the last completed one. The CSVs only grow by appending whole epochs, and the
+  checkpoint records the byte length and SHA-256 of both CSVs as committed with it, plus a
+  SHA-256 digest of its own contents. On opening a run the store checks that the CSVs
+  begin with exactly the committed bytes (rows of a later, uncommitted epoch are cut off),
+  parse fully and cover every epoch up to the checkpoint's (a SpectraTracker's run: strictly
+  increasing indices up to it, see :func:`~layerhessians.store.consistency.check_consistent`),
+  and that the checkpoint's digest matches; anything else is refused with one line naming
+  the file and what to do.
+- Creating and overwriting a run are journalled (:mod:`layerhessians.store.journal`):
+  ``.layerhessians-op.json`` is written before the first destructive step and removed
+  after the last. A writer that finds it finishes the operation deterministically: an
+  interrupted overwrite finishes deleting the old run's files, an interrupted creation is
+  undone unless its config.json was written (then it is completed), an interrupted rewind
+  is redone. Readers refuse such a directory.
+- The store only deletes files listed in its manifest (:mod:`layerhessians.store.manifest`,
+  written before each new file is created), so ``--overwrite`` never removes a user's own
+  files; it refuses to write over a file it did not write (naming it).
+- The lock file is opened without following symbolic links.
+
+Damaged files give one :class:`~layerhessians.errors.UserError` line naming the file and the
+problem; operating-system errors (permissions, read-only or virtual file systems, a file
+where a folder is expected) likewise.
+"""
+
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import stat
+from pathlib import Path
+
+import pandas as pd
+
+from layerhessians.errors import UserError
+from layerhessians.store import journal
+from layerhessians.store.atomic import fsync_dir, remove_temporaries
+from layerhessians.store.checkpoints import (
+    COMMITTED_KEY,
+    checkpoint_epoch,
+    load_torch,
+    save_torch,
+)
+from layerhessians.store.consistency import VOLATILE_KEYS, check_consistent, config_differences
+from layerhessians.store.manifest import (
+    delete_owned,
+    ensure_manifest,
+    foreign_files,
+    read_manifest,
+    write_bytes,
+    write_json,
+    write_manifest,
+)
+from layerhessians.store.names import (
+    CHECKPOINTS,
+    CONFIG,
+    FIXED_FILES,
+    FOLDERS,
+    JOURNAL,
+    LAST_CHECKPOINT,
+    LOCK,
+    MANIFEST,
+    METRICS,
+    SPECTRA,
+    run_path,
+)
+from layerhessians.store.oserrors import os_errors, os_message
+from layerhessians.store.readers import (
+    METHOD,
+    SPECTRA_COLUMNS,
+    problem,
+    read_config,
+    read_metrics,
+    read_spectra,
+)
+
+__all__ = ["RunStore", "resume_source"]
+
+
+class RunStore:
+    """Writes one run directory; holds an exclusive lock on it while open.
+
+    Use :meth:`create`; close (or use as a context manager) to release the lock.
+    """
+
+    def __init__(self, path):
+        self.path = run_path(path)
+        self._lock_fd = None
+        self._metrics = None
+        self._spectra = None
+        self._bytes = {}
+        self._state_cache = None
+        self.notes = []  # what opening repaired (an interrupted operation), for the log
+
+    # -- opening -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, path, config: dict, *, resume=False, overwrite=False,
+               ignore=VOLATILE_KEYS, checkpoint=None) -> "RunStore":
+        """Open ``path`` for writing the run described by ``config``.
+
+        Args:
+            path: the run directory (created if absent).
+            config: the run's settings (written to config.json).
+            resume: ``True``: continue the run there (same settings required, apart from
+                ``ignore`` keys such as ``num_epochs``); refused when there is no run.
+                ``"allow"``: continue it if there is one, else start it (grids).
+                ``False``: start a new run; refused when one is there.
+            overwrite: replace the run there (only the store's own files are deleted).
+            ignore: config keys that may change on resume.
+            checkpoint: with ``resume``, a checkpoint file of this run to resume from
+                (``RUN/checkpoints/*.pt`` holding a full training state); later epochs are
+                dropped (see :meth:`rewind`).
+
+        Returns:
+            The open store (locked).
+
+        Raises:
+            UserError: busy, conflicting, foreign or damaged directory; no run to resume;
+                OS errors (one line each).
+        """
+        store = cls(path)
+        with os_errors("create the run directory", store.path):
+            if store.path.exists() and not store.path.is_dir():
+                raise UserError(f"run path {store.path} exists and is not a directory; "
+                                "choose another -r")
+            store.path.mkdir(parents=True, exist_ok=True)
+        store._lock()
+        try:
+            store._recover()
+            if checkpoint is not None:
+                if not resume:
+                    raise UserError("a checkpoint to resume from needs --resume")
+                store.rewind(checkpoint)
+            store._prepare(config, resume=resume, overwrite=overwrite, ignore=ignore)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _prepare(self, config, *, resume, overwrite, ignore):
+        has_config = (self.path / CONFIG).exists()
+        if overwrite:
+            self._overwrite()
+            has_config = False
+        old = read_config(self.path / CONFIG) if has_config else None
+        if old is None:
+            leftovers = [n for n in (METRICS, SPECTRA, f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
+                         if (self.path / n).exists()]
+            if leftovers:
+                raise UserError(f"{self.path} holds {', '.join(leftovers)} but no {CONFIG} "
+                                "(not a complete run); restore its config.json to resume it, "
+                                "or use --overwrite or another -r to start a new run")
+            if resume is True:
+                raise UserError(f"{self.path} holds no run to resume (no {CONFIG}); drop "
+                                "--resume to start a new run there")
+            self._create(config)
+            return
+        if not (self.path / MANIFEST).exists():
+            self._adopt_or_refuse()
+        manifest = read_manifest(self.path)
+        done = self.completed_epoch
+        self._verify(old, done)
+        diffs = config_differences(old, config, ignore)
+        started = done is not None or self.metrics.shape[0] > 0
+        if diffs:
+            raise UserError(
+                f"{self.path} holds a run with different settings ({'; '.join(diffs[:4])}"
+                f"{'; ...' if len(diffs) > 4 else ''}); use --overwrite to replace it, "
+                "or another run directory")
+        if started and not resume:
+            raise UserError(
+                f"{self.path} already holds this run (completed epoch {done}); use "
+                "--resume to continue it or --overwrite to start over")
+        merged = {**old, **{k: v for k, v in config.items() if k in ignore}}
+        merged["start_time"] = old.get("start_time")
+        merged["resumed_at"] = [*old.get("resumed_at", []), config.get("start_time")]
+        self._make_folders(manifest)
+        write_json(self.path / CONFIG, merged)
+
+    def _create(self, config):
+        """A new run: journalled, so that a kill leaves a state the next open resolves."""
+        self._refuse_foreign()
+        self._journal({"op": "create"})
+        manifest = {"files": [*FIXED_FILES], "dirs": [*FOLDERS]}
+        with os_errors("write", self.path / MANIFEST):
+            write_manifest(self.path, manifest)
+        self._make_folders(manifest)
+        write_json(self.path / CONFIG, config)
+        self._end_journal()
+        self._metrics = self._spectra = None
+        self._bytes = {METRICS: b"", SPECTRA: b""}
+
+    def _make_folders(self, manifest):
+        with os_errors("create folders in", self.path):
+            for sub in FOLDERS:
+                folder = self.path / sub
+                if folder.is_symlink():
+                    raise UserError(f"{folder} is a symbolic link; the store writes only into "
+                                    "its own folders: remove the link or choose another -r")
+                if not folder.is_dir():
+                    folder.mkdir()
+                    fsync_dir(self.path)
+
+    def _refuse_foreign(self):
+        """Refuse to write over files at the store's names that it did not write."""
+        foreign = foreign_files(self.path)
+        if foreign:
+            raise UserError(f"{self.path} holds {', '.join(foreign)}, which this tool did not "
+                            "write; move them away or choose another -r (the store never "
+                            "replaces or deletes files it did not write)")
+
+    def _ensure_manifest(self) -> dict:
+        """The run's manifest (adopting a run of an earlier version, see
+        :func:`~layerhessians.store.manifest.ensure_manifest`)."""
+        return ensure_manifest(self.path)
+
+    # -- journal and recovery ----------------------------------------------------------
+    def _journal(self, entry: dict):
+        journal.begin(self.path, entry)
+
+    def _end_journal(self):
+        journal.end(self.path)
+
+    def _recover(self):
+        """Remove temporary files of killed writes; finish an interrupted operation."""
+        self._remove_temporaries()
+        entry = journal.read(self.path)
+        if entry is None:
+            return
+        op = entry["op"]
+        if op == "rewind":
+            try:
+                epoch, source = int(entry["epoch"]), Path(entry["source"])
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{self.path / JOURNAL} (an interrupted rewind) is damaged; "
+                                "resume from the run directory after deleting it, or use "
+                                "--overwrite") from None
+            self.notes.append(f"finished an interrupted rewind to epoch {epoch}")
+            self._do_rewind(epoch, source)
+        elif op == "create" and (self.path / CONFIG).exists():
+            self.notes.append("completed an interrupted creation")
+            self._make_folders(self._ensure_manifest())
+        else:  # an interrupted overwrite, or a creation killed before its config.json
+            what = "overwrite" if op != "create" else "creation, removing what it had written"
+            self.notes.append(f"finished an interrupted {what}")
+            self._delete_owned()
+        self._end_journal()
+
+    def _remove_temporaries(self):
+        for folder in (self.path, *(self.path / d for d in (*FOLDERS, "ckpt"))):
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            with os_errors("clean up", folder):
+                remove_temporaries(folder)
+
+    def _overwrite(self):
+        """Delete the run there (only the store's files), journalled."""
+        if (self.path / MANIFEST).exists() or (self.path / CONFIG).exists():
+            if not (self.path / MANIFEST).exists():
+                self._adopt_or_refuse()
+            self._journal({"op": "overwrite"})
+            self._delete_owned()
+            self._end_journal()
+        self._refuse_foreign()
+
+    def _adopt_or_refuse(self):
+        """A run without a manifest: adopt it if an earlier version of this tool wrote its
+        config.json (it records ``versions.layerhessians``), else refuse."""
+        try:
+            config = read_config(self.path / CONFIG)
+        except UserError:
+            config = {}
+        versions = config.get("versions")
+        if isinstance(versions, dict) and "layerhessians" in versions:
+            self._ensure_manifest()
+            return
+        self._refuse_foreign()
+
+    def _delete_owned(self):
+        """Delete the files and (if empty) folders the manifest lists, then the manifest."""
+        delete_owned(self.path)
+        self._metrics = self._spectra = None
+        self._bytes = {}
+
+    # -- lock --------------------------------------------------------------------------
+    def _lock(self):
+        path = self.path / LOCK
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise UserError(f"{path} is a symbolic link; the store never follows links: "
+                                "remove it and run again") from None
+            raise UserError(os_message(err, "lock", path)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"{path} is not a regular file; remove it and run again")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{self.path} is being written by another process (pid {owner}); "
+                            "wait for it to finish or choose another run directory") from None
+        pid = str(os.getpid()).encode()
+        os.pwrite(fd, pid.ljust(max(len(pid), os.fstat(fd).st_size)), 0)  # no ftruncate: the
+        self._lock_fd = fd  # holder's PID is overwritten in place (padded with spaces)
+
+    def close(self):
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return read_config(self.path / CONFIG)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINTS / LAST_CHECKPOINT
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "logs" / "train.log"
+
+    @property
+    def images(self) -> Path:
+        return self.path / "images"
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        if self._metrics is None:
+            self._metrics = read_metrics(self.path / METRICS)
+        return self._metrics
+
+    @property
+    def spectra(self) -> pd.DataFrame:
+        if self._spectra is None:
+            self._spectra = read_spectra(self.path / SPECTRA)
+        return self._spectra
+
+    def load_checkpoint(self, path=None):
+        """The latest committed training state (a dict with ``"epoch"``), or ``None``;
+        ``path``: another checkpoint file instead of ``checkpoints/last.pt``."""
+        path = self.checkpoint_path if path is None else Path(path)
+        with os_errors("read", path):
+            if not path.exists():
+                return None
+            info = path.stat()
+        key = (str(path), info.st_mtime_ns, info.st_size, info.st_ino)
+        if self._state_cache is None or self._state_cache[0] != key:  # read (and digest) once
+            self._state_cache = (key, load_torch(path))
+        return self._state_cache[1]
+
+    @property
+    def completed_epoch(self):
+        """The last committed epoch (0 = initialisation), or ``None`` before any."""
+        state = self.load_checkpoint()
+        return None if state is None else checkpoint_epoch(state, self.checkpoint_path)
+
+    # -- verification ------------------------------------------------------------------
+    def _verify(self, config, epoch):
+        """Cut the CSVs back to what the checkpoint committed and check that every file
+        agrees (see :func:`check_consistent`); refuses what does not."""
+        state = self.load_checkpoint() if epoch is not None else None
+        committed = state.get(COMMITTED_KEY) if isinstance(state, dict) else None
+        for name in (METRICS, SPECTRA):
+            path = self.path / name
+            with os_errors("read", path):
+                raw = path.read_bytes() if path.exists() else b""
+            if committed and name in committed:
+                size, digest = int(committed[name]["bytes"]), committed[name]["sha256"]
+                if len(raw) < size or hashlib.sha256(raw[:size]).hexdigest() != digest:
+                    raise problem(path, f"does not hold what was committed with epoch {epoch} "
+                                         "(changed or damaged since)")
+                if len(raw) > size:  # rows of an epoch after the checkpoint's
+                    raw = raw[:size]
+                    write_bytes(path, raw)
+            self._bytes[name] = raw
+        self._metrics = self._spectra = None
+        self.truncate_after(epoch)
+        check_consistent(self.path, config, self.metrics, self.spectra, epoch)
+
+    # -- rewinding ---------------------------------------------------------------------
+    def rewind(self, checkpoint, *, state_keys=("model", "optimizer")):
+        """Make the run continue from ``checkpoint`` (a file in ``RUN/checkpoints/``
+        holding a full training state written by this store): rows of later epochs are
+        dropped, later ``epoch_EEEE.pt`` removed, and it becomes ``last.pt``; journalled.
+
+        Args:
+            checkpoint: the checkpoint file to continue from.
+            state_keys: the keys besides ``"epoch"`` that a full state of this run holds
+                (the trainer's: model and optimizer; a ``SpectraTracker``'s: its unit).
+
+        Raises:
+            UserError: the file is not in this run's checkpoints folder, is not a
+                readable checkpoint, holds only weights, or is newer than ``last.pt``.
+        """
+        source = Path(checkpoint)
+        if not str(checkpoint).strip():
+            raise UserError('the checkpoint path is empty; pass RUN/checkpoints/FILE.pt')
+        folder = (self.path / CHECKPOINTS).resolve()
+        if source.resolve().parent != folder or source.is_symlink():
+            raise UserError(f"{source} is not a checkpoint of the run {self.path} (expected a "
+                            f"file in {self.path / CHECKPOINTS})")
+        if source.resolve() == self.checkpoint_path.resolve():
+            return
+        state = self.load_checkpoint(source)
+        if not (isinstance(state, dict) and {"epoch", *state_keys} <= set(state)):
+            raise UserError(f"{source} holds only model weights (no optimizer, schedule or "
+                            "random state), so training cannot continue exactly from it; "
+                            f"resume from the run's last checkpoint (--resume {self.path}), or "
+                            "start a new run")
+        epoch = checkpoint_epoch(state, source)
+        last = self.completed_epoch
+        if last is not None and epoch > last:
+            raise UserError(f"{source} is of epoch {epoch}, after the run's last checkpoint "
+                            f"(epoch {last}); resume with --resume {self.path}")
+        self._journal({"op": "rewind", "epoch": epoch, "source": str(source)})
+        self._do_rewind(epoch, source)
+        self._end_journal()
+        self.notes.append(f"rewound to epoch {epoch} ({source.name})")
+
+    def _do_rewind(self, epoch: int, source: Path):
+        """The idempotent steps of :meth:`rewind`."""
+        state = load_torch(source)
+        self._bytes = {}
+        self._metrics = self._spectra = None
+        self.truncate_after(epoch)
+        for path in (self.path / CHECKPOINTS).glob("epoch_*.pt"):
+            match = re.fullmatch(r"epoch_(\d+)\.pt", path.name)
+            if match and int(match.group(1)) > epoch:
+                with os_errors("delete", path):
+                    path.unlink()
+        state.pop(COMMITTED_KEY, None)
+        state[COMMITTED_KEY] = self._committed()
+        save_torch(self.checkpoint_path, state)
+
+    # -- writing -----------------------------------------------------------------------
+    def _raw(self, name) -> bytes:
+        if name not in self._bytes:
+            path = self.path / name
+            with os_errors("read", path):
+                self._bytes[name] = path.read_bytes() if path.exists() else b""
+        return self._bytes[name]
+
+    def _write_table(self, name, frame: pd.DataFrame):
+        data = frame.to_csv(index=False).encode("utf-8") if len(frame.columns) else b""
+        write_bytes(self.path / name, data)
+        self._bytes[name] = data
+        setattr(self, "_" + name.split(".")[0], None)
+
+    def truncate_after(self, epoch):
+        """Drop metrics and spectra rows after ``epoch`` (all rows if ``None``)."""
+        limit = -1 if epoch is None else epoch
+        for name, frame in ((METRICS, self.metrics), (SPECTRA, self.spectra)):
+            if len(frame) and (frame["epoch"] > limit).any():
+                kept = frame[frame["epoch"] <= limit].reset_index(drop=True)
+                self._write_table(name, kept)
+
+    def _append(self, name, frame: pd.DataFrame, new: pd.DataFrame, epoch: int):
+        """Add the rows ``new`` of ``epoch`` to the CSV ``name`` (whose rows are ``frame``):
+        appended as text when they come after every row (so the committed bytes stay a
+        prefix), else the table is rewritten with the epoch's rows replaced."""
+        raw = self._raw(name)
+        header = raw.split(b"\n", 1)[0].decode("utf-8").split(",") if raw else None
+        later = len(frame) and (frame["epoch"] >= epoch).any()
+        if raw and not later and set(new.columns) <= set(header):
+            data = raw + new.reindex(columns=header).to_csv(index=False, header=False) \
+                .encode("utf-8")
+            write_bytes(self.path / name, data)
+            self._bytes[name] = data
+            setattr(self, "_" + name.split(".")[0], None)
+            return
+        if not raw:
+            self._write_table(name, new.reset_index(drop=True))
+            return
+        old = frame[frame["epoch"] != epoch]
+        self._write_table(name, pd.concat([old, new], ignore_index=True) if len(old) else
+                          new.reset_index(drop=True))
+
+    def _committed(self) -> dict:
+        return {name: {"bytes": len(self._raw(name)),
+                       "sha256": hashlib.sha256(self._raw(name)).hexdigest()}
+                for name in (METRICS, SPECTRA)}
+
+    def commit_epoch(self, epoch: int, metrics_row: dict, spectra=None, checkpoint=None):
+        """Write one completed epoch: its spectra, its metrics row, then its checkpoint.
+
+        ``spectra``: mapping ``block -> measure`` (anything with ``to_frame()`` giving
+        columns vector, node, weight; its ``method``, default ``"slq"``, fills the
+        :data:`METHOD` column) or ``None``. ``checkpoint``: a dict of tensors and
+        plain containers (saved with ``"epoch"``, the committed CSV lengths and digests,
+        and its own digest added) or ``None``.
+        """
+        if spectra:
+            frames = [m.to_frame().assign(epoch=epoch, block=block,
+                                          method=getattr(m, "method", None) or "slq")
+                      for block, m in spectra.items()]
+            new = pd.concat(frames, ignore_index=True)[[*SPECTRA_COLUMNS, METHOD]]
+            self._append(SPECTRA, self.spectra, new, epoch)
+        row = pd.DataFrame([{"epoch": epoch, **metrics_row}])
+        self._append(METRICS, self.metrics, row, epoch)
+        if checkpoint is not None:
+            save_torch(self.checkpoint_path, {**checkpoint, "epoch": epoch,
+                                              COMMITTED_KEY: self._committed()})
+
+    def save_weights(self, epoch: int, state_dict: dict):
+        """Keep the model weights of ``epoch`` (``checkpoints/epoch_EEEE.pt``)."""
+        save_torch(self.path / CHECKPOINTS / f"epoch_{epoch:04d}.pt", state_dict)
+
+
+
+def resume_source(value):
+    """What ``--resume PATH`` names: ``(run directory, checkpoint or None)``.
+
+    ``PATH`` is a run directory or ``RUN/checkpoints/last.pt`` (checkpoint ``None``: the last
+    committed epoch), or another ``RUN/checkpoints/*.pt`` holding a full training state
+    (returned, to be passed to :meth:`RunStore.create` as ``checkpoint``).
+
+    Raises:
+        UserError: empty or missing path, a file outside a run's checkpoints folder, an
+            unreadable checkpoint, or one holding only weights (``epoch_EEEE.pt``).
+    """
+    if value is None or not str(value).strip():
+        raise UserError('--resume "" names nothing; pass a run directory or its '
+                        "checkpoints/last.pt")
+    path = Path(value)
+    with os_errors("read", path):
+        if not path.exists():
+            raise UserError(f"--resume {value}: no such file or directory; pass a run directory "
+                            "or its checkpoints/last.pt")
+        if path.is_dir():
+            return path, None
+        run = path.parent.parent
+        if path.parent.name != CHECKPOINTS or not (run / CONFIG).is_file():
+            raise UserError(f"--resume {value} is not inside a run directory "
+                            "(RUN/checkpoints/*.pt); pass the run directory instead")
+    if path.name == LAST_CHECKPOINT:
+        return run, None
+    state = load_torch(path)
+    if not (isinstance(state, dict) and {"epoch", "model", "optimizer"} <= set(state)):
+        raise UserError(f"--resume {value}: the file holds only model weights (no optimizer, "
+                        "schedule or random state), so training cannot continue exactly from "
+                        f"it; resume the run from its last checkpoint (--resume {run})")
+    return run, path
