@@ -18,7 +18,7 @@ _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def fsync_dir(folder) -> None:
-    """fsync ``folder``, making a rename or a new entry in it durable (no-op if not DURABLE)."""
+    """Call fsync on ``folder``, making a rename or a new entry in it durable (no-op if not DURABLE)."""
     if not DURABLE:
         return
     try:

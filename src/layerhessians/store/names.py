@@ -49,7 +49,7 @@ def run_path(value) -> Path:
 
 
 def safe_child(root, name) -> Path:
-    """``root / name`` for a run name from a grid file, refusing names that leave ``root``.
+    r"""``root / name`` for a run name from a grid file, refusing names that leave ``root``.
 
     Args:
         root: the folder the runs belong under.

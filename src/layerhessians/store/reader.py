@@ -27,14 +27,17 @@ class Run:
 
     @property
     def name(self) -> str:
+        """The run directory's name."""
         return self.path.name
 
     @property
     def model(self):
+        """The model name recorded in config.json (``None`` if absent)."""
         return self.config.get("model")
 
     @property
     def dataset(self):
+        """The dataset name recorded in config.json (``None`` if absent)."""
         return self.config.get("dataset")
 
     @property
@@ -46,6 +49,7 @@ class Run:
 
     @property
     def layers(self) -> list:
+        """The layer blocks' names (every block but ``"full"``), input to output."""
         return [b for b in self.blocks if b != FULL]
 
     @property

@@ -38,6 +38,8 @@ def read_table(path, columns, *, text_columns=("block",), nullable=(),
             ``nullable`` non-empty on every row (``epoch``/``vector`` integers).
         text_columns: columns read as strings.
         nullable: required columns that may be empty.
+        empty_columns: the columns of the empty frame returned for a missing or empty file
+            (default ``columns``).
 
     Returns:
         The table, with integer ``epoch`` (and ``vector``) columns.

@@ -1,5 +1,7 @@
-"""The run directory's public names in one place (kept for code written against the single
-module the store once was). Each lives in its own module:
+"""The run directory's public names in one place.
+
+Kept for code written against the single module the store once was. Each lives in its own
+module:
 
 - :mod:`~layerhessians.store.names`: the layout's file names, ``run_path``, ``safe_child``;
 - :mod:`~layerhessians.store.oserrors`: ``os_errors`` (OS errors as one line);

@@ -318,6 +318,7 @@ class RunStore:
         self._lock_fd = fd  # holder's PID is overwritten in place (padded with spaces)
 
     def close(self):
+        """Release the run's lock (the store can be opened again)."""
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -332,28 +333,34 @@ class RunStore:
     # -- state -------------------------------------------------------------------------
     @property
     def config(self) -> dict:
+        """The run's ``config.json``, read strictly."""
         return read_config(self.path / CONFIG)
 
     @property
     def checkpoint_path(self) -> Path:
+        """``RUN/checkpoints/last.pt``, the commit point."""
         return self.path / CHECKPOINTS / LAST_CHECKPOINT
 
     @property
     def log_path(self) -> Path:
+        """``RUN/logs/train.log``."""
         return self.path / "logs" / "train.log"
 
     @property
     def images(self) -> Path:
+        """``RUN/images``, the figures folder."""
         return self.path / "images"
 
     @property
     def metrics(self) -> pd.DataFrame:
+        """``metrics.csv`` as committed, read strictly (cached)."""
         if self._metrics is None:
             self._metrics = read_metrics(self.path / METRICS)
         return self._metrics
 
     @property
     def spectra(self) -> pd.DataFrame:
+        """``spectra.csv`` as committed, read strictly (cached)."""
         if self._spectra is None:
             self._spectra = read_spectra(self.path / SPECTRA)
         return self._spectra
