@@ -1,0 +1,347 @@
+"""Regenerate every figure and number the README shows, from runs of the current code.
+
+    python docs/make_figures.py            # both steps, 50-epoch real-MNIST run
+    python docs/make_figures.py --epochs 2 --skip-quick   # a smoke test
+
+Steps (each prints what it runs and where it writes; offline, CPU):
+
+1. the quick grid: ``layerhessians reproduce --quick --root runs/quick`` (LeNet on MNIST5k
+   and on Digits), whose match figures and each run's overview and layer-distance figures
+   are copied into ``docs/figures/``;
+2. the finding on real data: LeNet on MNIST5k with the seed's LeNet/MNIST hyperparameters
+   (``-lr 1e-2 -l2 0 -b 256 -o sgd``), the paper's 128 Lanczos steps, 10 examples per
+   class, spectra from initialisation on, exact layer spectra, 3 random vectors for the
+   full spectrum's spread, in ``runs/mnist5k-lenet`` (a complete run is reused, an
+   interrupted one resumed); then the match by the default metric and the paper's
+   (``--metric both``) into ``runs/mnist5k-lenet-match``; its figures are copied into
+   ``docs/figures/mnist5k_lenet_*``.
+
+Finally ``docs/figures/numbers.json`` gets every number the README quotes: each step's
+wall time with the thread count and load average, the verdicts per metric with their
+spread, the block-diagonal baseline and the final accuracies.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FIGURES = REPO / "docs" / "figures"
+QUICK_ROOT = Path("runs/quick")
+MNIST_RUN = Path("runs/mnist5k-lenet")
+MNIST_MATCH = Path("runs/mnist5k-lenet-match")
+#: the seed's LeNet/MNIST hyperparameters and the paper's spectra settings
+MNIST_FLAGS = ["-m", "LeNet", "-d", "MNIST5k", "-lr", "1e-2", "-l2", "0", "-b", "256",
+               "-o", "sgd", "--examples_per_class", "10", "--hessian-iterations", "128",
+               "--init-spectra", "--layer-spectra", "auto"]
+#: quick-grid run directories and the names their figures get in docs/figures
+QUICK_RUNS = {"model=LeNet,dataset=MNIST5k,quick": "lenet_mnist5k_quick",
+              "model=LeNet,dataset=Digits,quick": "lenet_digits"}
+RUN_FIGURES = ("overview_full", "layer_distances")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--skip-quick", action="store_true", help="skip step 1 (the quick grid)")
+    p.add_argument("--skip-mnist", action="store_true", help="skip step 2 (real MNIST)")
+    p.add_argument("--epochs", type=int, default=50,
+                   help="training epochs of the real-MNIST run (default 50; fewer for a "
+                        "smoke test)")
+    p.add_argument("--vectors", type=int, default=3,
+                   help="random start vectors of the full spectrum's SLQ in the real-MNIST "
+                        "run; their spread gives the distances' spread (default 3)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch (and BLAS) threads of every step (default 1)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the run directories of the steps that run first (runs/quick; "
+                        "runs/mnist5k-lenet, runs/mnist5k-lenet-match) instead of reusing them")
+    p.add_argument("--replicates", type=int, default=50,
+                   help="bootstrap draws behind each distance's spread and the verdicts "
+                        "(default 50: with exact layer spectra and 3 vectors a draw is one "
+                        "of 10 multisets of the full spectrum's vectors; the paper metric "
+                        "costs about 0.15 s per draw and epoch on one core)")
+    p.add_argument("--dpi", type=int, default=150, help="resolution of the PNGs (default 150)")
+    args = p.parse_args(argv)
+    if min(args.epochs, args.vectors, args.threads, args.replicates) < 1:
+        p.error("--epochs, --vectors, --threads and --replicates must be >= 1")
+    return args
+
+
+def load_average() -> list:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def clean(value):
+    """JSON-safe ``value``: NaN -> None, numpy scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Steps:
+    """Wall time, thread count and load average of each step, for numbers.json."""
+
+    def __init__(self, threads):
+        self.threads, self.records = threads, []
+
+    def run(self, name, function, command=None, status=None):
+        before = load_average()
+        print(f"\n== {name}" + (f"\n$ {command}" if command else ""), flush=True)
+        start = time.time()
+        result = function()
+        seconds = time.time() - start
+        self.records.append({"step": name, "command": command, "status": status,
+                             "seconds": round(seconds, 1),
+                             "threads": self.threads, "load_average_before": before,
+                             "load_average_after": load_average()})
+        print(f"== {name}: {seconds:.1f} s (load average before {before}, after "
+              f"{load_average()})", flush=True)
+        return result
+
+
+def call(argv, env):
+    rc = subprocess.call(argv, cwd=REPO, env=env)
+    if rc:
+        sys.exit(f"make_figures: `{' '.join(argv)}` failed (exit {rc}); run this script "
+                 "again to resume")
+
+
+def copy(src, name):
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    dst = FIGURES / name
+    shutil.copyfile(REPO / src, dst)
+    print(f"copied {src} -> {dst.relative_to(REPO)}", flush=True)
+    return str(dst.relative_to(REPO))
+
+
+def summary_rows(path) -> dict:
+    """``{metric: row}`` of a ``match_distros_summary.csv`` (one run)."""
+    import pandas as pd
+
+    frame = pd.read_csv(REPO / path, keep_default_na=True)
+    return {row["metric"]: clean(row.to_dict()) for _, row in frame.iterrows()}
+
+
+def run_numbers(run) -> dict:
+    """Accuracies and timings of a loaded run (its metrics.csv)."""
+    m = run.metrics
+    last = m.iloc[-1]
+    spectra = m["spectra_seconds"].dropna() if "spectra_seconds" in m else []
+    return clean({
+        "epochs": int(last["epoch"]), "final_test_acc": float(last["test_acc"]),
+        "final_test_loss": float(last["test_loss"]), "final_train_acc": float(last["train_acc"]),
+        "final_train_loss": float(last["train_loss"]),
+        "best_test_acc": float(m["test_acc"].max()),
+        "train_seconds_total": float(m["train_seconds"].sum()),
+        "spectra_seconds_total": float(sum(spectra)),
+        "spectra_seconds_median_per_epoch": float(spectra.median()) if len(spectra) else None,
+        "threads": run.config.get("threads"),
+    })
+
+
+def per_epoch_counts(distances, metric) -> dict:
+    """Per layer: at how many epochs it is closest, and significantly closest."""
+    from layerhessians.analysis import matching
+
+    rows = distances[distances["metric"] == metric]
+    verdicts = matching.epoch_verdicts(rows)
+    layers = rows.drop_duplicates("layer").sort_values("index")
+    out = {}
+    for _, layer in layers.iterrows():
+        mine = verdicts[verdicts["layer"] == layer["layer"]]
+        out[layer["layer"]] = {"depth": float(layer["depth"]), "share": float(layer["share"]),
+                               "closest_epochs": int(len(mine)),
+                               "significantly_closest_epochs": int(mine["significant"].sum())}
+    return clean({"epochs": int(len(verdicts)),
+                  "no_significant_layer_epochs": int((~verdicts["significant"]).sum()),
+                  "layers": out})
+
+
+def profiles(distances, summary, metric) -> list:
+    """Per layer: the distance summed over training and at the peak, with intervals."""
+    from layerhessians.analysis import matching
+
+    rows = distances[distances["metric"] == metric]
+    peak = summary[metric]["peak_epoch"]
+    summed = matching.profile(rows).set_index("layer")
+    at_peak = matching.profile(rows, peak).set_index("layer")
+    return clean([{"layer": layer, "depth": float(r["depth"]), "share": float(r["share"]),
+                   "summed": float(r["distance"]), "summed_low": float(r["low"]),
+                   "summed_high": float(r["high"]),
+                   "at_peak": float(at_peak.loc[layer, "distance"]),
+                   "at_peak_low": float(at_peak.loc[layer, "low"]),
+                   "at_peak_high": float(at_peak.loc[layer, "high"])}
+                  for layer, r in summed.iterrows()])
+
+
+def quick_step(args, steps, env, numbers):
+    from layerhessians.pipeline.grid import load_grid
+    from layerhessians.store.runs import load_run
+
+    cmd = ["layerhessians", "reproduce", "--quick", "--root", str(QUICK_ROOT),
+           "--threads", str(args.threads)]
+    complete = [r.run for r in load_grid("quick") if r.is_complete(REPO / QUICK_ROOT)]
+    status = ("trained" if not complete else
+              f"runs already complete, reused (only plot + match timed): {', '.join(complete)}")
+    steps.run("quick grid", lambda: call(cmd, env), " ".join(cmd), status)
+    figures = [copy(QUICK_ROOT / f"{name}.png", f"{name}.png")
+               for name in ("match_distros_wasserstein", "match_distros_peak")]
+    runs = {}
+    for run_dir, prefix in QUICK_RUNS.items():
+        path = QUICK_ROOT / run_dir
+        figures += [copy(path / "images" / f"{f}.png", f"{prefix}_{f}.png") for f in RUN_FIGURES]
+        runs[run_dir] = run_numbers(load_run(REPO / path))
+    summary = {}
+    import pandas as pd
+
+    frame = pd.read_csv(REPO / QUICK_ROOT / "match_distros_summary.csv")
+    for _, row in frame.iterrows():
+        summary.setdefault(row["run"], {})[row["metric"]] = clean(row.to_dict())
+    numbers["quick"] = {"command": " ".join(cmd), "root": str(QUICK_ROOT), "runs": runs,
+                        "match": summary, "figures": figures}
+
+
+def mnist_step(args, steps, env, numbers):
+    import torch
+
+    from layerhessians.analysis.report import make_figures, match_runs
+    from layerhessians.store.runs import RunStore, load_run
+
+    path = REPO / MNIST_RUN
+    done = RunStore(path).completed_epoch if path.is_dir() else None
+    if done is not None and done >= args.epochs:
+        status = f"complete (epoch {done}), reused"
+        print(f"\n== real MNIST: {MNIST_RUN} is {status}", flush=True)
+        cmd = None
+    else:
+        if done is None:
+            if path.exists():
+                shutil.rmtree(path)  # a run that never committed an epoch: start over
+            cmd = ["layerhessians", "train", *MNIST_FLAGS, "-n", str(args.epochs),
+                   "--hessian-vectors", str(args.vectors), "--threads", str(args.threads),
+                   "-r", str(MNIST_RUN), "--no-progress"]
+            status = "new"
+        else:
+            cmd = ["layerhessians", "train", "-r", str(MNIST_RUN), "--resume",
+                   "-n", str(args.epochs), "--no-progress"]
+            status = f"resumed after epoch {done}"
+        steps.run("real MNIST: train LeNet on MNIST5k", lambda: call(cmd, env),
+                  " ".join(cmd), status)
+    run = load_run(path)
+    if run.config.get("hessian", {}).get("vectors") != args.vectors:
+        print(f"note: {MNIST_RUN} has {run.config['hessian']['vectors']} vectors, not "
+              f"{args.vectors} (a reused run keeps its settings; --fresh starts over)")
+    torch.set_num_threads(args.threads)
+    epochs = list(range(1, args.epochs + 1))
+
+    def match():
+        return match_runs([run], metrics=("both",), out=REPO / MNIST_MATCH, epochs=epochs,
+                          dpi=args.dpi, replicates=args.replicates)
+
+    distances, summary_frame, written = steps.run(
+        "real MNIST: match (--metric both)", match,
+        f"layerhessians match {MNIST_RUN} --metric both --epochs 1-{args.epochs} "
+        f"--replicates {args.replicates} --out {MNIST_MATCH}")
+    for p in written:
+        print(f"saved: {Path(p).relative_to(REPO) if Path(p).is_absolute() else p}")
+    images = REPO / MNIST_MATCH / "images"
+
+    # the run's own figures by the default metric (the paper metric's per-epoch heat map
+    # would repeat the match's most expensive computation; its panel is in the match figure)
+    steps.run("real MNIST: per-run figures (w1-maxabs)",
+              lambda: make_figures(run, out=images, dpi=args.dpi, epochs=f"0-{args.epochs}",
+                                   replicates=args.replicates),
+              f"make_figures(load_run('{MNIST_RUN}'), epochs='0-{args.epochs}', "
+              f"replicates={args.replicates}) (= layerhessians plot, fewer draws)")
+    figures = [copy(MNIST_MATCH / f"{name}.png", f"mnist5k_lenet_{name}.png")
+               for name in ("match_distros_wasserstein", "match_distros_peak")]
+    rel = images.relative_to(REPO)
+    figures += [copy(rel / f"{name}.png", f"mnist5k_lenet_{name}.png")
+                for name in ("overview_full", "layer_distances", "best_match", "training_curves")]
+
+    summary = summary_rows(MNIST_MATCH / "match_distros_summary.csv")
+    numbers["mnist"] = {
+        "run": str(MNIST_RUN), "match": str(MNIST_MATCH),
+        "train_command": "layerhessians train " + " ".join(MNIST_FLAGS) + f" -n {args.epochs} "
+                         f"--hessian-vectors {args.vectors} --threads {args.threads} "
+                         f"-r {MNIST_RUN}",
+        "settings": clean({k: run.config.get(k) for k in (
+            "model", "dataset", "optimizer", "learning_rate", "weight_decay", "momentum",
+            "batch_size", "num_epochs", "examples_per_class", "seed", "threads")}
+            | {"hessian": run.config.get("hessian")}),
+        "training": run_numbers(run),
+        "replicates": args.replicates,
+        "verdicts": summary,
+        "profiles": {m: profiles(distances, summary, m) for m in summary},
+        "per_epoch": {m: per_epoch_counts(distances, m) for m in summary},
+        "figures": figures,
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.chdir(REPO)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    os.environ.update({k: env[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                           "MKL_NUM_THREADS")})
+    if shutil.which("layerhessians") is None:
+        sys.exit("make_figures: `layerhessians` is not on PATH; activate the environment "
+                 "(pip install -e .) first")
+    if args.fresh:  # only the folders of the steps that run
+        for p in ([] if args.skip_quick else [QUICK_ROOT]) + (
+                [] if args.skip_mnist else [MNIST_RUN, MNIST_MATCH]):
+            if (REPO / p).exists():
+                print(f"--fresh: removing {p}")
+                shutil.rmtree(REPO / p)
+    import torch
+
+    import layerhessians
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip())
+    numbers = {"command": "python docs/make_figures.py " + " ".join(sys.argv[1:] if argv is None
+                                                                      else argv),
+               "commit": commit, "src_modified": dirty,
+               "layerhessians": layerhessians.__version__, "torch": torch.__version__,
+               "python": platform.python_version(), "machine": platform.machine(),
+               "cpus": os.cpu_count(), "threads": args.threads,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    steps = Steps(args.threads)
+    numbers["steps"] = steps.records
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    out = FIGURES / "numbers.json"
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    for key, skip, step, prefix in (("quick", args.skip_quick, quick_step, "quick"),
+                                    ("mnist", args.skip_mnist, mnist_step, "real MNIST")):
+        if not skip:
+            step(args, steps, env, numbers)
+        elif key in old:  # kept from the last run that made them
+            numbers[key] = old[key]
+            steps.records += [r for r in old.get("steps", []) if r["step"].startswith(prefix)]
+    numbers["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    out.write_text(json.dumps(clean(numbers), indent=1) + "\n")
+    print(f"\nwrote {out.relative_to(REPO)}; figures in {FIGURES.relative_to(REPO)}/:")
+    for name in sorted(p.name for p in FIGURES.glob("*.png")):
+        print(f"  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
