@@ -279,3 +279,10 @@ def test_verdicts_from_a_summary():
         "(depth 0.50); at the peak epoch 3: #1 conv2.weight (depth 0.25) [wasserstein]"]
     assert verdicts(summary.assign(verdict="a tie")) == ["LeNet+MNIST5k [r]: a tie"]
     assert verdicts(None) == []
+    judged = summary.assign(best_verdict=["fc1.weight", "conv1.weight"], best_share=0.78,
+                            peak_verdict="no layer significantly closer",
+                            peak_runner_up="fc1.weight", peak_share=0.002)
+    assert verdicts(judged) == [
+        "LeNet+MNIST5k [r]: over training, #2 fc1.weight (depth 0.50, 78% of parameters) "
+        "significantly closest; at the peak epoch 3, no layer significantly closer (closest "
+        "#1 conv2.weight (depth 0.25, 0.2% of parameters), runner-up fc1.weight) [wasserstein]"]

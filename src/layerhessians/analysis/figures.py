@@ -260,8 +260,9 @@ def plot_distance_heatmap(matrix: pd.DataFrame, metric_label: str, peak=None,
                   ncol=3, frameon=False, fontsize=8)
         if ax_top is not None:
             for k, (label, (x, y, lo, hi)) in enumerate(curves.items()):
-                color = f"C{k + 1}"
-                ax_top.plot(x, y, color=color, marker="o", ms=2.5, lw=1.2, label=label)
+                color = f"C{k + 1}"  # solid first, then dashed: coinciding curves stay visible
+                ax_top.plot(x, y, color=color, marker="os^"[k % 3], ms=3.5 - k, lw=1.2,
+                            ls=("-", "--", ":")[k % 3], label=label)
                 lo, hi = np.asarray(lo, float), np.asarray(hi, float)
                 if np.isfinite(lo).any():
                     ax_top.fill_between(x, lo, hi, color=color, alpha=0.25, lw=0)

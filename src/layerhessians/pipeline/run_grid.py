@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from layerhessians.analysis.matching import NO_VERDICT
 from layerhessians.analysis.report import make_figures, match_runs
 from layerhessians.data import ensure_files, get_spec, is_present
 from layerhessians.errors import DatasetMissingError, UserError
@@ -62,10 +63,23 @@ def check_datasets(configs) -> None:
                               "datasets`)")
 
 
+def _significance(r, prefix: str) -> str:
+    """``"LAYER (depth D) significantly closest"`` or ``"no layer significantly closer
+    (closest LAYER, runner-up R)"`` from a summary row's ``prefix_*`` columns."""
+    layer = f"#{r[prefix + '_index']} {r[prefix + '_layer']} (depth {r[prefix + '_depth']:.2f}"
+    share = r.get(prefix + "_share")
+    layer += f", {100 * share:.2g}% of parameters)" if share == share and share else ")"
+    if r[prefix + "_verdict"] == NO_VERDICT:
+        return f"{NO_VERDICT} (closest {layer}, runner-up {r.get(prefix + '_runner_up')})"
+    return f"{layer} significantly closest"
+
+
 def verdicts(summary) -> list:
     """One line per run of a match summary (:func:`~layerhessians.analysis.report.match_runs`'s
-    ``summary``, its first metric): the verdict column where the summary has one, else the
-    layer whose spectrum is closest to the full spectrum over training and at the peak epoch."""
+    ``summary``, its first metric): whether a layer is significantly closer to the full
+    spectrum than every other over training and at the peak epoch (the ``*_verdict``
+    columns), else (summaries without verdicts) the closest layers; a ``verdict`` column,
+    where present, is printed as it is."""
     if summary is None or not len(summary):
         return []
     lines = []
@@ -77,6 +91,10 @@ def verdicts(summary) -> list:
             continue
         if not {"best_index", "best_layer", "best_depth"} <= set(rows.columns):
             lines.append(f"{label}: see match_distros_summary.csv")
+            continue
+        if {"best_verdict", "peak_verdict"} <= set(rows.columns):
+            lines.append(f"{label}: over training, {_significance(r, 'best')}; at the peak "
+                         f"epoch {r['peak_epoch']}, {_significance(r, 'peak')} [{r['metric']}]")
             continue
         text = (f"{label}: closest to the full spectrum over training: #{r['best_index']} "
                 f"{r['best_layer']} (depth {r['best_depth']:.2f})")
