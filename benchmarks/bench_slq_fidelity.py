@@ -200,14 +200,14 @@ def write(path: str, args, results: list) -> None:
 
 def per_block(result: dict) -> str:
     v = result["vectors"]
-    head = (f"{'state':8} {'block':22} {'dim':>9} {'rank':>5} {'top':>10} {'W1/span':>9} "
+    head = (f"{'state':8} {'block':28} {'dim':>9} {'rank':>5} {'top':>10} {'W1/span':>9} "
             f"{'top err':>8} {'tr err':>8}" + (f" {'W1 v' + str(v):>9} {'top v' + str(v):>8} "
                                                 f"{'tr v' + str(v):>8}" if v > 1 else ""))
     lines = [f"{result['model']}: {result['steps']} steps, reorth "
              f"{result['reorthogonalize']}, {result['hessian_examples']} examples", head]
     for entry in result["states"]:
         for r in entry["rows"]:
-            line = (f"{entry['state']:8} {r['block']:22} {r['dim']:9d} {r['rank']:5d} "
+            line = (f"{entry['state']:8} {r['block']:28} {r['dim']:9d} {r['rank']:5d} "
                     f"{r['exact_top']:10.3e} {r['w1_v1']:9.2e} {zero_baseline(r):8.1e} {r['top_v1']:8.1e} "
                     f"{r['trace_v1']:8.1e}")
             if v > 1:
@@ -215,7 +215,7 @@ def per_block(result: dict) -> str:
                          f"{r[f'trace_v{v}']:8.1e}")
             lines.append(line)
         for name, reason in entry["fallbacks"].items():
-            lines.append(f"{entry['state']:8} {name:22} not certified: {reason}")
+            lines.append(f"{entry['state']:8} {name:28} not certified: {reason}")
     return "\n".join(lines)
 
 
