@@ -1,4 +1,4 @@
-"""The spectra engine on its own: a LeNet at initialisation, the Digits Hessian subset.
+"""The spectra engine on its own: a LeNet at initialisation, the MNIST5k Hessian subset.
 
 Run: python examples/spectra_api.py (about 10 s on 2 CPU cores).
 """
@@ -7,7 +7,7 @@ import torch
 import layerhessians as lh
 from layerhessians.data import hessian_subset, load_dataset
 
-data = load_dataset("Digits")                                    # offline default
+data = load_dataset("MNIST5k")                                   # offline, real MNIST
 idx = hessian_subset(data.train_y, examples_per_class=10, seed=0)
 batch = (data.train_x[idx], data.train_y[idx])                   # 100 examples, [100, 1, 32, 32]
 torch.manual_seed(0)

@@ -195,6 +195,7 @@ def test_resume_without_a_run_is_refused(tmp_path, where):
     with pytest.raises(UserError, match="holds no run to resume.*drop --resume"):
         RunStore.create(run, CONFIG, resume=True)
     assert not (run / "config.json").exists()
+    assert run.exists() == (where == "empty")  # a refused --resume creates nothing
     with RunStore.create(run, CONFIG, resume="allow") as store:  # grids: continue or start
         assert store.completed_epoch is None
 

@@ -262,7 +262,7 @@ def test_grid_ends_with_the_figures_and_one_verdict_per_run(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].startswith("sweep: figures: ") and "match_distros_wasserstein.png" in lines[-3]
     for line, run in zip(lines[-2:], ("a", "b")):
-        assert line.startswith(f"sweep: LeNet+Digits [{run}]: closest to the full spectrum"), line
+        assert line.startswith(f"sweep: LeNet+Digits [{run}]: over training, "), line
     assert json.loads((tmp_path / "a" / "config.json").read_text())["threads"] == 1
 
 

@@ -59,6 +59,10 @@ class Parser(argparse.ArgumentParser):
 
     command_parser = None
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --hessian-iteration is a typo, not a prefix
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         """Raise argparse's complaint as a one-line :class:`UsageError` (never prints or exits).
 

@@ -133,6 +133,9 @@ class RunStore:
             if store.path.exists() and not store.path.is_dir():
                 raise UserError(f"run path {store.path} exists and is not a directory; "
                                 "choose another -r")
+            if resume is True and not store.path.exists():  # refuse before creating anything
+                raise UserError(f"{store.path} does not exist: it holds no run to resume; "
+                                "drop --resume to start a new run there")
             store.path.mkdir(parents=True, exist_ok=True)
         store._lock()
         try:
