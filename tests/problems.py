@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from layerhessians.curvature import Reduction
+
 CE = nn.CrossEntropyLoss()
 
 
@@ -97,3 +99,17 @@ PROBLEMS = {
 def rel_error(a, b):
     """``||a - b|| / ||b||`` (Frobenius)."""
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+class TwoIdenticalRanks(Reduction):
+    """Simulates two processes holding the same data: counts and sums double."""
+
+    def __init__(self):
+        self.sums = 0
+
+    def total_examples(self, count):
+        return 2 * count
+
+    def sum(self, tensor):
+        self.sums += 1
+        return tensor * 2

@@ -11,7 +11,6 @@ from torch import nn
 from layerhessians.curvature import (
     KINDS,
     EmpiricalFisherOperator,
-    Reduction,
     dense_matrix,
     hessian_operator,
     measure_graph_cost,
@@ -19,7 +18,7 @@ from layerhessians.curvature import (
 )
 from layerhessians.errors import UserError
 from layerhessians.spectra import layer_operators
-from problems import CE, PROBLEMS, rel_error
+from problems import CE, PROBLEMS, TwoIdenticalRanks, rel_error
 
 RTOL = 1e-10
 SIZES = (5, 3, 4)  # several unequal batches
@@ -81,17 +80,6 @@ def test_ef_rebuilt_graph_reduction_hook_and_float32():
     expected = empirical_fisher(model, CE, data)
     naive = hessian_operator(model, CE, data, kind="ef", reuse_graph=False)
     assert rel_error(dense_matrix(naive), expected) < RTOL
-
-    class TwoIdenticalRanks(Reduction):
-        def __init__(self):
-            self.sums = 0
-
-        def total_examples(self, count):
-            return 2 * count
-
-        def sum(self, tensor):
-            self.sums += 1
-            return tensor * 2
 
     reduction = TwoIdenticalRanks()
     op = hessian_operator(model, CE, data, kind="ef", reduction=reduction)

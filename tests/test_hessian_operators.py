@@ -5,14 +5,21 @@ import torch
 from torch import nn
 
 from layerhessians.curvature import (
-    Reduction,
     dense_matrix,
     hessian_operator,
     reference_matrix,
 )
 from layerhessians.errors import UserError
 from layerhessians.spectra import layer_operators
-from problems import CE, conv_data, mlp_data, rel_error, tiny_convnet, tiny_mlp
+from problems import (
+    CE,
+    TwoIdenticalRanks,
+    conv_data,
+    mlp_data,
+    rel_error,
+    tiny_convnet,
+    tiny_mlp,
+)
 
 RTOL = 1e-10
 
@@ -155,20 +162,6 @@ def test_parameters_must_not_change_while_graph_alive():
         op2.matvec(v)
         assert op2.graph.built is not None
     assert op2.graph.built is None
-
-
-class TwoIdenticalRanks(Reduction):
-    """Simulates two processes holding the same data: counts and sums double."""
-
-    def __init__(self):
-        self.sums = 0
-
-    def total_examples(self, count):
-        return 2 * count
-
-    def sum(self, tensor):
-        self.sums += 1
-        return tensor * 2
 
 
 def test_reduction_hook_routes_every_product():
