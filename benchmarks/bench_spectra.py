@@ -301,7 +301,7 @@ def bench_model(name, args, device, timer, log):
 
     # -- goal 3: full + layer spectra of one epoch vs the original method
     steps = args.steps
-    spectra_params = OrderedDict([("full", params)] + [(k, [p]) for k, p in blocks.items()])
+    spectra_params = OrderedDict([("full", params)] + [(k, ps) for k, ps in blocks.items()])
     if not big:
         def ours_epoch(reorthogonalize=True):
             spectra = layer_spectra(model, loss_fn, (x, y), iterations=steps,
@@ -331,7 +331,7 @@ def bench_model(name, args, device, timer, log):
         # Lanczos vector work at these sizes (measured with cheap diagonal operators);
         # setup = graph build + start vectors. Without re-orthogonalisation: its basis at
         # 128 steps would need 128 * 8 B * (dim + block dims), like the original.
-        dims = [dim] + [p.numel() for p in blocks.values()]
+        dims = [dim] + [sum(p.numel() for p in ps) for ps in blocks.values()]
         diagonals = [_Diagonal(n, device) for n in dims]
         starts = timer.once(lambda: [start_vector(n, 0, 0, str(i)) for i, n in enumerate(dims)])
         vectors = [start_vector(n, 0, 0, str(i)).to(device) for i, n in enumerate(dims)]
@@ -410,7 +410,7 @@ def bench_model(name, args, device, timer, log):
         goals=goals, epoch_steps=steps, epoch_method=epoch_note,
         density_steps=density_steps,
         reorth_basis_bytes_at_128_steps=int(PAPER_STEPS * 8 * (dim + sum(
-            p.numel() for p in blocks.values()))),
+            p.numel() for ps in blocks.values() for p in ps))),
     )
     return result
 
