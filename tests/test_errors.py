@@ -44,3 +44,18 @@ def test_config_choices():
 def test_cli_prints_the_suggestion(capsys):
     assert main(["train", "-m", "LeNett", "-n", "1"]) == 2
     assert "did you mean 'LeNet'" in capsys.readouterr().err
+
+
+def test_every_choice_check_shares_one_message_with_a_close_match():
+    import torch
+
+    from layerhessians.curvature import MatrixOperator
+    from layerhessians.errors import UserError, check_choice
+    from layerhessians.spectra import slq
+
+    with pytest.raises(UserError, match=r"^layer_method must be one of auto, exact, slq; "
+                                        r"got 'exat' \(did you mean 'exact'\?\)$"):
+        check_choice("exat", ("auto", "exact", "slq"), "layer_method")
+    with pytest.raises(UserError, match="distribution must be one of .*did you mean 'gaussian'"):
+        slq(MatrixOperator(torch.eye(3, dtype=torch.float64)), iterations=2,
+            distribution="gausian")

@@ -86,3 +86,22 @@ class SettingError(UserError):
         """The message with the ``"api"`` or ``"cli"`` spellings filled in."""
         index = {"api": 0, "cli": 1}[interface]
         return self.template.format(**{key: pair[index] for key, pair in self.names.items()})
+
+
+def check_choice(value, choices, what: str) -> None:
+    """Refuse ``value`` unless it is one of ``choices``: the one check behind every
+    ``"WHAT must be one of ...; got VALUE"`` message, with a close match where one exists.
+
+    Args:
+        value: what was given.
+        choices: the valid values, in listing order.
+        what: the setting's name (an argument or option).
+
+    Raises:
+        UserError: ``value`` is not one of ``choices``.
+    """
+    if value not in choices:
+        close = suggest(value, choices) if isinstance(value, str) else []
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise UserError(f"{what} must be one of {', '.join(map(str, choices))}; "
+                        f"got {value!r}{hint}")

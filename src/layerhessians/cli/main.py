@@ -9,13 +9,12 @@ an operating-system error (a path that cannot be created, read or written).
 """
 
 import argparse
-import difflib
 import re
 import sys
 from importlib import import_module
 
 from layerhessians import __version__
-from layerhessians.errors import SettingError, UserError
+from layerhessians.errors import SettingError, UserError, suggest
 
 COMMANDS = ("train", "plot", "match", "reproduce", "sweep", "datasets")
 
@@ -25,8 +24,9 @@ class UsageError(UserError):
 
 
 def did_you_mean(word: str, options) -> str:
-    """``" (did you mean X?)"`` for the option closest to ``word``, or ``""``."""
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    """``" (did you mean X?)"`` for the option closest to ``word`` (:func:`suggest`), or
+    ``""``."""
+    close = suggest(word, options)
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from layerhessians.errors import UserError
+from layerhessians.errors import UserError, check_choice
 
 __all__ = ["BLOCK_TYPES", "FULL", "LAYER_TYPES", "block_dims", "layer_blocks", "select_blocks"]
 
@@ -194,8 +194,7 @@ def select_blocks(model: nn.Module, by: str | None = None, *, types=None, patter
         if len(given) > 1:
             raise UserError(f"pass only one of types, patterns, mapping (got {', '.join(given)})")
         by = given[0] if given else "layer"
-    if by not in BY:
-        raise UserError(f"by must be one of {', '.join(BY)}; got {by!r}")
+    check_choice(by, BY, "by")
     unused = [k for k in given if k != by]
     if unused:
         raise UserError(f"by={by!r} does not use the {unused[0]} argument; drop it or pass "

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from layerhessians.curvature.graph import as_batches, resolve_params
-from layerhessians.errors import UserError
+from layerhessians.errors import UserError, check_choice
 
 __all__ = [
     "GRAM_METHODS",
@@ -263,8 +263,7 @@ class LayerFactors:
     def gram(self, method: str | None = None) -> Tensor:
         """``V^T V`` [N K, N K] in the model's dtype, by ``method`` (default :meth:`method`)."""
         method = self.method() if method is None else method
-        if method not in GRAM_METHODS:
-            raise UserError(f"method must be one of {', '.join(GRAM_METHODS)}; got {method!r}")
+        check_choice(method, GRAM_METHODS, "method")
         g = self.sensitivities
         n, k, o, p = g.shape
         nk = n * k

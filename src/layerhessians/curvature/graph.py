@@ -68,7 +68,7 @@ from layerhessians.curvature.conv_double_backward import (
     CONV_DOUBLE_BACKWARDS,
     conv_double_backward,
 )
-from layerhessians.errors import UserError
+from layerhessians.errors import UserError, check_choice  # noqa: F401  (re-exported)
 from layerhessians.vocabulary import BN_MODES
 
 if TYPE_CHECKING:  # annotations only
@@ -186,12 +186,6 @@ LOCAL = Reduction()
 
 
 # ----------------------------------------------------------------------------- input checks
-
-
-def check_choice(value, choices, what: str) -> None:
-    """Raise :class:`UserError` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise UserError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def as_batches(data, pairs: bool = True) -> list:

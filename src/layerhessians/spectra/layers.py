@@ -26,7 +26,7 @@ from layerhessians.curvature.memory import (
 from layerhessians.curvature.memory import (
     memory_budget as budget_bytes,
 )
-from layerhessians.errors import UserError
+from layerhessians.errors import UserError, check_choice
 from layerhessians.spectra.exact_layers import exact_blocks
 from layerhessians.spectra.slq import slq_many
 from layerhessians.vocabulary import (
@@ -183,9 +183,7 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
         UserError: bad arguments, or ``layer_method="exact"`` with a block that is not
             certified or does not fit the memory budget.
     """
-    if layer_method not in LAYER_METHODS:
-        raise UserError(f"layer_method must be one of {', '.join(LAYER_METHODS)}; "
-                        f"got {layer_method!r}")
+    check_choice(layer_method, LAYER_METHODS, "layer_method")
     exact, fallbacks, probed = OrderedDict(), {}, {}
     mapping = _layer_mapping(model, layers)
     if layer_method == "exact" and reduction is not None:

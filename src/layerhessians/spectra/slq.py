@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from layerhessians.errors import UserError
+from layerhessians.errors import check_choice
 from layerhessians.spectra.lanczos import check_count, lanczos
 from layerhessians.spectra.measure import SpectralMeasure
 from layerhessians.vocabulary import (
@@ -39,9 +39,7 @@ def start_vector(dim: int, seed: int = 0, vector: int = 0, block: str = FULL,
     block's vectors do not depend on which other blocks are computed), then moved to
     ``device``. Rademacher entries are +-1, Gaussian N(0, 1); ``normalize`` scales to unit norm.
     """
-    if distribution not in DISTRIBUTIONS:
-        raise UserError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}; "
-                        f"got {distribution!r}")
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
     key = hashlib.sha256(f"{int(seed)}/{int(vector)}/{block}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
     if distribution == "rademacher":
@@ -73,9 +71,7 @@ def slq_many(operators: Sequence, names: Sequence[str], iterations: int = DEFAUL
     iterations = check_count(iterations, "iterations")
     vectors = check_count(vectors, "vectors")
     check_count(seed, "seed", minimum=0)
-    if distribution not in DISTRIBUTIONS:
-        raise UserError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}; "
-                        f"got {distribution!r}")
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
     nodes = [[] for _ in operators]
     weights = [[] for _ in operators]
     for index in range(vectors):

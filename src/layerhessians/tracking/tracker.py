@@ -35,7 +35,7 @@ from torch import nn
 
 from layerhessians import __version__
 from layerhessians.curvature.blocks import layer_blocks, select_blocks
-from layerhessians.errors import UserError
+from layerhessians.errors import UserError, check_choice
 from layerhessians.spectra import layer_spectra
 from layerhessians.store.checkpoints import save_torch
 from layerhessians.store.consistency import TRACKER_SOURCE, VOLATILE_KEYS, config_differences
@@ -226,8 +226,7 @@ class SpectraTracker:
         for value, name, choices in ((distribution, "distribution", DISTRIBUTIONS),
                                      (kind, "kind", KINDS), (bn_mode, "bn_mode", BN_MODES),
                                      (unit, "unit", UNITS)):
-            if value not in choices:
-                raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+            check_choice(value, choices, name)
         for value, name in ((iterations, "iterations"), (vectors, "vectors")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive integer; got {value!r}")
