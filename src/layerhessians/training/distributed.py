@@ -344,6 +344,8 @@ def process_group(backend: str | None = "auto", device="cpu"):
     try:
         yield Context(rank=rank, world_size=world, local_rank=local_rank,
                       local_world_size=local_world, backend=dist.get_backend(), device=device)
+        if owner:  # a normal end: no rank tears down while another still talks to it
+            dist.barrier()  # (without it, gloo aborted rank 1 at exit in ~40% of runs)
     finally:
         if owner and dist.is_initialized():
             dist.destroy_process_group()
