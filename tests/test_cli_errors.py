@@ -58,9 +58,9 @@ def test_bases_over_the_budget_are_refused_before_training_with_cli_flags(tmp_pa
 def test_bases_over_free_memory_are_refused_before_training(tmp_path, capsys, monkeypatch,
                                                              no_training):
     """The VGG11_bn case (53.7 GiB of bases) on a machine with little free memory."""
-    from layerhessians.training import spectra_hook
+    from layerhessians.spectra import plan
 
-    monkeypatch.setattr(spectra_hook, "free_memory", lambda device: 2**20)
+    monkeypatch.setattr(plan, "free_memory", lambda device: 2**20)
     rc = main(["train", "-r", str(tmp_path / "run"), *FAST[:-2],
                "--hessian-reorthogonalize", "full"])
     assert rc == 2

@@ -32,16 +32,15 @@ from layerhessians import load_run
 from layerhessians.cli.main import main
 from layerhessians.curvature import (
     GraphCost,
-    choose_reorthogonalize,
     hessian_operator,
     measure_graph_cost,
-    plan_memory,
     split_batches,
 )
-from layerhessians.curvature.memory import basis_bytes, parse_budget, plan_micro_batches
+from layerhessians.curvature.memory import parse_budget, plan_micro_batches
 from layerhessians.data import TensorData, hessian_subset
 from layerhessians.errors import UserError
 from layerhessians.spectra import lanczos, layer_operators, layer_spectra, start_vector
+from layerhessians.spectra.plan import basis_bytes, choose_reorthogonalize, plan_memory
 from layerhessians.training.config import HessianConfig, TrainConfig
 from layerhessians.training.distributed import (
     SINGLE,

@@ -17,7 +17,6 @@ from layerhessians.curvature import (
     Reduction,
     dense_matrix,
     hessian_operator,
-    plan_memory,
     reference_matrix,
 )
 from layerhessians.curvature.graph import (
@@ -36,6 +35,7 @@ from layerhessians.spectra import (
     top_eigenvalues,
 )
 from layerhessians.spectra.lanczos import check_symmetric, symmetry_defects
+from layerhessians.spectra.plan import plan_memory
 from problems import CE, mlp_data, rel_error, tiny_mlp
 
 RTOL = 1e-10

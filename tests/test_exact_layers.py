@@ -18,9 +18,8 @@ from layerhessians.spectra.exact_layers import (
     exact_ggn_spectrum,
     exact_layer_spectra,
     gram_measure,
-    relative_w1,
-    slq_fidelity,
 )
+from layerhessians.spectra.fidelity import relative_w1, slq_fidelity
 
 CE = nn.CrossEntropyLoss()
 ZOO = zoo()

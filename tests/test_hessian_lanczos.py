@@ -129,7 +129,7 @@ def test_bad_arguments():
 def test_basis_too_big_for_memory_is_refused(monkeypatch):
     import importlib
 
-    memory_module = importlib.import_module("layerhessians.curvature.memory")
+    memory_module = importlib.import_module("layerhessians.spectra.plan")
 
     op = MatrixOperator(torch.eye(50, dtype=torch.float64))
     monkeypatch.setattr(memory_module, "available_memory", lambda device: 1000)

@@ -3,6 +3,7 @@
 
 import json
 from collections import OrderedDict
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ from layerhessians.models import build_model
 from layerhessians.pipeline.grid import load_grid
 from layerhessians.pipeline.run_grid import verdicts
 from layerhessians.spectra import layer_spectra
-from layerhessians.spectra.exact_layers import relative_w1
+from layerhessians.spectra.fidelity import relative_w1
 from layerhessians.store.runs import read_spectra
 from layerhessians.training import train
 from layerhessians.training.config import HessianConfig, TrainConfig, apply_flags
@@ -80,7 +81,9 @@ def test_exact_refused_before_training_where_not_certified():
     assert err.value.spelled("cli").startswith("--layer-spectra exact cannot treat")
 
     setup = _tanh_setup("auto")
-    assert plan_layer_methods(setup) == {"0.weight": "slq", "2.weight": "exact"}
+    layers = plan_layer_methods(setup)  # a frozen plan, kept beside the settings
+    setup = replace(setup, layers=layers)
+    assert layers.methods == {"0.weight": "slq", "2.weight": "exact"}
     assert set(setup.fallbacks) == {"0.weight"} and setup.certificates["2.weight"].certified
     spectra = compute_spectra(setup, epoch=1, disable_progress=True)
     assert spectra.methods == {"full": "slq", "0.weight": "slq", "2.weight": "exact"}

@@ -14,6 +14,12 @@ KINDS = ("hessian", "ggn", "residual", "ef")
 BN_MODES = ("eval", "train")
 #: distributions of the random start vectors of Lanczos / SLQ
 DISTRIBUTIONS = ("gaussian", "rademacher")
+#: how the layer blocks' spectra are computed (``--layer-spectra``, ``layer_method=``)
+LAYER_METHODS = ("auto", "exact", "slq")
+#: Lanczos re-orthogonalisation as the CLI spells it, and what each word means in the API
+REORTHOGONALIZE = {"auto": "auto", "full": True, "none": False}
+#: how a loss reduces over the examples of a batch
+LOSS_REDUCTIONS = ("mean", "sum")
 #: the paper's start vectors (API and CLI default)
 DEFAULT_DISTRIBUTION = "gaussian"
 #: Lanczos steps per random vector and random vectors per spectrum (the paper's setting)

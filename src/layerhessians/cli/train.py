@@ -18,14 +18,20 @@ from pathlib import Path
 
 from layerhessians.errors import UserError
 from layerhessians.training.config import (
-    HESSIAN_KINDS,
     IGNORED_FLAGS,
-    LAYER_METHODS,
     HessianConfig,
     TrainConfig,
     apply_flags,
 )
-from layerhessians.vocabulary import BACKENDS, BN_MODES, DEVICE_CHOICES, DISTRIBUTIONS
+from layerhessians.vocabulary import (
+    BACKENDS,
+    BN_MODES,
+    DEVICE_CHOICES,
+    DISTRIBUTIONS,
+    KINDS,
+    LAYER_METHODS,
+    REORTHOGONALIZE,
+)
 
 HELP = "train a network, measuring full and layer-wise Hessian spectra after every epoch"
 RUNS_ROOT = "runs"  # default parent of run directories (when -r is not given)
@@ -129,8 +135,9 @@ def add_arguments(parser):
               f"(default {h.iterations})")
     _add(hg, "--hessian-vectors", type=int, metavar="V",
          help=f"random start vectors (default {h.vectors})")
-    _add(hg, "--hessian-kind", choices=HESSIAN_KINDS,
-         help=f"the Hessian, its Gauss-Newton part or the residual (default {h.kind})")
+    _add(hg, "--hessian-kind", choices=KINDS,
+         help="the Hessian, its Gauss-Newton part (ggn), the residual H - G or the "
+              f"empirical Fisher (ef) (default {h.kind})")
     _add(hg, "--hessian-bn-mode", choices=BN_MODES,
          help="batch norm with running statistics (eval) or the subset's batch statistics "
               f"(train) (default {h.bn_mode})")
@@ -145,7 +152,7 @@ def add_arguments(parser):
          metavar="N|all",
          help="size of the fixed Hessian set, class-balanced as far as possible, or 'all' "
               "(the training set); replaces --examples_per_class")
-    _add(hg, "--hessian-reorthogonalize", choices=("auto", "full", "none"),
+    _add(hg, "--hessian-reorthogonalize", choices=tuple(REORTHOGONALIZE),
          help="Lanczos re-orthogonalisation: full, none (the original), or auto: full when "
               "the bases fit half the memory budget (default auto; config.json records "
               "the choice)")

@@ -11,7 +11,8 @@ first-order graph; dense float64 references, memory planning and layer blocks.
 - :func:`layer_blocks`: the weight of every Conv2d/Linear, the paper's "layers";
   :func:`select_blocks`: blocks by module type, name pattern or mapping (leaf parameters)
 - :func:`math_attention`: the twice-differentiable attention path of every engine forward
-- :func:`plan_memory` -> :class:`MemoryPlan`, :func:`split_batches`
+- :func:`measure_graph_cost`, :func:`memory_budget`, :func:`split_batches` (the memory
+  plan of a spectra computation is :func:`layerhessians.spectra.plan.plan_memory`)
 """
 
 from layerhessians.curvature.attention import math_attention
@@ -51,11 +52,8 @@ from layerhessians.curvature.kinds import (
 from layerhessians.curvature.matrix import MatrixOperator
 from layerhessians.curvature.memory import (
     GraphCost,
-    MemoryPlan,
-    choose_reorthogonalize,
     measure_graph_cost,
     memory_budget,
-    plan_memory,
     split_batches,
 )
 from layerhessians.curvature.residual import ResidualOperator
@@ -80,12 +78,10 @@ __all__ = [
     "HessianOperator",
     "LinearCombination",
     "MatrixOperator",
-    "MemoryPlan",
     "Reduction",
     "ResidualOperator",
     "SymmetricOperator",
     "block_dims",
-    "choose_reorthogonalize",
     "curvature_graph",
     "dense_matrix",
     "hessian_operator",
@@ -94,7 +90,6 @@ __all__ = [
     "math_attention",
     "measure_graph_cost",
     "memory_budget",
-    "plan_memory",
     "reference_matrix",
     "select_blocks",
     "split_batches",

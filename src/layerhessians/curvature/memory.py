@@ -1,22 +1,18 @@
-"""Memory planning for the spectra engine: one budget in bytes shared by the Lanczos bases
-and the first-order graphs.
+"""Memory of the curvature engine: budgets in bytes and the first-order graphs' share.
 
-- :func:`parse_budget` / :func:`memory_budget`: ``"8GB"``, ``"512MiB"``, ``"40%"`` (of the
-  free memory) or ``None``/``"auto"`` (the default: 80% of a GPU's free memory, 50% of the
-  host's, divided among the processes sharing it) -> bytes.
-- :func:`basis_bytes` (the one formula for the Lanczos bases: ``min(steps, dim) x dim x 8``
-  bytes per concurrent recurrence), :func:`choose_reorthogonalize` (``reorthogonalize="auto"``
-  is full re-orthogonalisation when the bases take at most :data:`BASIS_SHARE` of the budget,
-  else none, the original method's behaviour, with a logged warning) and
-  :func:`check_basis_fits` (a requested basis larger than :data:`BASIS_REFUSE_SHARE` of the
-  free memory is refused).
+- :func:`~layerhessians.settings.parse_budget` (re-exported) / :func:`memory_budget`:
+  ``"8GB"``, ``"512MiB"``, ``"40%"`` (of the free memory) or ``None``/``"auto"`` (the
+  default: 80% of a GPU's free memory, 50% of the host's, divided among the processes
+  sharing it) -> bytes.
 - :func:`measure_graph_cost`: the bytes a kept first-order graph costs, per example and per
   batch, measured by building one small graph with ``saved_tensors_hooks``.
-- :func:`plan_micro_batches` / :func:`plan_memory`: the micro-batch size and whether the
-  graphs of all micro-batches are kept (``reuse_graph``) or rebuilt for every product
-  (same numbers; a Lanczos step then builds each micro-batch's graph once for the full
-  operator and all layer blocks together, not once per operator), so that the peak fits
-  the budget.
+- :func:`plan_micro_batches`: the micro-batch size and whether the graphs of all
+  micro-batches are kept (``reuse_graph``) or rebuilt for every product (same numbers; a
+  Lanczos step then builds each micro-batch's graph once for the full operator and all layer
+  blocks together, not once per operator), so that the peak fits the budget.
+
+The Lanczos bases and the plan of a whole spectra computation are spectra concepts:
+:mod:`layerhessians.spectra.plan`.
 
 Micro-batching never changes the operator (products are sums over examples), except for a
 batch-dependent model (batch norm using batch statistics, or a layer that mixes examples:
@@ -26,60 +22,40 @@ batch-dependent model (batch norm using batch statistics, or a layer that mixes 
 
 from __future__ import annotations
 
-import logging
 import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from layerhessians.curvature.graph import (
     PER_EXAMPLE_GRADIENTS,
-    as_batches,
     batch_coupling,
     resolve_params,
 )
 from layerhessians.curvature.kinds import curvature_graph
 from layerhessians.errors import UserError
+from layerhessians.settings import parse_budget
 
 __all__ = [
-    "BASIS_REFUSE_SHARE",
-    "BASIS_SHARE",
     "GraphCost",
-    "MemoryPlan",
-    "basis_bytes",
     "available_memory",
-    "basis_warning",
-    "check_basis_fits",
-    "choose_reorthogonalize",
     "default_budget",
     "format_bytes",
     "free_memory",
     "measure_graph_cost",
     "memory_budget",
     "parse_budget",
-    "plan_memory",
     "plan_micro_batches",
     "split_batches",
     "splitting_changes_operator",
 ]
 
-log = logging.getLogger("layerhessians.spectra")
-
 #: default budget: this fraction of the free memory of a GPU / of the host
 GPU_FRACTION, HOST_FRACTION = 0.8, 0.5
-#: the Lanczos bases may take at most this share of the budget; the graphs get the rest
-BASIS_SHARE = 0.5
-#: bases asked for explicitly are refused above this share of the free memory
-BASIS_REFUSE_SHARE = 0.9
 #: examples in the graph built to measure the cost per example
 PROBE_EXAMPLES = 8
-
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z%]*)\s*$", re.IGNORECASE)
 
 
 def format_bytes(size: float | None) -> str:
@@ -90,38 +66,6 @@ def format_bytes(size: float | None) -> str:
         if abs(size) >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{int(size)} B"
-
-
-def parse_budget(value) -> tuple[str, float] | None:
-    """``None`` for ``None``/``"auto"``, ``("bytes", n)`` or ``("fraction", f)``.
-
-    Accepted: an integer or float (bytes), ``"NUMBER UNIT"`` with UNIT in B, KB, MB, GB, TB
-    (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), and ``"P%"`` (a percentage of
-    the free memory, 0 < P <= 100). Anything else raises :class:`UserError`.
-    """
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        return None
-    if isinstance(value, bool):
-        raise UserError(f"memory budget must be a size such as 8GB, 512MiB or 40%, got {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), "b"
-    else:
-        match = _BUDGET.match(str(value))
-        if not match:
-            raise UserError(f"memory budget {value!r} is not a size: write e.g. 8GB, 512MiB, "
-                            "40% (of the free memory) or auto")
-        number, unit = float(match.group(1)), match.group(2).lower() or "b"
-    if unit == "%":
-        if not 0 < number <= 100:
-            raise UserError(f"memory budget {value!r}: a percentage must be in (0, 100]")
-        return ("fraction", number / 100)
-    if unit not in _UNITS:
-        raise UserError(f"memory budget {value!r}: unknown unit {unit!r}; use B, KB, MB, GB, "
-                        "TB, KiB, MiB, GiB, TiB or %")
-    size = number * _UNITS[unit]
-    if not math.isfinite(size) or size < 1:
-        raise UserError(f"memory budget {value!r} must be at least 1 byte")
-    return ("bytes", float(size))
 
 
 _CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
@@ -196,69 +140,6 @@ def memory_budget(budget=None, device="cpu", sharing: int = 1) -> int | None:
         return int(amount)
     free = free_memory(device)
     return None if free is None else int(amount * free / max(1, int(sharing)))
-
-
-# ----------------------------------------------------------------------------- Lanczos bases
-def basis_bytes(dims: Sequence[int], iterations: int) -> int:
-    """Bytes of the float64 Lanczos bases of concurrent recurrences on operators of
-    dimensions ``dims``: ``sum_d min(iterations, d) * d * 8``."""
-    return int(sum(min(int(iterations), int(d)) * int(d) * 8 for d in dims))
-
-
-def check_basis_fits(operators: Sequence, iterations: int) -> None:
-    """Refuse Lanczos bases (:func:`basis_bytes` of the operators on each device) larger than
-    :data:`BASIS_REFUSE_SHARE` of that device's free memory (:func:`available_memory`).
-
-    Raises:
-        UserError: the bases do not fit; the message says to pass reorthogonalize=False or
-            fewer iterations.
-    """
-    dims_on = {}
-    for op in operators:
-        device = torch.device(getattr(op, "device", "cpu"))
-        dims_on.setdefault(device, []).append(int(op.dim))
-    for device, dims in dims_on.items():
-        size = basis_bytes(dims, iterations)
-        free = available_memory(device)
-        if free is not None and size > BASIS_REFUSE_SHARE * free:
-            raise UserError(
-                f"full re-orthogonalisation needs {size / 2**30:.1f} GiB for the Lanczos "
-                f"bases (steps x parameters x 8 bytes) but {device} has {free / 2**30:.1f} "
-                "GiB free: pass reorthogonalize=False or fewer iterations"
-            )
-
-
-def _reorthogonalize_value(value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    raise UserError(f"reorthogonalize must be True, False or 'auto'; got {value!r}")
-
-
-def basis_warning(dims: Sequence[int], iterations: int, budget: int | None) -> str:
-    """The message logged when ``"auto"`` turns re-orthogonalisation off."""
-    return (f"full re-orthogonalisation would need {format_bytes(basis_bytes(dims, iterations))} "
-            f"for the Lanczos bases ({iterations} steps x {sum(int(d) for d in dims):,} "
-            f"parameters x 8 bytes), more than {round(100 * BASIS_SHARE)}% of the memory "
-            f"budget {format_bytes(budget)}: running without it (the original method; ghost "
-            "copies of converged eigenvalues may appear); raise --memory-budget or lower "
-            "--hessian-iterations to keep it")
-
-
-def choose_reorthogonalize(requested, dims: Sequence[int], iterations: int,
-                           budget: int | None, warn: bool = True) -> bool:
-    """Resolve ``reorthogonalize``: ``True``/``False`` as given; ``"auto"``: ``True`` when
-    :func:`basis_bytes` ``<= BASIS_SHARE * budget`` (or the budget is unknown), else
-    ``False`` with a logged warning if ``warn`` (the recurrences then keep two vectors each)."""
-    requested = _reorthogonalize_value(requested)
-    if requested != "auto":
-        return requested
-    if budget is None or basis_bytes(dims, iterations) <= BASIS_SHARE * budget:
-        return True
-    if warn:
-        log.warning(basis_warning(dims, iterations, budget))
-    return False
 
 
 # ----------------------------------------------------------------------------- graphs
@@ -431,93 +312,3 @@ def plan_micro_batches(sizes: Sequence[int], cost: GraphCost, budget: int | None
             reuse = False if reuse_graph == "auto" else reuse_graph
     peak = _reuse_peak(sizes, micro, cost) if reuse else _recompute_peak(sizes, micro, cost)
     return int(micro), bool(reuse), int(peak)
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """How one spectra computation uses memory (all sizes in bytes, per process).
-
-    ``budget``: for bases and graphs (``None``: unknown, unlimited); ``reorthogonalize`` and
-    ``basis_bytes`` (0 without re-orthogonalisation); ``micro_batch_size`` (examples per
-    graph) and ``reuse_graph``; ``graph_bytes``: the expected peak of the graphs;
-    ``cost``: the measured :class:`GraphCost`; ``examples``: local examples; ``fits``:
-    whether bases + graphs fit the budget (when not, the smallest plan is used anyway).
-    """
-
-    budget: int | None
-    reorthogonalize: bool
-    basis_bytes: int
-    micro_batch_size: int
-    reuse_graph: bool
-    graph_bytes: int
-    cost: GraphCost
-    examples: int
-    fits: bool = True
-    notes: tuple = field(default=())
-
-    def summary(self) -> str:
-        """One line for the log: the budget, the Lanczos bases, the micro-batches and the graphs."""
-        graphs = ("kept for all products" if self.reuse_graph else "rebuilt for every product")
-        return (f"memory budget {format_bytes(self.budget)}: Lanczos "
-                f"{'full re-orthogonalisation' if self.reorthogonalize else 'without re-orthogonalisation'}"
-                f" ({format_bytes(self.basis_bytes)} of bases); {self.examples} Hessian "
-                f"examples in micro-batches of {self.micro_batch_size}, graphs {graphs} "
-                f"(~{format_bytes(self.graph_bytes)})")
-
-
-def plan_memory(model: nn.Module, loss_fn, data, *, dims: Sequence[int], iterations: int,
-                kind: str = "hessian", bn_mode: str = "eval", reorthogonalize="auto",
-                micro_batch_size: int | None = None, reuse_graph="auto", budget=None,
-                sharing: int = 1, cost: GraphCost | None = None,
-                warn: bool = True) -> MemoryPlan:
-    """Plan one spectra computation on ``data`` (this process's part).
-
-    Args:
-        model: the network (left unchanged; its device decides the default budget).
-        loss_fn: batch mean or sum of per-example losses, as in
-            :func:`~layerhessians.curvature.kinds.hessian_operator`.
-        data: an ``(inputs, targets)`` pair or an iterable of pairs (this process's part).
-        dims: dimensions of the operators run concurrently (full and blocks).
-        iterations: Lanczos steps (0: no bases, e.g. for products alone).
-        kind: the curvature kind (``"hessian"``, ``"ggn"``, ...) whose graph is measured.
-        bn_mode: ``"eval"`` (running statistics, default) or ``"train"`` (batch statistics).
-        reorthogonalize: ``True``, ``False`` or ``"auto"`` (:func:`choose_reorthogonalize`).
-        micro_batch_size: examples per graph, or ``None`` to choose.
-        reuse_graph: ``True``, ``False`` or ``"auto"``.
-        budget: bytes (int) or a value for :func:`memory_budget` (``None``: the default).
-        sharing: processes sharing the device's memory (for the default and percentages).
-        cost: a known :class:`GraphCost` (else measured on the first batch).
-        warn: log the notes (re-orthogonalisation off, budget exceeded) as warnings.
-
-    Returns:
-        The :class:`MemoryPlan` (budget and sizes in bytes; ``fits=False`` when even the
-        smallest plan exceeds the budget: it is tried anyway).
-    """
-    pairs = as_batches(data)
-    device = next(model.parameters()).device
-    budget = budget if isinstance(budget, int) and not isinstance(budget, bool) \
-        else memory_budget(budget, device, sharing)
-    notes = []
-    reorth = choose_reorthogonalize(reorthogonalize, dims, iterations, budget, warn=False) \
-        if iterations else False
-    if iterations and _reorthogonalize_value(reorthogonalize) == "auto" and not reorth:
-        notes.append(basis_warning(dims, iterations, budget))
-    bases = basis_bytes(dims, iterations) if reorth else 0
-    if cost is None:
-        x, y = pairs[0]
-        cost = measure_graph_cost(model, loss_fn, x, y, kind, bn_mode)
-    sizes = [int(x.shape[0]) for x, _ in pairs]
-    graph_budget = None if budget is None else max(0, budget - bases)
-    splittable = not splitting_changes_operator(model, bn_mode, pairs[0][0])
-    micro, reuse, peak = plan_micro_batches(sizes, cost, graph_budget, micro_batch_size,
-                                            reuse_graph, splittable)
-    fits = graph_budget is None or peak <= graph_budget
-    if not fits:
-        notes.append(f"the smallest plan needs ~{format_bytes(peak + bases)}, more than the "
-                     f"memory budget {format_bytes(budget)}; trying anyway")
-    if warn:
-        for note in notes:
-            log.warning("spectra: %s", note)
-    return MemoryPlan(budget=budget, reorthogonalize=bool(reorth), basis_bytes=int(bases),
-                      micro_batch_size=micro, reuse_graph=reuse, graph_bytes=peak, cost=cost,
-                      examples=sum(sizes), fits=fits, notes=tuple(notes))

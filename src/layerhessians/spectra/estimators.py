@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from layerhessians.curvature.graph import NonFiniteError
-from layerhessians.curvature.memory import check_basis_fits
 from layerhessians.errors import UserError
 from layerhessians.spectra.lanczos import check_count, check_symmetric
+from layerhessians.spectra.plan import check_basis_fits
 from layerhessians.spectra.slq import start_vector
 from layerhessians.vocabulary import FULL
 

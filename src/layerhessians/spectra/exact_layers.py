@@ -1,5 +1,5 @@
 """Exact layer-block spectra by the Gram route, the exact full-GGN spectrum of small
-problems, and SLQ's error against them.
+problems (SLQ's error against them: :mod:`~layerhessians.spectra.fidelity`).
 
 A certified layer block (:mod:`~layerhessians.curvature.certify`) has ``H_WW = V V^T``
 (:mod:`~layerhessians.curvature.gram`): its nonzero eigenvalues are those of the
@@ -16,10 +16,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
-import pandas as pd
 import scipy.linalg
 import torch
-from scipy.stats import wasserstein_distance
 from torch import nn
 
 from layerhessians.curvature.blocks import layer_blocks
@@ -35,8 +33,6 @@ __all__ = [
     "exact_layer_spectra",
     "gram_measure",
     "layer_measure",
-    "relative_w1",
-    "slq_fidelity",
 ]
 
 
@@ -182,49 +178,6 @@ def exact_ggn_spectrum(model: nn.Module, loss_fn, data, micro_batch_size: int | 
     if values.size > dim:  # more columns than parameters: keep the dim largest
         values = np.sort(values)[-dim:]
     return gram_measure(values, dim)
-
-
-def relative_w1(measure: SpectralMeasure, reference: SpectralMeasure) -> float:
-    """1-Wasserstein distance between two measures, divided by the reference's span
-    (``max - min`` of its nodes; 1 if they coincide)."""
-    low, high = reference.support
-    span = high - low if high > low else 1.0
-    return float(wasserstein_distance(measure.nodes, reference.nodes, measure.weights,
-                                      reference.weights)) / span
-
-
-def slq_fidelity(model: nn.Module, loss_fn, data, iterations: int = 128, vectors: int = 1,
-                 seed: int = 0, layers=True, **slq_options) -> pd.DataFrame:
-    """SLQ's error on every certified layer block, against its exact spectrum.
-
-    Runs :func:`exact_layer_spectra` (blocks that are not certified are skipped) and
-    :func:`~layerhessians.spectra.layers.layer_spectra` with ``layer_method="slq"`` on the
-    same blocks.
-
-    Returns:
-        DataFrame with columns ``block``, ``dim``, ``w1_relative`` (:func:`relative_w1` of
-        SLQ against exact), ``exact_top``, ``slq_top``, ``exact_trace``, ``slq_trace``.
-    """
-    from layerhessians.spectra.layers import layer_spectra  # layers imports this module
-
-    blocks = block_parameters(model, layer_blocks(model) if layers is True else layers)
-    factors = gram_factors(model, loss_fn, data, blocks)
-    certificates = certify_blocks(model, loss_fn, data, blocks, factors)
-    certified = OrderedDict((n, blocks[n]) for n, c in certificates.items() if c.certified)
-    rows = []
-    if certified:
-        slq_measures = layer_spectra(model, loss_fn, data, iterations=iterations,
-                                     vectors=vectors, seed=seed, layers=certified,
-                                     layer_method="slq", **slq_options)
-        for name in certified:
-            exact = layer_measure(factors[name])
-            approx = slq_measures[name]
-            rows.append({"block": name, "dim": exact.dim,
-                         "w1_relative": relative_w1(approx, exact),
-                         "exact_top": exact.support[1], "slq_top": approx.support[1],
-                         "exact_trace": exact.trace(), "slq_trace": approx.trace()})
-    return pd.DataFrame(rows, columns=["block", "dim", "w1_relative", "exact_top", "slq_top",
-                                       "exact_trace", "slq_trace"])
 
 
 def exact_blocks(model: nn.Module, loss_fn, data, mapping, kind: str = "hessian",

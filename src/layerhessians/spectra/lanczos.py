@@ -18,7 +18,7 @@ eigenvalues; it stores the
 basis: ``steps * dim * 8`` bytes per concurrent run (LeNet, 128 steps: 63 MB; ResNet18:
 11.4 GB; VGG11_bn: 29 GB; twice that for full + layer spectra), so switch it off or use
 fewer steps for big models; a run whose bases exceed 90% of the free memory is refused with
-a :class:`UserError` saying so (:func:`~layerhessians.curvature.memory.check_basis_fits`). ``reorthogonalize=False`` keeps two
+a :class:`UserError` saying so (:func:`~layerhessians.spectra.plan.check_basis_fits`). ``reorthogonalize=False`` keeps two
 vectors (``O(dim)`` memory), like the original method. A run stops early on breakdown
 (``beta <= breakdown_rtol * ||T||``: the Krylov space is invariant and the quadrature is
 exact) and never takes more than ``dim`` steps.
@@ -44,9 +44,9 @@ import torch
 from torch import Tensor
 
 from layerhessians.curvature.graph import NonFiniteError
-from layerhessians.curvature.memory import check_basis_fits
 from layerhessians.errors import UserError
 from layerhessians.progress import Progress
+from layerhessians.spectra.plan import check_basis_fits
 
 __all__ = ["BREAKDOWN_RTOL", "SYMMETRY_RTOL", "LanczosRecurrence", "LanczosRun", "check_count",
            "check_symmetric", "lanczos", "symmetry_defects", "tridiagonal_eigh"]

@@ -18,27 +18,22 @@ from layerhessians.curvature.graph import (
     resolve_params,
 )
 from layerhessians.curvature.kinds import curvature_graph, kind_class
-from layerhessians.curvature.memory import (
-    choose_reorthogonalize,
-    plan_memory,
-    split_batches,
-)
-from layerhessians.curvature.memory import (
-    memory_budget as budget_bytes,
-)
-from layerhessians.errors import UserError, check_choice
+from layerhessians.curvature.memory import memory_budget as budget_bytes
+from layerhessians.curvature.memory import split_batches
+from layerhessians.errors import UserError
+from layerhessians.settings import SpectraSettings
 from layerhessians.spectra.exact_layers import exact_blocks
-from layerhessians.spectra.slq import slq_many
+from layerhessians.spectra.plan import MemoryPlan, choose_reorthogonalize, plan_memory
+from layerhessians.spectra.slq import run_slq
 from layerhessians.vocabulary import (
     DEFAULT_DISTRIBUTION,
     DEFAULT_ITERATIONS,
     DEFAULT_VECTORS,
+    LAYER_METHODS,
 )
 
 __all__ = ["LAYER_METHODS", "LayerSpectra", "layer_operators", "layer_spectra",
-           "operator_dims"]
-
-LAYER_METHODS = ("auto", "exact", "slq")
+           "measure_layer_spectra", "operator_dims"]
 log = logging.getLogger("layerhessians.spectra")
 
 
@@ -148,7 +143,7 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
             ``iterations * 8`` bytes per parameter, twice the model size in all
             (full + blocks); ``False`` keeps ``O(dim)``; ``"auto"``: full when the bases fit
             half the memory budget, else none with a logged warning
-            (:func:`~layerhessians.curvature.memory.choose_reorthogonalize`).
+            (:func:`~layerhessians.spectra.plan.choose_reorthogonalize`).
         layers: ``True`` (every Conv2d/Linear weight), ``False`` (full spectrum only) or a
             ``{name: parameter(s)}`` mapping.
         progress: progress over the Lanczos steps (a bar on a terminal, else log lines).
@@ -180,32 +175,63 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
         parameters, buffers and modes are left unchanged.
 
     Raises:
-        UserError: bad arguments, or ``layer_method="exact"`` with a block that is not
-            certified or does not fit the memory budget.
+        SettingError: a bad setting (checked once, by
+            :class:`~layerhessians.settings.SpectraSettings`).
+        UserError: ``layer_method="exact"`` with a block that is not certified or does not
+            fit the memory budget.
     """
-    check_choice(layer_method, LAYER_METHODS, "layer_method")
+    settings = SpectraSettings(
+        iterations=iterations, vectors=vectors, seed=seed, distribution=distribution,
+        reorthogonalize=reorthogonalize, kind=kind, bn_mode=bn_mode, layer_method=layer_method,
+        micro_batch_size=micro_batch_size, reuse_graph=reuse_graph, memory_budget=memory_budget,
+        loss_reduction=loss_reduction, check_symmetry=check_symmetry)
+    return measure_layer_spectra(model, loss_fn, data, settings, layers=layers,
+                                 progress=progress, reduction=reduction,
+                                 certificates=certificates)
+
+
+def measure_layer_spectra(model: nn.Module, loss_fn, data, settings: SpectraSettings, *,
+                          layers=True, progress: bool = False,
+                          reduction: Reduction | None = None, certificates=None,
+                          plan: MemoryPlan | None = None) -> LayerSpectra:
+    """:func:`layer_spectra` with its settings as one object (validated when it was made):
+    ``model``, ``loss_fn``, ``data``, ``layers``, ``progress``, ``reduction`` and
+    ``certificates`` as there; ``settings`` a :class:`~layerhessians.settings.SpectraSettings`;
+    ``plan`` a :class:`~layerhessians.spectra.plan.MemoryPlan` made for these settings (its
+    micro-batch size, graph reuse and re-orthogonalisation are used) or ``None`` (planned here
+    where a setting is ``"auto"``).
+
+    Returns:
+        :class:`LayerSpectra`, as :func:`layer_spectra`.
+
+    Raises:
+        UserError: ``layer_method="exact"`` where the exact route cannot run.
+    """
+    method = settings.layer_method
     exact, fallbacks, probed = OrderedDict(), {}, {}
     mapping = _layer_mapping(model, layers)
-    if layer_method == "exact" and reduction is not None:
+    if method == "exact" and reduction is not None:
         raise UserError("layer_method='exact' runs on one process: use 'auto' or 'slq' in a "
                         "distributed run")
-    if layer_method == "exact" and (loss_reduction != "mean" or isinstance(loss_fn, BatchLoss)):
+    batch_loss = isinstance(loss_fn, BatchLoss)
+    if method == "exact" and (settings.loss_reduction != "mean" or batch_loss):
         raise UserError("layer_method='exact' needs loss_fn(outputs, targets) with "
                         "loss_reduction='mean': use 'auto' or 'slq'")
-    if layer_method != "slq" and mapping and reduction is None and loss_reduction == "mean" \
-            and not isinstance(loss_fn, BatchLoss):
+    slq_blocks = mapping
+    if method != "slq" and mapping and reduction is None and settings.loss_reduction == "mean" \
+            and not batch_loss:
         data = as_batches(data)  # used twice
+        micro = settings.micro_batch_size if plan is None else plan.micro_batch_size
         exact, fallbacks, probed = exact_blocks(
-            model, loss_fn, data, mapping, kind, bn_mode, reduction, micro_batch_size,
-            memory_budget, seed, certificates, strict=layer_method == "exact")
+            model, loss_fn, data, mapping, kind=settings.kind, bn_mode=settings.bn_mode,
+            micro_batch_size=micro, memory_budget=settings.memory_budget, seed=settings.seed,
+            certificates=certificates, strict=method == "exact")
         if fallbacks:
             log.warning("layer spectra: SLQ instead of the exact route for %d block(s): %s",
                         len(fallbacks), "; ".join(f"{n}: {r}" for n, r in fallbacks.items()))
-        layers = OrderedDict((n, p) for n, p in mapping.items() if n not in exact)
-    slq_measures = _slq_layer_spectra(
-        model, loss_fn, data, iterations, vectors, seed, distribution, reorthogonalize, kind,
-        bn_mode, layers, progress, reduction, micro_batch_size, reuse_graph, memory_budget,
-        loss_reduction, check_symmetry)
+        slq_blocks = OrderedDict((n, p) for n, p in mapping.items() if n not in exact)
+    slq_measures = _slq_route(model, loss_fn, data, settings, slq_blocks, progress, reduction,
+                              plan)
     result = LayerSpectra()
     for name in [FULL, *mapping]:
         measure = exact[name] if name in exact else slq_measures[name]
@@ -217,39 +243,41 @@ def layer_spectra(model: nn.Module, loss_fn, data, iterations: int = DEFAULT_ITE
     return result
 
 
-def _slq_layer_spectra(model, loss_fn, data, iterations, vectors, seed, distribution,
-                       reorthogonalize, kind, bn_mode, layers, progress, reduction,
-                       micro_batch_size, reuse_graph, memory_budget, loss_reduction,
-                       check_symmetry):
-    """The SLQ route of :func:`layer_spectra` (full spectrum plus ``layers``)."""
-    if isinstance(loss_fn, BatchLoss) and (micro_batch_size is not None or
-                                           "auto" in (micro_batch_size, reuse_graph)):
+def _slq_route(model, loss_fn, data, settings: SpectraSettings, blocks, progress, reduction,
+               plan: MemoryPlan | None):
+    """The SLQ route of :func:`measure_layer_spectra` (full spectrum plus ``blocks``)."""
+    micro, reuse, reorthogonalize = \
+        settings.micro_batch_size, settings.reuse_graph, settings.reorthogonalize
+    if plan is not None:
+        micro, reuse, reorthogonalize = \
+            plan.micro_batch_size, plan.reuse_graph, plan.reorthogonalize
+    if isinstance(loss_fn, BatchLoss) and (micro is not None or "auto" in (micro, reuse)):
         raise UserError("with a BatchLoss the engine cannot cut or measure the batches: pass "
                         "micro_batch_size=None and reuse_graph=True or False (make the "
                         "batches smaller yourself)")
-    if "auto" in (micro_batch_size, reuse_graph):
+    dims = list(operator_dims(model, blocks).values())
+    if "auto" in (micro, reuse):
         data = as_batches(data)
-        if micro_batch_size is None:  # keep the batches as given
-            micro_batch_size = max(int(x.shape[0]) for x, _ in data)
-        plan = plan_memory(model, loss_fn, data, dims=list(operator_dims(model, layers).values()),
-                           iterations=iterations, kind=kind, bn_mode=bn_mode,
+        if micro is None:  # keep the batches as given
+            micro = max(int(x.shape[0]) for x, _ in data)
+        plan = plan_memory(model, loss_fn, data, dims=dims, iterations=settings.iterations,
+                           kind=settings.kind, bn_mode=settings.bn_mode,
                            reorthogonalize=reorthogonalize,
-                           micro_batch_size=None if micro_batch_size == "auto" else micro_batch_size,
-                           reuse_graph=reuse_graph, budget=memory_budget)
-        reorthogonalize, micro_batch_size, reuse_graph = \
-            plan.reorthogonalize, plan.micro_batch_size, plan.reuse_graph
+                           micro_batch_size=None if micro == "auto" else micro,
+                           reuse_graph=reuse, budget=settings.memory_budget)
+        micro, reuse, reorthogonalize = \
+            plan.micro_batch_size, plan.reuse_graph, plan.reorthogonalize
     elif isinstance(reorthogonalize, str):
         device = next(model.parameters()).device
-        reorthogonalize = choose_reorthogonalize(
-            reorthogonalize, list(operator_dims(model, layers).values()), iterations,
-            budget_bytes(memory_budget, device))
-    if micro_batch_size is not None:
-        data = split_batches(as_batches(data), micro_batch_size, model, bn_mode)
-    operators = layer_operators(model, loss_fn, data, kind, bn_mode, layers, reuse_graph,
-                                reduction, loss_reduction=loss_reduction)
+        reorthogonalize = choose_reorthogonalize(reorthogonalize, dims, settings.iterations,
+                                                 budget_bytes(settings.memory_budget, device))
+    if micro is not None:
+        data = split_batches(as_batches(data), micro, model, settings.bn_mode)
+    operators = layer_operators(model, loss_fn, data, settings.kind, settings.bn_mode, blocks,
+                                reuse, reduction, loss_reduction=settings.loss_reduction)
     try:
-        measures = slq_many(list(operators.values()), list(operators), iterations, vectors,
-                            seed, distribution, reorthogonalize, progress, check_symmetry)
+        measures = run_slq(list(operators.values()), list(operators), settings,
+                           reorthogonalize, progress)
     finally:
         operators[FULL].release()
     return OrderedDict(zip(operators, measures))

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from layerhessians.errors import check_choice
-from layerhessians.spectra.lanczos import check_count, lanczos
+from layerhessians.settings import SpectraSettings
+from layerhessians.spectra.lanczos import lanczos
 from layerhessians.spectra.measure import SpectralMeasure
 from layerhessians.vocabulary import (
     DEFAULT_DISTRIBUTION,
@@ -26,8 +27,7 @@ from layerhessians.vocabulary import (
     FULL,
 )
 
-__all__ = ["DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "slq", "slq_many", "start_vector"]
-
+__all__ = ["DEFAULT_DISTRIBUTION", "DISTRIBUTIONS", "run_slq", "slq", "slq_many", "start_vector"]
 
 
 def start_vector(dim: int, seed: int = 0, vector: int = 0, block: str = FULL,
@@ -65,21 +65,43 @@ def slq_many(operators: Sequence, names: Sequence[str], iterations: int = DEFAUL
     Returns one :class:`SpectralMeasure` per operator, in order.
 
     Raises:
-        UserError: bad arguments, or a non-symmetric operator.
+        SettingError: a bad setting (:class:`~layerhessians.settings.SpectraSettings`).
+        UserError: a non-symmetric operator.
         NonFiniteError: a product with NaN or infinite entries (names operator and step).
     """
-    iterations = check_count(iterations, "iterations")
-    vectors = check_count(vectors, "vectors")
-    check_count(seed, "seed", minimum=0)
-    check_choice(distribution, DISTRIBUTIONS, "distribution")
+    settings = SpectraSettings(iterations=iterations, vectors=vectors, seed=seed,
+                               distribution=distribution, reorthogonalize=reorthogonalize,
+                               check_symmetry=check_symmetry)
+    return run_slq(operators, names, settings, progress=progress)
+
+
+def run_slq(operators: Sequence, names: Sequence[str], settings: SpectraSettings,
+            reorthogonalize=None, progress: bool = False) -> list[SpectralMeasure]:
+    """:func:`slq_many` with its settings as one object (validated when it was made):
+    ``settings.iterations``, ``vectors``, ``seed``, ``distribution``, ``check_symmetry``;
+    ``reorthogonalize`` (a bool) overrides ``settings.reorthogonalize``, whose ``"auto"``
+    is resolved here against the default memory budget
+    (:func:`~layerhessians.spectra.plan.choose_reorthogonalize`)."""
+    if reorthogonalize is None:
+        reorthogonalize = settings.reorthogonalize
+    if isinstance(reorthogonalize, str):
+        from layerhessians.curvature.memory import memory_budget
+        from layerhessians.spectra.plan import choose_reorthogonalize
+
+        device = getattr(operators[0], "device", "cpu") if operators else "cpu"
+        reorthogonalize = choose_reorthogonalize(
+            reorthogonalize, [int(op.dim) for op in operators], settings.iterations,
+            memory_budget(settings.memory_budget, device))
+    vectors = settings.vectors
     nodes = [[] for _ in operators]
     weights = [[] for _ in operators]
     for index in range(vectors):
-        starts = [start_vector(op.dim, seed, index, name, distribution) for op, name in
-                  zip(operators, names)]
+        starts = [start_vector(op.dim, settings.seed, index, name, settings.distribution)
+                  for op, name in zip(operators, names)]
         desc = f"SLQ vector {index + 1}/{vectors}"
-        runs = lanczos(operators, starts, iterations, reorthogonalize, progress=progress,
-                       description=desc, check_symmetry=check_symmetry and index == 0)
+        runs = lanczos(operators, starts, settings.iterations, reorthogonalize,
+                       progress=progress, description=desc,
+                       check_symmetry=settings.check_symmetry and index == 0)
         for k, run in enumerate(runs):
             node, weight = run.quadrature()
             nodes[k].append(node)

@@ -19,7 +19,6 @@ again with ``resume=True`` the record continues after its last committed update.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import platform
 import socket
@@ -36,7 +35,8 @@ from torch import nn
 from layerhessians import __version__
 from layerhessians.curvature.blocks import layer_blocks, select_blocks
 from layerhessians.errors import UserError, check_choice
-from layerhessians.spectra import layer_spectra
+from layerhessians.settings import SpectraSettings
+from layerhessians.spectra import measure_layer_spectra
 from layerhessians.store.checkpoints import save_torch
 from layerhessians.store.consistency import TRACKER_SOURCE, VOLATILE_KEYS, config_differences
 from layerhessians.store.names import CHECKPOINTS, CONFIG, METRICS
@@ -46,13 +46,10 @@ from layerhessians.store.writer import RunStore
 from layerhessians.tracking.scalars import full_scalars, spectra_scalars
 from layerhessians.training.seeding import derive_seed
 from layerhessians.vocabulary import (
-    BN_MODES,
     DEFAULT_DISTRIBUTION,
     DEFAULT_ITERATIONS,
     DEFAULT_VECTORS,
-    DISTRIBUTIONS,
     FULL,
-    KINDS,
 )
 
 __all__ = ["SpectraTracker", "UNITS"]
@@ -67,9 +64,12 @@ RESUME_IGNORES = VOLATILE_KEYS | {"threads", "reuse_graph", "micro_batch_size", 
 #: the tracker's state of an earlier update, written to rewind the record to it
 #: (``RUN/checkpoints/``; removed once the store's rewind has finished)
 REWIND_SOURCE = "rewind.pt"
-#: layer_spectra arguments the tracker sets itself
-_OWN_ARGUMENTS = {"model", "loss_fn", "data", "layers", "seed", "progress", "iterations",
-                  "vectors", "distribution", "kind", "bn_mode"}
+#: layer_spectra arguments that are objects of the run, not settings (not recorded)
+_RUNTIME = ("reduction", "certificates")
+#: the keyword options: every SpectraSettings field the signature does not name, and those
+_OPTIONS = (set(SpectraSettings.field_names()) - {"iterations", "vectors", "seed",
+                                                   "distribution", "kind", "bn_mode"}) \
+    | set(_RUNTIME)
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -223,18 +223,16 @@ class SpectraTracker:
                  progress: bool = False, **options):
         if not isinstance(model, nn.Module):
             raise UserError("model must be a torch.nn.Module")
-        for value, name, choices in ((distribution, "distribution", DISTRIBUTIONS),
-                                     (kind, "kind", KINDS), (bn_mode, "bn_mode", BN_MODES),
-                                     (unit, "unit", UNITS)):
-            check_choice(value, choices, name)
-        for value, name in ((iterations, "iterations"), (vectors, "vectors")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be a positive integer; got {value!r}")
-        accepted = set(inspect.signature(layer_spectra).parameters) - _OWN_ARGUMENTS
-        unknown = sorted(set(options) - accepted)
+        check_choice(unit, UNITS, "unit")
+        unknown = sorted(set(options) - _OPTIONS)
         if unknown:
             raise UserError(f"unknown spectra option(s) {', '.join(unknown)}; accepted: "
-                            f"{', '.join(sorted(accepted))}")
+                            f"{', '.join(sorted(_OPTIONS))}")
+        runtime = {k: options[k] for k in _RUNTIME if k in options}
+        self.spectra = SpectraSettings(
+            iterations=iterations, vectors=vectors, seed=seed, distribution=distribution,
+            kind=kind, bn_mode=bn_mode,
+            **{k: v for k, v in options.items() if k not in _RUNTIME})
         if not callable(loss_fn):
             raise UserError("loss_fn must be callable: loss_fn(model(inputs), targets)")
         loggers = [loggers] if callable(loggers) else list(loggers)
@@ -243,10 +241,11 @@ class SpectraTracker:
                 raise UserError("every logger must be callable: hook(index, scalars, spectra)")
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.loggers = loggers
-        self.unit, self.seed, self.progress = unit, int(seed), progress
+        self.unit, self.seed, self.progress = unit, self.spectra.seed, progress
+        self._runtime = runtime
         self.settings = {"iterations": iterations, "vectors": vectors,
                          "distribution": distribution, "kind": kind, "bn_mode": bn_mode,
-                         **options}
+                         **{k: v for k, v in options.items() if k not in _RUNTIME}}
         self.block_names = _parameter_names(model, blocks)
         self._device_data = (None, None)
         self.store = None
@@ -337,9 +336,10 @@ class SpectraTracker:
         Returns:
             ``OrderedDict`` ``{"full": SpectralMeasure, block: SpectralMeasure, ...}``.
         """
-        return layer_spectra(self.model, self.loss_fn, self._data(),
-                             layers=self.blocks() or False, seed=self.seed_for(index),
-                             progress=self.progress, **self.settings)
+        return measure_layer_spectra(self.model, self.loss_fn, self._data(),
+                                     self.spectra.with_seed(self.seed_for(index)),
+                                     layers=self.blocks() or False, progress=self.progress,
+                                     **self._runtime)
 
     def update(self, epoch: int | None = None, *, step: int | None = None,
                metrics: dict | None = None) -> "OrderedDict":

@@ -17,18 +17,15 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 
-from layerhessians.errors import UserError, unknown_name
+from layerhessians.errors import SettingError, UserError, unknown_name
+from layerhessians.settings import SETTINGS, SpectraSettings
 from layerhessians.vocabulary import (
     BACKENDS,
-    BN_MODES,
     DEFAULT_DISTRIBUTION,
     DEFAULT_ITERATIONS,
     DEFAULT_VECTORS,
-    DISTRIBUTIONS,
 )
-from layerhessians.vocabulary import KINDS as HESSIAN_KINDS
 
-LAYER_METHODS = ("auto", "exact", "slq")  # as spectra.layers.LAYER_METHODS (no torch import)
 #: the values of :class:`HessianConfig` fields added later, for runs recorded before them
 #: (their layer spectra were all SLQ)
 LEGACY_HESSIAN = {"layer_method": "slq", "validate_layers": False}
@@ -63,16 +60,6 @@ def _choice(label, value, choices):
     return by_lower[key]
 
 
-def _reorthogonalize(value):
-    if isinstance(value, bool):
-        return value
-    choices = {"auto": "auto", "full": True, "true": True, "none": False, "false": False}
-    key = value.strip().lower() if isinstance(value, str) else None
-    if key not in choices:
-        raise UserError(f"--hessian-reorthogonalize must be auto, full or none, got {value!r}")
-    return choices[key]
-
-
 def _hessian_total(value):
     if value is None:
         return None
@@ -86,19 +73,24 @@ def _hessian_total(value):
     return int(value)
 
 
-def _budget(value):
-    from layerhessians.curvature.memory import parse_budget
-
-    if value is None:
-        return None
-    parse_budget(value)  # raises UserError with the accepted forms
-    return value if isinstance(value, (int, float)) else str(value).strip()
-
-
 def _bool(label, value):
     if not isinstance(value, bool):
         raise UserError(f"{label} must be true or false, got {value!r}")
     return value
+
+
+def _spectra(values: dict) -> SpectraSettings:
+    """The :class:`SpectraSettings` of ``values``; a refusal names the CLI flag (the
+    trainer's settings are spelled as ``layerhessians train``'s)."""
+    try:
+        return SpectraSettings(**values)
+    except SettingError as err:
+        raise UserError(err.spelled("cli")) from None
+
+
+#: :class:`HessianConfig` fields that are :class:`SpectraSettings` fields (from the table)
+SPECTRA_FIELDS = tuple(row.field for row in SETTINGS.values()
+                       if row.config == f"hessian.{row.field}")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -136,26 +128,24 @@ class HessianConfig:
     layer_method: str = "auto"
     validate_layers: bool = False
 
-    def validated(self) -> "HessianConfig":
-        """A copy with every value checked (and ``reorthogonalize`` canonicalised).
+    def validated(self, settings: SpectraSettings | None = None) -> "HessianConfig":
+        """A copy with every value checked and canonicalised (``"GGN"`` -> ``"ggn"``,
+        ``"none"`` -> ``False``): the spectra's by :class:`SpectraSettings` (``settings``
+        when the caller made them already), the schedule's here.
 
         Raises:
             UserError: a value of the wrong type or out of range, or an unknown choice (named by
                 its ``layerhessians train`` option where it has one).
         """
+        if settings is None:
+            settings = _spectra({name: getattr(self, name) for name in SPECTRA_FIELDS})
         return replace(
             self,
-            iterations=_int("--hessian-iterations", self.iterations, minimum=2),
-            vectors=_int("--hessian-vectors", self.vectors),
-            kind=_choice("--hessian-kind", self.kind, HESSIAN_KINDS),
-            bn_mode=_choice("--hessian-bn-mode", self.bn_mode, BN_MODES),
+            **{name: getattr(settings, name) for name in SPECTRA_FIELDS},
             every=_int("--hessian-every", self.every),
             layers=_bool("layers", self.layers),
             init=_bool("--init-spectra", self.init),
-            distribution=_choice("hessian distribution", self.distribution, DISTRIBUTIONS),
-            reorthogonalize=_reorthogonalize(self.reorthogonalize),
             subset_seed=_int("hessian subset seed", self.subset_seed, minimum=0),
-            layer_method=_choice("--layer-spectra", self.layer_method, LAYER_METHODS),
             validate_layers=_bool("--validate-layer-spectra", self.validate_layers),
         )
 
@@ -221,7 +211,8 @@ class TrainConfig:
     hessian: HessianConfig = field(default_factory=HessianConfig)
 
     def validated(self) -> "TrainConfig":
-        """A copy with names canonicalised and every value checked (:class:`UserError`)."""
+        """A copy with names canonicalised and every value checked (:class:`UserError`); the
+        spectra's settings are made (and so checked) once, kept for :meth:`spectra_settings`."""
         from layerhessians.data.registry import get_spec
         from layerhessians.models import canonical_model_name
 
@@ -233,7 +224,10 @@ class TrainConfig:
         hessian = self.hessian
         if isinstance(hessian, dict):
             hessian = HessianConfig(**{k: v for k, v in hessian.items() if k in _names(HessianConfig)})
-        return replace(
+        seed = _int("--seed", self.seed, minimum=0)
+        spectra = _settings_of(replace(self, seed=seed, hessian=hessian),
+                               self.__dict__.get("_spectra"))
+        config = replace(
             self,
             model=canonical_model_name(self.model),
             dataset=get_spec(self.dataset).name,
@@ -246,7 +240,7 @@ class TrainConfig:
             milestones=sorted(_int("--milestones", m) for m in milestones),
             step_gamma=_real("--step_gamma", self.step_gamma, strict=True),
             augment=_bool("--augment", self.augment),
-            seed=_int("--seed", self.seed, minimum=0),
+            seed=seed,
             examples_per_class=_int("--examples_per_class", self.examples_per_class),
             loss=_choice("loss", self.loss, LOSSES),
             dataset_root=str(self.dataset_root),
@@ -256,14 +250,26 @@ class TrainConfig:
             export_legacy=_bool("--export-legacy", self.export_legacy),
             workers=_int("--workers", self.workers, minimum=0),
             hessian_total=_hessian_total(self.hessian_total),
-            hessian_batch_size=_int("--hessian-batch-size", self.hessian_batch_size,
-                                    allow_none=True),
-            memory_budget=_budget(self.memory_budget),
+            hessian_batch_size=None if spectra.micro_batch_size == "auto"
+            else spectra.micro_batch_size,
+            memory_budget=spectra.memory_budget,
             dist_backend=_choice("--dist-backend", self.dist_backend, BACKENDS),
             sync_bn=_bool("--sync-bn", self.sync_bn),
             threads=_int("--threads", self.threads, allow_none=True),
-            hessian=hessian.validated(),
+            hessian=hessian.validated(spectra),
         )
+        object.__setattr__(config, "_spectra", spectra)  # not a field: made from the fields
+        return config
+
+    def spectra_settings(self) -> SpectraSettings:
+        """The run's :class:`SpectraSettings` (through :data:`~layerhessians.settings.SETTINGS`;
+        the seed is the run's base seed, each epoch derives its own). Those made by
+        :meth:`validated` are returned as they are.
+
+        Raises:
+            UserError: a bad setting (named by its ``layerhessians train`` option).
+        """
+        return _settings_of(self, self.__dict__.get("_spectra"))
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict: the fields, with ``"hessian"`` as a nested dict."""
@@ -286,6 +292,15 @@ class TrainConfig:
         return (f"model={self.model},dataset={self.dataset},opt={self.optimizer},"
                 f"lr={self.learning_rate:g},l2={self.weight_decay:g},b={self.batch_size},"
                 f"seed={self.seed}")
+
+
+def _settings_of(config: TrainConfig, made: SpectraSettings | None) -> SpectraSettings:
+    """``config``'s settings: ``made`` (settings made earlier from a config) when they hold
+    the same values (a comparison, not a second validation), else new ones."""
+    values = SpectraSettings.from_config(config, check=lambda values: values)
+    if made is not None and values == made.to_dict():
+        return made
+    return _spectra(values)
 
 
 def _names(cls) -> set:

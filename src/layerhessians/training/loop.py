@@ -357,7 +357,6 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
     data = dist.in_turn(lambda: load_dataset(config.dataset, root=config.dataset_root,
                                              download=config.download))
     setup = plan_spectra(build(config, data, device, dist), warn=False)
-    config = setup.config  # reorthogonalize resolved
     run_config = describe(setup, command)
     recorded, threads_note = threads
     if recorded is not None:  # a resumed run keeps the count it started with
@@ -383,7 +382,8 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
             logger.info(f"run {run_dir}: {config.model} on {config.dataset}, "
                         f"{setup.num_params:,} parameters, {len(setup.blocks)} layer blocks, "
                         f"{where}{run_config['device_name']}")
-            logger.info("settings: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()))
+            used = {**config.to_dict(), "hessian": run_config["hessian"]}
+            logger.info("settings: " + ", ".join(f"{k}={v}" for k, v in used.items()))
         else:
             logger.info(f"run {run_dir}: resuming after epoch {done} of {config.num_epochs}"
                         + (f" on {dist.world_size} processes" if dist.active else "")

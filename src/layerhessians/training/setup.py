@@ -7,6 +7,7 @@ import socket
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from layerhessians.training.seeding import derive_seed
 from layerhessians.vocabulary import FULL
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setup:
     """What one run trains and measures, on ``device``.
 
@@ -33,11 +34,12 @@ class Setup:
     weight). Distributed runs add ``dist`` (the :class:`~layerhessians.training.distributed.Context`),
     ``ddp`` (the DistributedDataParallel wrapper that trains ``model``), ``reduction`` (the
     engine's all-reduce hook, ``None`` when the set is not sharded) and ``hessian_examples``
-    (the whole set's size); ``plan`` is the spectra's
-    :class:`~layerhessians.curvature.MemoryPlan` (``None``: the engine's defaults);
-    ``layer_methods`` ``{block: "exact" | "slq"}``, ``fallbacks`` ``{block: reason}`` and
-    ``certificates`` ``{block: Certificate}``: how the layer spectra are computed, decided
-    once before epoch 1 (:func:`~layerhessians.training.spectra_hook.plan_layer_methods`).
+    (the whole set's size). Frozen: the spectra's plans are added by
+    :func:`~layerhessians.training.spectra_hook.plan_spectra`, which returns a new Setup with
+    ``plan`` (the :class:`~layerhessians.spectra.plan.MemoryPlan`; ``None``: the engine's
+    defaults) and ``layers`` (the :class:`~layerhessians.training.spectra_hook.LayerPlan`:
+    how each layer block is computed, decided once before epoch 1). ``settings`` are the
+    run's :class:`~layerhessians.settings.SpectraSettings` (from ``config``).
     """
 
     config: TrainConfig
@@ -54,9 +56,27 @@ class Setup:
     reduction: object = None
     hessian_examples: int = None
     plan: object = None
-    layer_methods: dict = None
-    fallbacks: dict = None
-    certificates: dict = None
+    layers: object = None
+
+    @cached_property
+    def settings(self):
+        """The run's :class:`~layerhessians.settings.SpectraSettings` (base seed)."""
+        return self.config.spectra_settings()
+
+    @property
+    def layer_methods(self) -> dict:
+        """``{block: "exact" | "slq"}`` once planned (else ``None``)."""
+        return None if self.layers is None else self.layers.methods
+
+    @property
+    def fallbacks(self) -> dict:
+        """``{block: reason}`` of the blocks left to SLQ once planned (else ``None``)."""
+        return None if self.layers is None else self.layers.fallbacks
+
+    @property
+    def certificates(self) -> dict:
+        """``{block: Certificate}`` of the probed blocks once planned (else ``None``)."""
+        return None if self.layers is None else self.layers.certificates
 
     @property
     def num_params(self) -> int:
@@ -127,10 +147,13 @@ def build(config: TrainConfig, data, device: torch.device, dist: Context = SINGL
 def describe(setup: Setup, command=None) -> dict:
     """The run's ``config.json``: every setting plus the facts needed to interpret it."""
     config, data = setup.config, setup.data
+    record = config.to_dict()
+    if setup.plan is not None:  # what the run uses: "auto" resolved by the memory plan
+        record["hessian"]["reorthogonalize"] = setup.plan.reorthogonalize
     blocks = [FULL, *setup.blocks] if config.hessian.layers else [FULL]
     dims = {FULL: setup.num_params, **{k: sum(p.numel() for p in ps) for k, ps in setup.blocks.items()}}
     return {
-        **config.to_dict(),
+        **record,
         "blocks": blocks,
         "block_dims": {k: dims[k] for k in blocks},
         "num_params": setup.num_params,
