@@ -74,8 +74,8 @@ SETTINGS = {row.field: row for row in (
     Setting("bn_mode", "--hessian-bn-mode", "hessian.bn_mode"),
     Setting("layer_method", "--layer-spectra", "hessian.layer_method"),
     Setting("micro_batch_size", "--hessian-batch-size", "hessian_batch_size"),
-    Setting("memory_budget", "--memory-budget", "memory_budget"),
     Setting("reuse_graph", None, None),
+    Setting("memory_budget", "--memory-budget", "memory_budget"),
     Setting("loss_reduction", None, None),
     Setting("check_symmetry", None, None),
 )}

@@ -139,7 +139,7 @@ class HessianConfig:
         """
         if settings is None:
             settings = _spectra({name: getattr(self, name) for name in SPECTRA_FIELDS})
-        return replace(
+        checked = replace(
             self,
             **{name: getattr(settings, name) for name in SPECTRA_FIELDS},
             every=_int("--hessian-every", self.every),
@@ -148,6 +148,14 @@ class HessianConfig:
             subset_seed=_int("hessian subset seed", self.subset_seed, minimum=0),
             validate_layers=_bool("--validate-layer-spectra", self.validate_layers),
         )
+        if not checked.layers:  # settings of the layer blocks without layer blocks
+            given = [flag for flag, wanted in (
+                ("--validate-layer-spectra", checked.validate_layers),
+                ("--layer-spectra exact", checked.layer_method == "exact")) if wanted]
+            if given:
+                raise UserError(f"--no-layers contradicts {' and '.join(given)} (no layer "
+                                "block is measured): drop one of them")
+        return checked
 
     def due(self, epoch: int, num_epochs: int) -> bool:
         """Whether the spectra are computed after ``epoch`` (0 = initialisation)."""
@@ -298,7 +306,9 @@ def _settings_of(config: TrainConfig, made: SpectraSettings | None) -> SpectraSe
     """``config``'s settings: ``made`` (settings made earlier from a config) when they hold
     the same values (a comparison, not a second validation), else new ones."""
     values = SpectraSettings.from_config(config, check=lambda values: values)
-    if made is not None and values == made.to_dict():
+    same = made is not None and all(type(getattr(made, k)) is type(v) and getattr(made, k) == v
+                                    for k, v in values.items())
+    if same:
         return made
     return _spectra(values)
 
