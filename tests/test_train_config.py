@@ -8,6 +8,7 @@ import pytest
 from layerhessians.cli import train as train_cmd
 from layerhessians.cli.main import main
 from layerhessians.errors import UserError
+from layerhessians.training import resume as resume_mod
 from layerhessians.training.config import HessianConfig, TrainConfig
 from layerhessians.training.seeding import derive_seed
 
@@ -107,26 +108,26 @@ def test_resume_alone_takes_flags_from_the_stored_run(tmp_path):
     stored = TrainConfig(model="LeNet", learning_rate=0.05, num_epochs=3,
                          hessian=HessianConfig(iterations=12, every=2)).validated()
     (run / "config.json").write_text(json.dumps({**stored.to_dict(), "blocks": ["full"]}))
-    config, run_dir, resume, overwrite = train_cmd.resolve({"run": str(run), "resume": True})
+    config, run_dir, resume, overwrite = resume_mod.resolve({"run": str(run), "resume": True})
     assert (config, run_dir, resume, overwrite) == (stored, run, True, False)
     # typed flags win (volatile -n extends, others are checked later by the run store)
-    config, *_ = train_cmd.resolve({"run": str(run), "resume": True, "num_epochs": 5,
+    config, *_ = resume_mod.resolve({"run": str(run), "resume": True, "num_epochs": 5,
                                     "hessian_every": 1})
     assert config.num_epochs == 5 and config.hessian.every == 1 and config.learning_rate == 0.05
     # the seed's form: --resume PATH (the run directory or its checkpoint)
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.pt").write_bytes(b"")
     for target in (run, run / "checkpoints" / "last.pt"):
-        config, run_dir, *_ = train_cmd.resolve({"resume": str(target)})
+        config, run_dir, *_ = resume_mod.resolve({"resume": str(target)})
         assert run_dir == run and config == stored
     with pytest.raises(UserError, match="name different runs"):
-        train_cmd.resolve({"resume": str(run), "run": str(tmp_path / "other")})
+        resume_mod.resolve({"resume": str(run), "run": str(tmp_path / "other")})
     with pytest.raises(UserError, match="no such file"):
-        train_cmd.resolve({"resume": str(tmp_path / "missing")})
+        resume_mod.resolve({"resume": str(tmp_path / "missing")})
 
 
 def test_default_run_directory_and_command_line():
-    config, run_dir, resume, _ = train_cmd.resolve({"learning_rate": 0.01, "model": "lenet"})
+    config, run_dir, resume, _ = resume_mod.resolve({"learning_rate": 0.01, "model": "lenet"})
     assert run_dir.as_posix() == "runs/model=LeNet,dataset=Digits,opt=sgd,lr=0.01,l2=0,b=256,seed=0"
     assert not resume
     parser = __import__("argparse").ArgumentParser()
@@ -136,3 +137,21 @@ def test_default_run_directory_and_command_line():
     assert flags == {"learning_rate": 0.01, "milestones": [3, 5], "augment": True, "layers": False}
     assert train_cmd.command_line(flags) == \
         "layerhessians train --learning_rate 0.01 --milestones 3 5 --augment --no-layers"
+
+
+def test_resume_without_a_run_or_settings_is_refused_before_loading(tmp_path, capsys):
+    """Issue 21 item 17: ``train -r DIR --resume`` where DIR holds no run is refused in one
+    line (it does not start a run with every default); with settings (a grid's command
+    line) it starts the run."""
+    (tmp_path / "empty").mkdir()
+    for run in (tmp_path / "absent", tmp_path / "empty"):
+        with pytest.raises(UserError, match="holds no run to resume.*drop --resume"):
+            resume_mod.resolve({"run": str(run), "resume": True})
+        assert cli(["train", "-r", str(run), "--resume", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds no run to resume" in err[0], err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+        assert not any((tmp_path / "empty").iterdir())
+    _, _, how, _ = resume_mod.resolve({"run": str(tmp_path / "new"), "resume": True,
+                                   "num_epochs": 2})
+    assert how == "allow"

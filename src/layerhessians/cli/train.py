@@ -14,15 +14,10 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from layerhessians.errors import UserError
-from layerhessians.training.config import (
-    IGNORED_FLAGS,
-    HessianConfig,
-    TrainConfig,
-    apply_flags,
-)
+from layerhessians.training.config import IGNORED_FLAGS, HessianConfig, TrainConfig
+from layerhessians.training.resume import RUNS_ROOT, resolve
 from layerhessians.vocabulary import (
     BACKENDS,
     BN_MODES,
@@ -34,8 +29,6 @@ from layerhessians.vocabulary import (
 )
 
 HELP = "train a network, measuring full and layer-wise Hessian spectra after every epoch"
-RUNS_ROOT = "runs"  # default parent of run directories (when -r is not given)
-RUN_FLAGS = ("run", "resume", "overwrite", "progress", "with_pdb")
 _OPTIONS = {}  # destination -> the option string used to rebuild the command line
 
 EPILOG = """\
@@ -201,80 +194,6 @@ def add_arguments(parser):
 def typed_flags(args) -> dict:
     """The flags the user typed (untyped ones are absent: their defaults are SUPPRESS)."""
     return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-
-
-def resume_target(value, run):
-    """The run directory that ``--resume PATH`` continues (with ``-r RUN``, if given).
-
-    ``PATH`` is a run directory or its ``checkpoints/last.pt``: a run continues from its last
-    completed epoch. Any other checkpoint (the seed's ``--resume RUN/checkpoints/
-    epoch_0001.pt``) is refused: ``train`` resumes exactly, from the full training state
-    (optimizer, schedule, random generators) of the last committed epoch. This function is
-    the one place that decides; the store checks the path
-    (:func:`~layerhessians.store.writer.resume_source`).
-
-    Raises:
-        UserError: a path that does not exist, a checkpoint other than ``last.pt`` or
-            outside a run directory, or a ``-r`` that names another run.
-    """
-    # torch: imported only when running, not for --help
-    from layerhessians.store.names import CHECKPOINTS, LAST_CHECKPOINT
-    from layerhessians.store.writer import resume_source
-
-    path = Path(value)
-    if path.is_file() and path.parent.name == CHECKPOINTS and path.name != LAST_CHECKPOINT:
-        run_dir = path.parent.parent
-        raise UserError(f"--resume {value}: --resume continues a run from its last "
-                        f"completed epoch ({run_dir / CHECKPOINTS / LAST_CHECKPOINT}), "
-                        "not from another checkpoint (epoch_EEEE.pt files hold only model "
-                        f"weights); run `layerhessians train --resume {run_dir}` (to start "
-                        "again from these weights, use a new run)")
-    path, _ = resume_source(value)
-    if run is not None and Path(run).resolve() != path.resolve():
-        raise UserError(f"--resume {value} and -r {run} name different runs; give one of them")
-    return path
-
-
-def _apply(config: TrainConfig, flags: dict) -> TrainConfig:
-    return apply_flags(config, {k: v for k, v in flags.items() if k not in RUN_FLAGS})
-
-
-def resolve(flags: dict):
-    """``(config, run_dir, resume, overwrite)`` from the typed flags (and a stored run)."""
-    resume = flags.get("resume")
-    overwrite = bool(flags.get("overwrite", False))
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; give one")
-    run = flags.get("run")
-    if run is not None and not str(run).strip():
-        raise UserError("-r/--run is empty; give a run directory, e.g. -r runs/lenet-digits "
-                        f"(or leave -r out for {RUNS_ROOT}/model=...)")
-    if "hessian_total" in flags and "examples_per_class" in flags:
-        raise UserError("--hessian-examples and --examples_per_class both set the Hessian "
-                        "set's size; give one")
-    if isinstance(resume, str):
-        run = resume_target(resume, run)
-    if "cuda" in flags or "device" in flags:  # check devices before loading any data
-        # torch: imported only when running, not for --help
-        from layerhessians.training.devices import resolve_device
-
-        flags = {**flags, "device": str(resolve_device(flags.get("device"), flags.get("cuda")))}
-    config = _apply(TrainConfig(), flags).validated()
-    run_dir = Path(run) if run is not None else Path(RUNS_ROOT) / config.run_name()
-    stored = run_dir / "config.json"
-    if resume and stored.is_file():
-        import json
-
-        try:
-            base = TrainConfig.from_dict(json.loads(stored.read_text()))
-        except (ValueError, TypeError) as err:
-            raise UserError(f"{stored} is unreadable ({err}); use --overwrite to start over") from None
-        config = _apply(base, flags).validated()
-    elif resume and isinstance(flags.get("resume"), str):
-        raise UserError(f"--resume {flags['resume']}: {run_dir} holds no run (no config.json)")
-    elif resume and any(k not in RUN_FLAGS for k in flags):
-        resume = "allow"  # issue 12: settings given (grids): continue the run, or start it
-    return config, run_dir, resume if resume == "allow" else bool(resume), overwrite
 
 
 def command_line(flags: dict) -> str:
