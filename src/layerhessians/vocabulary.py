@@ -10,6 +10,11 @@ FULL = "full"
 #: curvature kinds by name; `curvature.kinds.KIND_CLASSES` maps each to its operator class
 #: (checked equal at import), in the order of help texts and choices
 KINDS = ("hessian", "ggn", "residual", "ef")
+#: what each kind is, for help texts (same names and order as KINDS)
+KIND_HELP = {"hessian": "the Hessian", "ggn": "its Gauss-Newton part",
+             "residual": "the residual H - G", "ef": "the empirical Fisher"}
+#: the model zoo's names; `models.registry` checks them equal to its builders at import
+MODELS = ("LeNet", "VGG11", "VGG11_bn", "ResNet18")
 #: batch-norm mode the curvature is taken in: running statistics or the batch's own
 BN_MODES = ("eval", "train")
 #: distributions of the random start vectors of Lanczos / SLQ
@@ -35,3 +40,6 @@ SLURM_DEFAULT_MINUTES = 24 * 60  # a Slurm job's time limit unless --time
 BACKENDS = ("auto", "gloo", "nccl")
 #: bootstrap draws behind each distance's spread and the matching verdicts
 DEFAULT_REPLICATES = 200
+
+if tuple(KIND_HELP) != KINDS:
+    raise ImportError(f"vocabulary.KIND_HELP names {tuple(KIND_HELP)}, not KINDS {KINDS}")

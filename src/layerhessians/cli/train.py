@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 
+from layerhessians.data.registry import REGISTRY
 from layerhessians.errors import UserError
 from layerhessians.training.config import IGNORED_FLAGS, HessianConfig, TrainConfig
 from layerhessians.training.resume import RUNS_ROOT, resolve
@@ -23,8 +24,10 @@ from layerhessians.vocabulary import (
     BN_MODES,
     DEVICE_CHOICES,
     DISTRIBUTIONS,
+    KIND_HELP,
     KINDS,
     LAYER_METHODS,
+    MODELS,
     REORTHOGONALIZE,
 )
 
@@ -88,11 +91,13 @@ def add_arguments(parser):
          help=f"training epochs; raise it with --resume to extend a run (default {d.num_epochs})")
     _add(g, "-o", "--optimizer", metavar="{sgd,adam}",
          help=f"SGD (momentum {d.momentum}) or Adam (default {d.optimizer}; the seed required it)")
+    bundled = [spec.name for spec in REGISTRY.values() if spec.bundled]
+    others = [spec.name for spec in REGISTRY.values() if not spec.bundled]
     _add(g, "-d", "--dataset", metavar="NAME",
-         help="Digits, MNIST5k (both bundled, offline), MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100; "
+         help=f"{', '.join(bundled)} (bundled, offline), {', '.join(others)}; "
               f"case-insensitive (default {d.dataset})")
     _add(g, "-m", "--model", metavar="NAME",
-         help=f"LeNet, VGG11, VGG11_bn, ResNet18; case-insensitive (default {d.model})")
+         help=f"{', '.join(MODELS)}; case-insensitive (default {d.model})")
     _add(g, "-b", "--batch_size", type=int, metavar="B", help=f"batch size (default {d.batch_size})")
     _add(g, "--milestones", type=int, nargs="+", metavar="EPOCH",
          help=f"epochs at which the learning rate is multiplied by --step_gamma (default {d.milestones[0]})")
@@ -129,8 +134,8 @@ def add_arguments(parser):
     _add(hg, "--hessian-vectors", type=int, metavar="V",
          help=f"random start vectors (default {h.vectors})")
     _add(hg, "--hessian-kind", choices=KINDS,
-         help="the Hessian, its Gauss-Newton part (ggn), the residual H - G or the "
-              f"empirical Fisher (ef) (default {h.kind})")
+         help=", ".join(f"{name}: {what}" for name, what in KIND_HELP.items())
+         + f" (default {h.kind})")
     _add(hg, "--hessian-bn-mode", choices=BN_MODES,
          help="batch norm with running statistics (eval) or the subset's batch statistics "
               f"(train) (default {h.bn_mode})")

@@ -120,6 +120,9 @@ class CurvatureOperator(SymmetricOperator):
     kind: ClassVar[str] = ""
     #: what the graph keeps per batch for this kind (a subset of :data:`~layerhessians.curvature.graph.NEEDS`)
     needs: ClassVar[frozenset] = frozenset()
+    #: whether a certified layer block of this kind has the exact (Gram) route: its block is
+    #: ``V V^T`` (:mod:`~layerhessians.curvature.gram`, :mod:`~layerhessians.curvature.certify`)
+    exact_route: ClassVar[bool] = False
 
     def __init__(self, graph: CurvatureGraph, indices: Sequence[int], names: Sequence[str],
                  name: str | None = None):

@@ -23,7 +23,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from layerhessians.errors import UserError, check_choice
 
-__all__ = ["BLOCK_TYPES", "FULL", "LAYER_TYPES", "block_dims", "layer_blocks", "select_blocks"]
+__all__ = ["BLOCK_TYPES", "FULL", "LAYER_TYPES", "block_dims", "check_block_name", "layer_blocks",
+           "select_blocks"]
 
 from layerhessians.vocabulary import FULL  # noqa: F401  (re-exported: the whole Hessian's block name)
 
@@ -271,7 +272,7 @@ def _by_pattern(model, patterns, group) -> Blocks:
     example = ", ".join(dict.fromkeys(claims.names[id(p)] for _, p in trainable[:3]))
     if isinstance(patterns, Mapping):
         for name, value in patterns.items():
-            _check_block_name(name)
+            check_block_name(name)
             globs = _globs(value, f"the patterns of block {name!r}")
             leaves = [p for u, p in trainable if _matches(u, p, claims.names, globs)]
             if not leaves:
@@ -298,7 +299,13 @@ def _by_pattern(model, patterns, group) -> Blocks:
     return claims.blocks
 
 
-def _check_block_name(name) -> None:
+def check_block_name(name) -> None:
+    """Refuse a block name that is not a non-empty string or is the reserved ``"full"``
+    (the one check of block names, for every way of selecting blocks).
+
+    Raises:
+        UserError: naming the problem.
+    """
     if not isinstance(name, str) or not name:
         raise UserError(f"block names must be non-empty strings; got {name!r}")
     if name == FULL:
@@ -327,7 +334,7 @@ def _by_mapping(model, mapping) -> Blocks:
     modules = {id(m) for m in model.modules()}
     units = _units(model)
     for name, value in mapping.items():
-        _check_block_name(name)
+        check_block_name(name)
         items = _as_list(value)
         leaves = []
         for item in items:

@@ -39,7 +39,7 @@ from layerhessians.curvature.ggn import GGNOperator
 from layerhessians.curvature.gram import block_parameters
 from layerhessians.curvature.graph import resolve_params
 from layerhessians.curvature.hessian import HessianOperator
-from layerhessians.curvature.kinds import curvature_graph
+from layerhessians.curvature.kinds import KIND_CLASSES, curvature_graph, kind_class
 from layerhessians.errors import UserError
 
 __all__ = ["PROBE_EPS_FACTOR", "Certificate", "certify_blocks", "probe_tolerance"]
@@ -153,8 +153,10 @@ def certify_blocks(model: nn.Module, loss_fn, data, blocks, factors=None, probes
         factors' ``V_b V_b^T v_b`` directly) and one GGN-vector product for all blocks
         together (``kind="ggn"``, blocks without factors, or to tell why a block failed).
     """
-    if kind not in ("hessian", "ggn"):
-        raise UserError(f"only kind='hessian' or 'ggn' can be certified; got {kind!r}")
+    if not kind_class(kind).exact_route:
+        routes = [k for k, c in KIND_CLASSES.items() if c.exact_route]
+        raise UserError(f"only kind={' or '.join(repr(k) for k in routes)} can be certified; "
+                        f"got {kind!r}")
     factors = {} if factors is None else factors
     blocks = block_parameters(model, blocks)
     dtype = next(iter(blocks.values())).dtype

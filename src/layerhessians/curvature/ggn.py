@@ -26,6 +26,7 @@ class GGNOperator(CurvatureOperator):
     """
 
     kind = "ggn"
+    exact_route = True  # a certified layer block equals its GGN block V V^T
     needs = frozenset({OUTPUT_CURVATURE})
 
     def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:

@@ -23,6 +23,7 @@ class HessianOperator(CurvatureOperator):
     """
 
     kind = "hessian"
+    exact_route = True  # a certified layer block equals its GGN block V V^T
     needs = frozenset({GRADIENT})
 
     def batch_product(self, batch: BatchGraph, parts: Sequence[Tensor]) -> tuple | None:

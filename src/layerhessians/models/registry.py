@@ -9,6 +9,7 @@ from layerhessians.errors import UserError, unknown_name
 from layerhessians.models.lenet import LeNet
 from layerhessians.models.resnet import resnet18
 from layerhessians.models.vgg import vgg11, vgg11_bn
+from layerhessians.vocabulary import MODELS as VOCABULARY_MODELS
 
 IMAGE_SIZE = 32  # every model takes [N, C, 32, 32] inputs
 
@@ -19,6 +20,8 @@ _BUILDERS: "dict[str, Callable[[int, int], nn.Module]]" = {
     "ResNet18": resnet18,
 }
 MODELS = tuple(_BUILDERS)
+if MODELS != VOCABULARY_MODELS:  # the torch-free list the CLI offers must match
+    raise ImportError(f"models {MODELS} differ from vocabulary.MODELS {VOCABULARY_MODELS}")
 
 
 def canonical_model_name(name: str) -> str:

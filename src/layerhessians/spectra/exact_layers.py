@@ -24,6 +24,7 @@ from layerhessians.curvature.blocks import layer_blocks
 from layerhessians.curvature.certify import certify_blocks
 from layerhessians.curvature.gram import LayerFactors, block_parameters, gram_factors
 from layerhessians.curvature.graph import resolve_params
+from layerhessians.curvature.kinds import kind_class
 from layerhessians.errors import UserError
 from layerhessians.spectra.measure import SpectralMeasure
 
@@ -191,8 +192,8 @@ def exact_blocks(model: nn.Module, loss_fn, data, mapping, kind: str = "hessian"
             :func:`~layerhessians.curvature.kinds.hessian_operator`.
         data: an ``(inputs, targets)`` pair or an iterable of pairs.
         mapping: ``{name: [parameters]}`` (layer blocks).
-        kind: the requested curvature; only ``"hessian"`` and ``"ggn"`` have a Gram route
-            (any other kind leaves every block out).
+        kind: the requested curvature; only kinds whose class has ``exact_route``
+            (``"hessian"``, ``"ggn"``) have a Gram route (any other leaves every block out).
         bn_mode: ``"eval"`` or ``"train"`` (train-mode batch norm leaves every block out).
         reduction: the distributed reduction hook; anything but ``None`` leaves every block
             out (the Gram route runs on one process).
@@ -218,7 +219,7 @@ def exact_blocks(model: nn.Module, loss_fn, data, mapping, kind: str = "hessian"
     fallbacks, candidates = OrderedDict(), OrderedDict()
     batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     general = None
-    if kind not in ("hessian", "ggn"):
+    if not kind_class(kind).exact_route:
         general = f"kind={kind!r} has no Gram route"
     elif reduction is not None:
         general = "the Gram route runs on one process"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from layerhessians.curvature.base import CurvatureOperator
-from layerhessians.curvature.blocks import FULL, layer_blocks
+from layerhessians.curvature.blocks import FULL, check_block_name, layer_blocks
 from layerhessians.curvature.graph import (
     BatchLoss,
     Reduction,
@@ -65,8 +65,7 @@ def _layer_mapping(model: nn.Module, layers) -> "OrderedDict[str, list]":
         raise UserError("layers must be True, False or a {name: parameter(s)} mapping")
     result = OrderedDict()
     for name, params in mapping.items():
-        if name == FULL:
-            raise UserError(f"{FULL!r} is reserved for the full Hessian: rename that block")
+        check_block_name(str(name))
         if isinstance(params, (nn.Parameter, torch.Tensor)):
             params = [params]
         result[str(name)] = list(params)

@@ -141,8 +141,6 @@ def _parameter_names(model: nn.Module, blocks) -> "OrderedDict[str, list[str]]":
     names = {id(p): n for n, p in model.named_parameters()}
     result = OrderedDict()
     for block, params in _select_blocks(model, blocks).items():
-        if block == FULL:
-            raise UserError(f"{FULL!r} is reserved for the full Hessian: rename that block")
         if not params:
             raise UserError(f"block {block!r} has no parameters; give it at least one")
         chosen = []
