@@ -190,7 +190,7 @@ def profiles(distances, summary, metric) -> list:
 
 def quick_step(args, steps, env, numbers):
     from layerhessians.pipeline.grid import load_grid
-    from layerhessians.store.runs import load_run
+    from layerhessians.store.run import load_run
 
     cmd = ["layerhessians", "reproduce", "--quick", "--root", str(QUICK_ROOT),
            "--threads", str(args.threads)]
@@ -219,7 +219,8 @@ def mnist_step(args, steps, env, numbers):
     import torch
 
     from layerhessians.analysis.report import make_figures, match_runs
-    from layerhessians.store.runs import RunStore, load_run
+    from layerhessians.store.run import load_run
+    from layerhessians.store.writer import RunStore
 
     path = REPO / MNIST_RUN
     done = RunStore(path).completed_epoch if path.is_dir() else None

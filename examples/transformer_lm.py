@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 import layerhessians as lh
 from layerhessians.analysis.report import make_figures
-from layerhessians.store.runs import save_torch  # atomic torch.save
+from layerhessians.store.checkpoints import save_torch  # atomic torch.save
 
 # Blocks by parameter-name pattern (fnmatch), input to output.
 BLOCK_PATTERNS = OrderedDict([

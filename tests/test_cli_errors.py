@@ -12,7 +12,7 @@ import pytest
 
 from layerhessians.cli.main import main
 from layerhessians.errors import SettingError, UserError
-from layerhessians.store.runs import RunStore
+from layerhessians.store.writer import RunStore
 from layerhessians.training import loop
 from layerhessians.training.config import HessianConfig, TrainConfig, check_types
 from runfactory import write_run

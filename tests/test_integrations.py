@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from layerhessians.store.runs import load_run
+from layerhessians.store.run import load_run
 from layerhessians.tracking import SpectraTracker, spectra_scalars
 from problems import PROBLEMS, mlp_data
 

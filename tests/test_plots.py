@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from layerhessians.analysis import distances
 from layerhessians.analysis import figures as plots
-from layerhessians.analysis import matching as compare
 from layerhessians.analysis.matching import block_dimensions
 from layerhessians.cli.main import main
 from layerhessians.cli.plot import _check_identity
-from layerhessians.store.runs import load_run
+from layerhessians.store.run import load_run
 from runfactory import LENET_LAYERS, write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_depth_profiles_one_panel_per_metric_with_bars_and_verdict_marks():
                 "best_index": 1, "significant": True},
                {"label": "VGG11_bn+SVHN", "model": "VGG11_bn", "dataset": "SVHN",
                 "frame": frame(2), "best_index": 2, "significant": False}]
-    labels = {m: compare.DISTANCES[m].label for m in ("w1-maxabs", "paper", "w1-minmax")}
+    labels = {m: distances.DISTANCES[m].label for m in ("w1-maxabs", "paper", "w1-minmax")}
     fig = plots.plot_depth_profiles({m: entries for m in labels}, labels, title="t")
     panels = [ax for ax in fig.axes if ax.get_xlabel()]
     assert len(panels) == 3

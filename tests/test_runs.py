@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from layerhessians.errors import UserError
-from layerhessians.store.runs import RunStore, atomic_path, load_run
+from layerhessians.store.manifest import atomic_path
+from layerhessians.store.run import load_run
+from layerhessians.store.writer import RunStore
 
 
 class FakeMeasure:

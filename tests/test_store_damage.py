@@ -15,18 +15,11 @@ import torch
 
 from layerhessians.cli.main import main
 from layerhessians.errors import UserError
-from layerhessians.store import legacy, writer
-from layerhessians.store import runs as runs_module
-from layerhessians.store.runs import (
-    COMMITTED_KEY,
-    JOURNAL,
-    MANIFEST,
-    RunStore,
-    load_run,
-    resume_source,
-    run_path,
-    safe_child,
-)
+from layerhessians.store import checkpoints, consistency, legacy, manifest, writer
+from layerhessians.store.checkpoints import COMMITTED_KEY
+from layerhessians.store.names import JOURNAL, MANIFEST, run_path, safe_child
+from layerhessians.store.run import load_run
+from layerhessians.store.writer import RunStore, resume_source
 
 
 class FakeMeasure:
@@ -79,7 +72,7 @@ def strip_commit_record(run):
     path = run / "checkpoints" / "last.pt"
     obj = torch.load(path, weights_only=True)
     obj.pop(COMMITTED_KEY)
-    obj.pop(runs_module.DIGEST_KEY)
+    obj.pop(checkpoints.DIGEST_KEY)
     torch.save(obj, path)
 
 
@@ -122,7 +115,7 @@ def test_a_gap_in_the_epochs_is_refused_for_a_trainer_run_only(tmp_path):
                                         r"epoch 3 once \(holds 0..3 \(3 rows\)\)") as err:
         RunStore.create(trainer, CONFIG, resume=True)
     assert "metrics.csv" in one_line(err)
-    tracked = {**CONFIG, "source": runs_module.TRACKER_SOURCE}
+    tracked = {**CONFIG, "source": consistency.TRACKER_SOURCE}
     with RunStore.create(tmp_path / "tracker", tracked) as store:
         for epoch in (0, 10, 20):
             commit(store, epoch)
@@ -145,7 +138,7 @@ def test_a_gap_in_the_epochs_is_refused_for_a_trainer_run_only(tmp_path):
 
 def test_creation_killed_before_config_is_undone(tmp_path, monkeypatch):
     run = tmp_path / "new"
-    real = runs_module.write_json
+    real = manifest.write_json
 
     def dying(path, obj):
         if path.name == "config.json":
@@ -444,7 +437,7 @@ def test_file_in_the_way_is_one_line(tmp_path):
         RunStore.create(tmp_path / "f" / "sub", CONFIG)
     one_line(err)
     with pytest.raises(UserError, match="cannot write") as err:  # e.g. match --out FILE
-        runs_module.write_csv(tmp_path / "f" / "x.csv", pd.DataFrame({"a": [1]}))
+        manifest.write_csv(tmp_path / "f" / "x.csv", pd.DataFrame({"a": [1]}))
     one_line(err)
 
 
@@ -519,7 +512,7 @@ def test_rewind_to_a_full_state_checkpoint(tmp_path):
     with RunStore.create(run, CONFIG) as store:
         for epoch in (0, 1, 2, 3):
             commit(store, epoch)
-            runs_module.save_torch(run / "checkpoints" / f"epoch_{epoch:04d}.pt",
+            checkpoints.save_torch(run / "checkpoints" / f"epoch_{epoch:04d}.pt",
                                    {**state(epoch), "epoch": epoch})
     source = run / "checkpoints" / "epoch_0001.pt"
     assert resume_source(source) == (run, source)
@@ -541,8 +534,8 @@ def test_rewind_killed_midway_is_redone(tmp_path, monkeypatch):
     with RunStore.create(run, CONFIG) as store:
         for epoch in (0, 1, 2):
             commit(store, epoch)
-        runs_module.save_torch(run / "checkpoints" / "epoch_0001.pt", {**state(1), "epoch": 1})
-    real = runs_module.save_torch
+        checkpoints.save_torch(run / "checkpoints" / "epoch_0001.pt", {**state(1), "epoch": 1})
+    real = checkpoints.save_torch
 
     def dying(path, obj):
         if path.name == "last.pt":

@@ -15,7 +15,8 @@ import pytest
 from layerhessians.cli.main import main
 from layerhessians.errors import UserError
 from layerhessians.pipeline import launchers
-from layerhessians.store.runs import RunStore, load_run
+from layerhessians.store.run import load_run
+from layerhessians.store.writer import RunStore
 
 submitit = pytest.importorskip("submitit")
 

@@ -18,8 +18,8 @@ from layerhessians.analysis.report import make_figures, match_runs
 from layerhessians.curvature.dense import reference_matrix
 from layerhessians.errors import UserError
 from layerhessians.spectra import layer_spectra, start_vector
-from layerhessians.store import runs, writer
-from layerhessians.store.runs import load_run
+from layerhessians.store import checkpoints, manifest, names, writer
+from layerhessians.store.run import load_run
 from layerhessians.tracking import SpectraTracker, spectra_scalars
 from layerhessians.training.seeding import derive_seed
 from problems import PROBLEMS
@@ -254,7 +254,7 @@ def test_a_killed_loop_resumes_without_lost_or_duplicated_records(tmp_path, monk
 
     calls = {"n": 0}
     # the store's writers of the CSVs (write_bytes) and of the checkpoint (save_torch)
-    real = {"write_bytes": runs.write_bytes, "save_torch": runs.save_torch}
+    real = {"write_bytes": manifest.write_bytes, "save_torch": checkpoints.save_torch}
 
     def dying(name):
         def write(path, obj):
@@ -300,7 +300,7 @@ def test_an_older_index_rewinds_the_record(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         tracker.update(2, metrics={"train_loss": 2.0})
     tracker.close()
-    assert (tmp_path / "run" / runs.JOURNAL).exists()
+    assert (tmp_path / "run" / names.JOURNAL).exists()
     # the next open finishes the rewind: the record ends at epoch 1
     resumed = SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=8, resume=True)
     assert resumed.completed == 1 and load_run(tmp_path / "run").epochs == [0, 1]

@@ -20,7 +20,7 @@ from layerhessians.pipeline.grid import load_grid
 from layerhessians.pipeline.run_grid import verdicts
 from layerhessians.spectra import layer_spectra
 from layerhessians.spectra.fidelity import relative_w1
-from layerhessians.store.runs import read_spectra
+from layerhessians.store.readers import read_spectra
 from layerhessians.training import train
 from layerhessians.training.config import HessianConfig, TrainConfig, apply_flags
 from layerhessians.training.seeding import derive_seed

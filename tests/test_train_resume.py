@@ -16,9 +16,8 @@ import torch
 from data_fixtures import mnist_arrays, write_mnist
 from layerhessians import load_run
 from layerhessians.cli.main import main
-from layerhessians.store import runs as runs_module
-from layerhessians.store import writer
-from layerhessians.store.runs import RunStore
+from layerhessians.store import checkpoints, writer
+from layerhessians.store.writer import RunStore
 from layerhessians.training.loop import CRASH_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +102,7 @@ def test_crash_between_metrics_and_checkpoint(mnist_root, tmp_path, monkeypatch)
     argv = flags(mnist_root, "-o", "adam", "-lr", "1e-3", "--augment")
     assert train(tmp_path / "straight", argv) == 0
 
-    save_torch = runs_module.save_torch
+    save_torch = checkpoints.save_torch
 
     def failing_save(path, obj):
         if Path(path).name == "last.pt" and obj.get("epoch") == 2:

@@ -28,7 +28,7 @@ _API = {
     "hessian_trace": "layerhessians.spectra",
     "layer_spectra": "layerhessians.spectra",
     "SpectralMeasure": "layerhessians.spectra",
-    "load_run": "layerhessians.store.reader",
+    "load_run": "layerhessians.store.run",
     "SpectraTracker": "layerhessians.tracking",
     "DISTANCES": "layerhessians.analysis.distances",
     "spectrum_distance": "layerhessians.analysis.distances",

@@ -144,7 +144,7 @@ def wasserstein(p, q, normalize: str = "maxabs") -> float:
     union = np.concatenate([p_nodes, q_nodes])
     u = normalize_nodes(p_nodes, normalize, reference=union)
     v = normalize_nodes(q_nodes, normalize, reference=union)
-    return float(wasserstein_distance(u, v, p_weights, q_weights))
+    return w1(u, p_weights, v, q_weights)
 
 
 def nonzero_part(nodes, weights, tol: float = ZERO_TOL):
@@ -238,8 +238,16 @@ def _axis(how: str, nonzero: bool = False):
     return normalize
 
 
+def w1(nodes_a, weights_a, nodes_b, weights_b) -> float:
+    """:func:`layerhessians.spectra.measure.w1` (the package's one W1), imported when called:
+    the registry is read by ``match --help``, which starts without torch."""
+    from layerhessians.spectra.measure import w1 as measure_w1
+
+    return measure_w1(nodes_a, weights_a, nodes_b, weights_b)
+
+
 def _w1(a, b) -> float:
-    return wasserstein_distance(a[0], b[0], a[1], b[1])
+    return w1(a[0], a[1], b[0], b[1])
 
 
 def _paper_normalize(measure):
@@ -300,3 +308,35 @@ def spectrum_distance(a, b, metric: str | None = None) -> float:
         UserError: unknown ``metric``.
     """
     return get_distance(metric)(a, b)
+
+
+def resolve_metric(metric: str | None, normalize: str | None = None) -> str:
+    """The registry name for ``metric`` (``None``: the default); the legacy name
+    ``"wasserstein"`` means W1 on the axis ``normalize`` (default ``"maxabs"``).
+
+    Raises:
+        UserError: unknown metric or normalisation.
+    """
+    if metric == "wasserstein":
+        how = normalize or "maxabs"
+        if how not in LEGACY_W1:
+            raise UserError(f"unknown normalisation {how!r} for --metric wasserstein; choose "
+                            f"one of {', '.join(LEGACY_W1)}")
+        return LEGACY_W1[how]
+    return get_distance(metric).name
+
+
+def resolve_metrics(requested, normalize: str = "maxabs") -> tuple:
+    """Registry names for ``match --metric`` values, in order, without repeats: the one place
+    that reads the command line's extra words (``both`` = the default and ``paper``;
+    ``wasserstein`` = W1 on the ``normalize`` axis, :func:`resolve_metric`).
+
+    Raises:
+        UserError: an unknown metric or normalisation.
+    """
+    names = []
+    for name in [requested] if isinstance(requested, str) else requested:
+        expanded = ((DEFAULT_DISTANCE, "paper") if name == "both"
+                    else (resolve_metric(name, normalize),))
+        names += [n for n in expanded if n not in names]
+    return tuple(names)

@@ -12,7 +12,14 @@ import numpy as np
 import pandas as pd
 
 from layerhessians.analysis import figures as plots
-from layerhessians.analysis import matching as compare
+from layerhessians.analysis import matching
+from layerhessians.analysis.distances import (
+    DEFAULT_DISTANCE,
+    DISTANCES,
+    PAPER_POINTS,
+    resolve_metric,
+    resolve_metrics,
+)
 from layerhessians.analysis.matching import block_dimensions
 from layerhessians.errors import UserError
 from layerhessians.store.manifest import write_csv
@@ -37,7 +44,7 @@ def check_replicates(replicates) -> int:
     >= 0, else :class:`UserError`."""
     if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 0:
         raise UserError(f"--replicates {replicates} must be >= 0 (default "
-                        f"{compare.REPLICATES}; 0: no spread, no verdicts)")
+                        f"{matching.REPLICATES}; 0: no spread, no verdicts)")
     return replicates
 
 
@@ -58,7 +65,7 @@ def parse_epochs_within(spec, available, where) -> list:
     if beyond:
         raise UserError(f"--epochs {spec}: no spectra at epoch {beyond[0]} ({where}: epochs "
                         f"{first}..{last}); give epochs within them")
-    return compare.parse_epochs(spec)
+    return matching.parse_epochs(spec)
 
 
 def _selected_epochs(run, spec):
@@ -82,12 +89,12 @@ def _title(run):
 
 
 def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
-                 metric=compare.DEFAULT_DISTANCE, normalize="maxabs", out=None,
-                 replicates=compare.REPLICATES) -> list:
-    """Write every figure of ``run`` (a :class:`~layerhessians.store.reader.Run`) into ``out``
+                 metric=DEFAULT_DISTANCE, normalize="maxabs", out=None,
+                 replicates=matching.REPLICATES) -> list:
+    """Write every figure of ``run`` (a :class:`~layerhessians.store.run.Run`) into ``out``
     (default ``RUN/images``); returns the written paths.
 
-    ``metric``: a registry name (:data:`~layerhessians.analysis.distances.DISTANCES`) or
+    ``metric``: a registry name (:data:`~layerhessians.analysis.DISTANCES`) or
     ``"wasserstein"`` (W1 on the ``normalize`` axis) for the layer heat map and the best
     match; ``replicates``: bootstrap draws behind the verdict marks and bands."""
     if points < 16:
@@ -97,7 +104,7 @@ def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(plots.FORMATS)}")
     check_dpi(dpi)
     check_replicates(replicates)
-    metric = compare.resolve_metric(metric, normalize)
+    metric = resolve_metric(metric, normalize)
     out = run.path / "images" if out is None else out
     _check_folder(out)
     epochs = _selected_epochs(run, epochs)
@@ -108,7 +115,7 @@ def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
         written.append(plots.save_figure(fig, out / f"{name}.{fmt}", dpi=dpi))
 
     present = set(zip(run.spectra["block"], run.spectra["epoch"].astype(int)))
-    lookup = compare.measure_lookup(run)
+    lookup = matching.measure_lookup(run)
     measures = {(b, e): lookup(b, e) for b in run.blocks for e in epochs if (b, e) in present}
     for block in run.blocks:
         curves = {e: measures[block, e].density(points=points) for e in epochs
@@ -136,12 +143,12 @@ def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
                                       title=title), "overview_full")
 
     if FULL in run.blocks and len(run.blocks) > 1 and full_epochs:
-        distances = compare.layer_distances(run, metric, epochs=full_epochs, points=points,
+        distances = matching.layer_distances(run, metric, epochs=full_epochs, points=points,
                                             measure=lookup, replicates=replicates)
         # the peak among training epochs (epoch 0 only if alone), as `match` chooses it
-        trained = distances["epoch"].isin(compare.default_epochs(full_epochs))
-        peak = compare.peak_epoch(distances[trained])
-        label = compare.DISTANCES[metric].label
+        trained = distances["epoch"].isin(matching.default_epochs(full_epochs))
+        peak = matching.peak_epoch(distances[trained])
+        label = DISTANCES[metric].label
         per_epoch = distances.sort_values(["epoch", "index"]).groupby("epoch")
         closest = per_epoch.apply(lambda g: g.loc[g["distance"].idxmin()], include_groups=False)
         mixture = distances.drop_duplicates("epoch").sort_values("epoch")
@@ -151,12 +158,12 @@ def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
             curves["block-diagonal mixture"] = (mixture["epoch"].to_numpy(),
                                                 mixture["mixture_distance"],
                                                 mixture["mixture_low"], mixture["mixture_high"])
-        save(plots.plot_distance_heatmap(compare.distance_matrix(distances), label, peak=peak,
+        save(plots.plot_distance_heatmap(matching.distance_matrix(distances), label, peak=peak,
                                          title=f"{title}: distance of each layer to the full "
                                                "spectrum",
-                                         verdicts=compare.epoch_verdicts(distances),
+                                         verdicts=matching.epoch_verdicts(distances),
                                          curves=curves), "layer_distances")
-        best = compare.best_layer(distances, peak)
+        best = matching.best_layer(distances, peak)
         full_m, layer_m = measures[FULL, peak], measures[best["layer"], peak]
         support = [(m.nodes[m.weights > 0].min(), m.nodes[m.weights > 0].max())
                    for m in (full_m, layer_m)]
@@ -200,8 +207,8 @@ def common_parent(paths) -> Path:
 def find_seed_runs(folder=".") -> tuple:
     """``(present paths, missing names)`` of the 12 seed run directories in ``folder``."""
     folder = Path(folder)
-    present = [folder / n for n in compare.SEED_RUNS if (folder / n).is_dir()]
-    missing = [n for n in compare.SEED_RUNS if not (folder / n).is_dir()]
+    present = [folder / n for n in matching.SEED_RUNS if (folder / n).is_dir()]
+    missing = [n for n in matching.SEED_RUNS if not (folder / n).is_dir()]
     return present, missing
 
 
@@ -224,7 +231,7 @@ def parse_peaks(specs, runs, ids) -> dict:
     for spec in specs:
         if spec.strip().lower() == "paper":
             for run, rid in zip(runs, ids):
-                epoch = compare.paper_peak_epoch(run.config.get("model"), run.config.get("dataset"))
+                epoch = matching.paper_peak_epoch(run.config.get("model"), run.config.get("dataset"))
                 if epoch is None:
                     print(f"note: no paper peak for {rid} ({run.config.get('model')}+"
                           f"{run.config.get('dataset')}); its peak is computed", file=sys.stderr)
@@ -237,7 +244,7 @@ def parse_peaks(specs, runs, ids) -> dict:
             epoch = None
         if not sep or epoch is None or epoch < 0:
             raise UserError(f"--peak {spec!r}: give RUN=EPOCH (e.g. --peak "
-                            f"'{compare.SEED_RUNS[0]}=18') or --peak paper")
+                            f"'{matching.SEED_RUNS[0]}=18') or --peak paper")
         matches = [rid for run, rid in zip(runs, ids)
                    if name in (rid, run.path.name, str(run.path)) or Path(name) == run.path]
         if not matches:
@@ -259,22 +266,7 @@ def _labels(summary) -> dict:
 
 
 def _metric_label(metric):
-    return compare.DISTANCES[metric].label if metric in compare.DISTANCES else str(metric)
-
-
-def metric_names(requested, normalize="maxabs") -> tuple:
-    """Registry names for ``--metric`` values (``both`` = the default and ``paper``;
-    ``wasserstein`` = W1 on the ``normalize`` axis), in order, without repeats.
-
-    Raises:
-        UserError: an unknown metric or normalisation.
-    """
-    names = []
-    for name in [requested] if isinstance(requested, str) else requested:
-        expanded = ((compare.DEFAULT_DISTANCE, "paper") if name == "both"
-                    else (compare.resolve_metric(name, normalize),))
-        names += [n for n in expanded if n not in names]
-    return tuple(names)
+    return DISTANCES[metric].label if metric in DISTANCES else str(metric)
 
 
 def _fmt(value, low, high):
@@ -299,7 +291,7 @@ def _layer_line(r, prefix, key):
     if r[prefix + "_significant"]:
         return (f"{text}; significantly closer than every other layer "
                 f"({_support(r[prefix + '_support'])})")
-    return (f"{compare.NO_VERDICT}: closest {text}, runner-up {runner} "
+    return (f"{matching.NO_VERDICT}: closest {text}, runner-up {runner} "
             f"({_support(r[prefix + '_support'])})")
 
 
@@ -347,11 +339,11 @@ def _profile_entry(label, row, frame, kind):
             "significant": bool(row[prefix + "_significant"])}
 
 
-def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, peaks=None,
-               epochs=None, points=compare.PAPER_POINTS, out=None, fmt="png", dpi=200,
-               ids=None, stream=None, replicates=compare.REPLICATES):
-    """Compare ``runs`` (loaded :class:`~layerhessians.store.reader.Run` objects) by
-    ``metrics`` (registry names, or ``--metric`` values for :func:`metric_names` with
+def match_runs(runs, *, metrics=(DEFAULT_DISTANCE,), normalize=None, peaks=None,
+               epochs=None, points=PAPER_POINTS, out=None, fmt="png", dpi=200,
+               ids=None, stream=None, replicates=matching.REPLICATES):
+    """Compare ``runs`` (loaded :class:`~layerhessians.store.run.Run` objects) by
+    ``metrics`` (registry names, or ``--metric`` values for :func:`~layerhessians.analysis.distances.resolve_metrics` with
     ``normalize``), write the CSVs and figures into ``out`` (default: the runs'
     :func:`common_parent`) and print the summary (:func:`print_summary`) to ``stream``.
     Returns ``(distances, summary, paths)``.
@@ -361,27 +353,27 @@ def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, pea
     """
     check_dpi(dpi)
     check_replicates(replicates)
-    metrics = metric_names(metrics, normalize or "maxabs")
+    metrics = resolve_metrics(metrics, normalize or "maxabs")
     out = common_parent([r.path for r in runs]) if out is None else Path(out)
     _check_folder(out)
     ids = ids or run_ids(runs)
     frames = []
     for run, rid in zip(runs, ids):
-        frame = compare.distance_table(run, metrics, epochs=epochs, points=points,
+        frame = matching.distance_table(run, metrics, epochs=epochs, points=points,
                                        replicates=replicates)
         frames.append(frame.assign(run=rid))
-    distances = pd.concat(frames, ignore_index=True)[compare.DISTANCE_COLUMNS]
+    distances = pd.concat(frames, ignore_index=True)[matching.DISTANCE_COLUMNS]
     peaks = peaks or {}
     for rid, epoch in peaks.items():
         have = set(distances.loc[distances["run"] == rid, "epoch"])
         if epoch is not None and epoch not in have:
             raise UserError(f"peak epoch {epoch} of run {rid} is not among its compared epochs "
                             f"({min(have)}..{max(have)}); give another --peak or --epochs")
-    summary = compare.summarize(distances, peaks)
+    summary = matching.summarize(distances, peaks)
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "match_distros.csv", out / "match_distros_summary.csv"]
-    write_csv(paths[0], distances[compare.CSV_COLUMNS])
+    write_csv(paths[0], distances[matching.CSV_COLUMNS])
     write_csv(paths[1], summary)
 
     labels = _labels(summary)
@@ -391,7 +383,7 @@ def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, pea
         for _, row in summary.iterrows():
             rows = distances[(distances["run"] == row["run"])
                              & (distances["metric"] == row["metric"])]
-            frame = compare.profile(rows, row["peak_epoch"] if kind == "peak" else None)
+            frame = matching.profile(rows, row["peak_epoch"] if kind == "peak" else None)
             profiles[row["metric"]].append(_profile_entry(labels[row["run"]], row, frame, kind))
         title = ("layer vs full spectrum: distance summed over training" if kind == "summed"
                  else "layer vs full spectrum: distance at each run's peak epoch")

@@ -38,7 +38,7 @@ HELP = "compare every layer's Hessian spectrum with the full spectrum across run
 def add_arguments(parser):
     """Add the ``match`` subcommand's options to ``parser`` (an ``argparse`` parser)."""
     # matplotlib and scipy: only when this command is chosen (fast `layerhessians --help`)
-    from layerhessians.analysis import distances as compare
+    from layerhessians.analysis import distances
     from layerhessians.analysis import figures as plots
 
     parser.add_argument("runs", nargs="*", metavar="RUN",
@@ -50,13 +50,13 @@ def add_arguments(parser):
                         help="folder for the figures and CSVs (default: the runs' common "
                              "parent folder)")
     parser.add_argument("--metric", nargs="+", metavar="NAME",
-                        choices=(*compare.METRICS, "wasserstein", "both"),
-                        default=[compare.DEFAULT_DISTANCE],
-                        help=f"one or more of {', '.join(compare.METRICS)} (default "
-                             f"{compare.DEFAULT_DISTANCE}; w1-minmax is the former, degenerate "
+                        choices=(*distances.METRICS, "wasserstein", "both"),
+                        default=[distances.DEFAULT_DISTANCE],
+                        help=f"one or more of {', '.join(distances.METRICS)} (default "
+                             f"{distances.DEFAULT_DISTANCE}; w1-minmax is the former, degenerate "
                              "default); both = the default and paper; wasserstein = W1 on the "
                              "--normalize axis")
-    parser.add_argument("--normalize", choices=tuple(compare.LEGACY_W1), default="maxabs",
+    parser.add_argument("--normalize", choices=tuple(distances.LEGACY_W1), default="maxabs",
                         help="axis of --metric wasserstein: maxabs (x / max|x|, default), "
                              "minmax (each support -> [0, 1]), none")
     parser.add_argument("--replicates", type=int, default=DEFAULT_REPLICATES,
@@ -67,7 +67,7 @@ def add_arguments(parser):
                              "12 hard-coded epochs; default: computed per run")
     parser.add_argument("--epochs", help="epochs to compare, e.g. 1-50 (default: every "
                                          "training epoch >= 1 of each run)")
-    parser.add_argument("--points", type=int, default=compare.PAPER_POINTS,
+    parser.add_argument("--points", type=int, default=distances.PAPER_POINTS,
                         help="density grid points for --metric paper (default: 1024)")
     parser.add_argument("--format", choices=plots.FORMATS, default="png",
                         help="image format (default: png)")
@@ -87,30 +87,30 @@ def run(args) -> int:
         UserError: bad options, missing or unreadable run directories, runs without the
             spectra to compare.
     """
-    from layerhessians.analysis import matching as compare
+    from layerhessians.analysis import matching
+    from layerhessians.analysis.distances import resolve_metrics
     from layerhessians.analysis.report import (
         check_dpi,
         check_replicates,
         find_seed_runs,
         match_runs,
-        metric_names,
         parse_epochs_within,
         parse_peaks,
         run_ids,
     )
     from layerhessians.cli.plot import run_paths
-    from layerhessians.store.reader import load_run
+    from layerhessians.store.run import load_run
 
     if args.points < 16:
         raise UserError(f"--points {args.points} is too few for a density curve; use >= 16")
     check_dpi(args.dpi)
     check_replicates(args.replicates)
-    metrics = metric_names(args.metric, args.normalize)
+    metrics = resolve_metrics(args.metric, args.normalize)
     paths = [Path(p) for p in run_paths(args, "match")]
     if not paths:
         paths, missing = find_seed_runs(".")
         if not paths:
-            raise UserError(f"none of the 12 seed run directories ({compare.SEED_RUNS[0]}, ...) "
+            raise UserError(f"none of the 12 seed run directories ({matching.SEED_RUNS[0]}, ...) "
                             f"is in {Path.cwd()}; pass run directories as arguments or run "
                             "from the folder that holds them")
         if missing:

@@ -19,7 +19,7 @@ HELP = "plot a run's spectra, layer distances and training curves into RUN/image
 def add_arguments(parser):
     """Add the ``plot`` subcommand's options to ``parser`` (an ``argparse`` parser)."""
     # matplotlib and scipy: only when this command is chosen (fast `layerhessians --help`)
-    from layerhessians.analysis import distances as compare
+    from layerhessians.analysis import distances
     from layerhessians.analysis import figures as plots
 
     parser.add_argument("runs", nargs="*", metavar="RUN",
@@ -34,12 +34,12 @@ def add_arguments(parser):
                         help="image format (default: png)")
     parser.add_argument("--dpi", type=int, default=200, help="resolution of PNGs (default: 200)")
     parser.add_argument("--epochs", help="epochs to plot, e.g. 0-50 or 1,10,20 (default: all)")
-    parser.add_argument("--metric", choices=(*compare.METRICS, "wasserstein"),
-                        default=compare.DEFAULT_DISTANCE,
+    parser.add_argument("--metric", choices=(*distances.METRICS, "wasserstein"),
+                        default=distances.DEFAULT_DISTANCE,
                         help="distance for the layer heat map and best match (default: "
-                             f"{compare.DEFAULT_DISTANCE}; wasserstein = W1 on the "
+                             f"{distances.DEFAULT_DISTANCE}; wasserstein = W1 on the "
                              "--normalize axis)")
-    parser.add_argument("--normalize", choices=tuple(compare.LEGACY_W1), default="maxabs",
+    parser.add_argument("--normalize", choices=tuple(distances.LEGACY_W1), default="maxabs",
                         help="axis of --metric wasserstein (default: maxabs, x / max|x|)")
 
 
@@ -77,7 +77,7 @@ def run(args) -> int:
             config.json does not name the ``--model``/``--dataset`` given.
     """
     from layerhessians.analysis.report import check_dpi, make_figures
-    from layerhessians.store.reader import load_run
+    from layerhessians.store.run import load_run
 
     check_dpi(args.dpi)
     runs = [load_run(path) for path in run_paths(args, "plot")]  # every run read first

@@ -90,7 +90,6 @@ __all__ = [
     "resolve_params",
     "check_choice",
     "differentiable",
-    "has_batch_norm",
     "batch_coupling",
     "engine_modes",
     "loss_reduction_of",
@@ -261,11 +260,6 @@ def resolve_params(model: nn.Module, params=None) -> tuple[list[nn.Parameter], l
             raise UserError(f"parameter {names[id(p)]!r} appears twice in the block")
         seen.add(id(p))
     return params, [names[id(p)] for p in params]
-
-
-def has_batch_norm(model: nn.Module) -> bool:
-    """Whether ``model`` has a batch-norm layer."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 # ----------------------------------------------------------------------------- structures

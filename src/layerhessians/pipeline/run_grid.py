@@ -11,7 +11,7 @@ from layerhessians.analysis.report import make_figures, match_runs
 from layerhessians.data import ensure_files, get_spec, is_present
 from layerhessians.errors import DatasetMissingError, UserError
 from layerhessians.pipeline import launchers
-from layerhessians.store.reader import load_run
+from layerhessians.store.run import load_run
 
 DEFAULT_DATASET_ROOT = "datasets"
 

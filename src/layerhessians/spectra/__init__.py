@@ -18,6 +18,7 @@ from layerhessians.spectra.estimators import (
     top_eigenvalues,
 )
 from layerhessians.spectra.exact import exact_spectrum
+from layerhessians.spectra.exact_layers import exact_ggn_spectrum, exact_layer_spectra
 from layerhessians.spectra.fidelity import relative_w1, slq_fidelity
 from layerhessians.spectra.lanczos import LanczosRecurrence, LanczosRun, lanczos
 from layerhessians.spectra.layers import (
@@ -50,6 +51,8 @@ __all__ = [
     "TraceEstimate",
     "choose_reorthogonalize",
     "concatenate_rows",
+    "exact_ggn_spectrum",
+    "exact_layer_spectra",
     "exact_spectrum",
     "hessian_trace",
     "lanczos",

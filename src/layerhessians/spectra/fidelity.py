@@ -11,7 +11,6 @@ from collections import OrderedDict
 from dataclasses import replace
 
 import pandas as pd
-from scipy.stats import wasserstein_distance
 from torch import nn
 
 from layerhessians.curvature.blocks import layer_blocks
@@ -20,7 +19,7 @@ from layerhessians.curvature.gram import block_parameters, gram_factors
 from layerhessians.settings import SpectraSettings
 from layerhessians.spectra.exact_layers import layer_measure
 from layerhessians.spectra.layers import measure_layer_spectra
-from layerhessians.spectra.measure import SpectralMeasure
+from layerhessians.spectra.measure import SpectralMeasure, w1
 
 __all__ = ["FIDELITY_COLUMNS", "fidelity_rows", "relative_w1", "slq_fidelity"]
 
@@ -34,8 +33,7 @@ def relative_w1(measure: SpectralMeasure, reference: SpectralMeasure) -> float:
     (``max - min`` of its nodes; 1 if they coincide)."""
     low, high = reference.support
     span = high - low if high > low else 1.0
-    return float(wasserstein_distance(measure.nodes, reference.nodes, measure.weights,
-                                      reference.weights)) / span
+    return w1(measure.nodes, measure.weights, reference.nodes, reference.weights) / span
 
 
 def fidelity_rows(model: nn.Module, loss_fn, data, exact: dict, settings: SpectraSettings,

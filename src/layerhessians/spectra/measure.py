@@ -11,7 +11,7 @@ import pandas as pd
 
 from layerhessians.errors import UserError
 
-__all__ = ["SpectralMeasure", "papyan_sigma"]
+__all__ = ["SpectralMeasure", "papyan_sigma", "w1"]
 
 _WEIGHT_SUM_TOL = 1e-6
 _KAPPA = 1.25  # Papyan's kernel constant: sigma = h / sqrt(8 ln kappa)
@@ -224,3 +224,13 @@ def concatenate_rows(measures: Sequence[SpectralMeasure]) -> SpectralMeasure:
     dims = {m.dim for m in measures}
     return SpectralMeasure([n for n, _ in rows], [w for _, w in rows],
                            dim=dims.pop() if len(dims) == 1 else None)
+
+
+def w1(nodes_a, weights_a, nodes_b, weights_b) -> float:
+    """The 1-Wasserstein distance ``int |F_a(x) - F_b(x)| dx`` between two weighted point
+    sets (e.g. spectral measures' nodes and quadrature weights; any shape, flattened), by
+    :func:`scipy.stats.wasserstein_distance`: the one W1 of the package. Unit: the nodes'."""
+    from scipy.stats import wasserstein_distance
+
+    return float(wasserstein_distance(np.ravel(nodes_a), np.ravel(nodes_b), np.ravel(weights_a),
+                                      np.ravel(weights_b)))

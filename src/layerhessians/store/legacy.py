@@ -25,7 +25,7 @@ import numpy as np
 
 from layerhessians.errors import UserError
 from layerhessians.store.manifest import atomic_path
-from layerhessians.store.reader import load_run
+from layerhessians.store.run import load_run
 from layerhessians.vocabulary import FULL
 
 LEGACY_DIR = "ckpt"
