@@ -99,8 +99,8 @@ class HessianConfig:
     """How the spectra are computed at the end of an epoch (``layer_spectra`` arguments).
 
     ``iterations``: Lanczos steps per random vector (Ritz values per vector); ``vectors``:
-    random start vectors (SLQ samples); ``kind``: ``hessian | ggn | residual``; ``bn_mode``:
-    the batch-norm mode the Hessian is taken in (``eval``: running statistics;
+    random start vectors (SLQ samples); ``kind``: ``hessian | ggn | residual | ef``;
+    ``bn_mode``: the batch-norm mode the Hessian is taken in (``eval``: running statistics;
     ``train``: batch statistics of the Hessian subset); ``every``: spectra every N epochs
     (the last epoch always); ``layers``: also every layer block, not only the full Hessian;
     ``init``: also at initialisation (epoch 0); ``distribution`` of the random vectors;
