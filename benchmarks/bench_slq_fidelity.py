@@ -51,7 +51,8 @@ from torch import nn  # noqa: E402
 from layerhessians.curvature.blocks import FULL, layer_blocks  # noqa: E402
 from layerhessians.data import hessian_subset, load_dataset  # noqa: E402
 from layerhessians.models import build_model  # noqa: E402
-from layerhessians.spectra.exact_layers import exact_blocks, relative_w1  # noqa: E402
+from layerhessians.spectra.exact_layers import exact_blocks  # noqa: E402
+from layerhessians.spectra.fidelity import relative_w1  # noqa: E402
 from layerhessians.spectra.layers import layer_operators  # noqa: E402
 from layerhessians.spectra.measure import SpectralMeasure  # noqa: E402
 from layerhessians.spectra.slq import slq_many  # noqa: E402

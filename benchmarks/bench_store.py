@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from layerhessians.store import atomic, runs  # noqa: E402
+from layerhessians.store import atomic, writer  # noqa: E402
 
 SIZES = {"LeNet": (61_706, 6), "VGG11-sized": (9_231_114, 12)}
 
@@ -61,7 +61,7 @@ def run_once(folder: Path, params: int, blocks: int, epochs: int, iterations: in
     config = {"model": "bench", "blocks": names, "num_epochs": epochs, "start_time": "t"}
     path = folder / f"run-{params}-{durable}-{time.perf_counter_ns()}"
     times = []
-    with runs.RunStore.create(path, config) as store:
+    with writer.RunStore.create(path, config) as store:
         for epoch in range(epochs):
             spectra = {b: Measure(np.sort(rng.normal(size=iterations)),
                                   np.full(iterations, 1 / iterations)) for b in names}
@@ -72,7 +72,7 @@ def run_once(folder: Path, params: int, blocks: int, epochs: int, iterations: in
             store.commit_epoch(epoch, row, spectra, checkpoint)
             times.append(time.perf_counter() - start)
     start = time.perf_counter()
-    with runs.RunStore.create(path, config, resume=True):
+    with writer.RunStore.create(path, config, resume=True):
         pass
     opened = time.perf_counter() - start
     atomic.DURABLE = True
