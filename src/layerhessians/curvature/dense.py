@@ -12,20 +12,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from layerhessians.curvature.graph import (
-    BN_MODES,
-    LOSS_REDUCTIONS,
-    PER_EXAMPLE_GRADIENTS,
-    BatchLoss,
-    NonFiniteError,
-    as_batches,
-    batch_coupling,
-    check_choice,
-    loss_reduction_of,
-    resolve_params,
-)
+from layerhessians.curvature.batches import BatchLoss, as_batches
+from layerhessians.curvature.coupling import batch_coupling
+from layerhessians.curvature.graph import PER_EXAMPLE_GRADIENTS, NonFiniteError
 from layerhessians.curvature.kinds import kind_class
-from layerhessians.errors import UserError
+from layerhessians.curvature.loss_reduction import LOSS_REDUCTIONS, loss_reduction_of
+from layerhessians.curvature.params import resolve_params
+from layerhessians.errors import UserError, check_choice
+from layerhessians.vocabulary import BN_MODES
 
 __all__ = ["MAX_DENSE_DIM", "ReferenceProblem", "dense_matrix", "reference_matrix"]
 
@@ -155,7 +149,7 @@ def reference_matrix(model, loss_fn, data, params=None, kind: str = "hessian",
     ``J^T H_f J``; residual: their difference; empirical Fisher: ``J_l^T J_l / n_b`` with
     ``J_l`` the Jacobian of the per-example losses), each of the batch's SUM of per-example
     losses (a mean-reduced ``loss_fn`` times ``n_b``, detected by
-    :func:`~layerhessians.curvature.graph.loss_reduction_of`); the total divided by ``N``
+    :func:`~layerhessians.curvature.loss_reduction.loss_reduction_of`); the total divided by ``N``
     (``loss_reduction="mean"``) or not (``"sum"``); batch norm as in
     :func:`~layerhessians.curvature.kinds.hessian_operator` (on a deep copy of the model).
     Model outputs may be structured (tuples/lists/dicts of tensors). For tests and small

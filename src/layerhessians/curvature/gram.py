@@ -48,7 +48,8 @@ from scipy.linalg import blas
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from layerhessians.curvature.graph import as_batches, resolve_params
+from layerhessians.curvature.batches import as_batches
+from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError, check_choice
 
 __all__ = [

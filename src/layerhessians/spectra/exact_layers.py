@@ -25,7 +25,7 @@ from torch import nn
 from layerhessians.curvature.blocks import layer_blocks
 from layerhessians.curvature.certify import certify_blocks
 from layerhessians.curvature.gram import LayerFactors, block_parameters, gram_factors
-from layerhessians.curvature.graph import resolve_params
+from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError
 from layerhessians.spectra.measure import SpectralMeasure
 

@@ -10,13 +10,8 @@ import torch
 from torch import nn
 
 from layerhessians.curvature.base import CurvatureOperator
+from layerhessians.curvature.batches import BatchLoss, Reduction, as_batches
 from layerhessians.curvature.blocks import FULL, layer_blocks
-from layerhessians.curvature.graph import (
-    BatchLoss,
-    Reduction,
-    as_batches,
-    resolve_params,
-)
 from layerhessians.curvature.kinds import curvature_graph, kind_class
 from layerhessians.curvature.memory import (
     choose_reorthogonalize,
@@ -26,6 +21,7 @@ from layerhessians.curvature.memory import (
 from layerhessians.curvature.memory import (
     memory_budget as budget_bytes,
 )
+from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError, check_choice
 from layerhessians.spectra.exact_layers import exact_blocks
 from layerhessians.spectra.slq import slq_many

@@ -1,0 +1,144 @@
+"""Batches of data for the curvature engine: ``(inputs, targets)`` pairs or a
+:class:`BatchLoss`'s batches (:func:`as_batches`), the structure of a model's outputs
+(:func:`output_tensors`, :func:`rows`) and the :class:`Reduction` hook that combines the
+per-batch (per-process) terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+from layerhessians.errors import UserError
+
+__all__ = ["LOCAL", "PROBE_ROWS", "BatchLoss", "Reduction", "as_batches", "output_tensors",
+           "rows"]
+
+#: examples the probes use (loss reduction, batch coupling)
+PROBE_ROWS = 8
+
+
+class BatchLoss:
+    """A loss computed from the model and a whole batch: ``fn(model, batch) -> (loss,
+    count)`` with ``loss`` the MEAN over the batch's ``count`` terms (examples, or tokens for
+    a language model) as a scalar tensor and ``count`` a positive int.
+
+    Use it when the loss needs more than ``loss_fn(model(x), y)``: dict or tuple batches, a
+    language model's shifted next-token loss, masks. Data is then any iterable of batches (a
+    single batch must be put in a list). The operator is the Hessian of the mean over all
+    terms of all batches, ``sum_b count_b * loss_b / sum_b count_b``. Only ``kind="hessian"``
+    (the GGN and empirical Fisher need the model outputs and per-example losses of the
+    ``loss_fn(outputs, targets)`` form); no micro-batching (the engine cannot cut a batch it
+    does not know).
+
+    Args:
+        fn: ``fn(model, batch) -> (loss, count)``; it calls ``model`` itself (the engine's
+            modes apply: eval, batch norm per ``bn_mode``; buffers are restored afterwards).
+    """
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise UserError("BatchLoss needs a callable fn(model, batch) -> (loss, count)")
+        self.fn = fn
+
+    def __call__(self, model, batch) -> tuple[Tensor, int]:
+        """The batch's mean loss and its number of terms, checked.
+
+        Args:
+            model: the network ``fn`` calls.
+            batch: one batch, in whatever form ``fn`` takes.
+
+        Returns:
+            ``(loss, count)``: the mean loss as a 0-d tensor and the number of terms (int >= 1).
+
+        Raises:
+            UserError: ``fn`` returned something other than ``(scalar tensor, count >= 1)``.
+        """
+        result = self.fn(model, batch)
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise UserError("a BatchLoss function must return (mean loss, number of terms)")
+        loss, count = result
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise UserError("a BatchLoss function must return a scalar tensor (the batch's "
+                            "mean loss) and a count")
+        count = int(count)
+        if count < 1:
+            raise UserError(f"a BatchLoss function returned count {count}: it must be >= 1")
+        return loss.reshape(()), count
+
+
+class Reduction:
+    """Combines per-process partial results; the identity for a single process.
+
+    A distributed subclass all-reduces: ``total_examples`` returns the global example count
+    and ``sum`` returns the global sum of a product (both called with local values).
+    """
+
+    def total_examples(self, count: int) -> int:
+        """Global number of examples given the local ``count``."""
+        return count
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """Global sum of a 1-D product ``tensor`` (may work in place); returns the result."""
+        return tensor
+
+
+LOCAL = Reduction()
+
+
+def as_batches(data, pairs: bool = True) -> list:
+    """``data`` as a list of ``(inputs, targets)`` pairs (``pairs=False``: a list of batches
+    of any form, for a :class:`BatchLoss`).
+
+    ``data`` is one pair (a tuple/list whose first item is a tensor) or an iterable of pairs;
+    an iterator is consumed once. Raises :class:`UserError` if it is empty or malformed.
+    """
+    if not pairs:
+        if isinstance(data, (Tensor, Mapping)):
+            raise UserError("with a BatchLoss, data must be a list (or iterable) of batches")
+        batches = list(data)
+        if not batches:
+            raise UserError("data is empty: pass a non-empty list of batches")
+        return batches
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        pairs = [tuple(data)]
+    else:
+        try:
+            pairs = [tuple(item) for item in data]
+        except TypeError:
+            raise UserError(
+                "data must be an (inputs, targets) pair or an iterable of such pairs"
+            ) from None
+    if not pairs:
+        raise UserError("data is empty: pass an (inputs, targets) pair or a non-empty list "
+                        "of pairs")
+    for pair in pairs:
+        if len(pair) != 2 or not torch.is_tensor(pair[0]):
+            raise UserError("each batch of data must be an (inputs, targets) pair of tensors")
+        if pair[0].ndim == 0 or pair[0].shape[0] == 0:
+            raise UserError("a batch of data has no examples: drop empty batches")
+    return pairs
+
+
+def output_tensors(outputs) -> list[Tensor]:
+    """The floating tensors of a model's outputs (a tensor or a tuple/list/dict of them).
+
+    Raises:
+        UserError: the outputs hold no floating tensor.
+    """
+    leaves = [t for t in tree_flatten(outputs)[0]
+              if torch.is_tensor(t) and t.is_floating_point()]
+    if not leaves:
+        raise UserError("the model's outputs must be a floating tensor or a tuple/list/dict "
+                        f"of tensors; got {type(outputs).__name__}")
+    return leaves
+
+
+def rows(tree, index, count: int):
+    """``tree`` (a tensor, or a tuple/list/dict of them) with every tensor whose first
+    dimension is ``count`` indexed by ``index`` along it (other leaves unchanged)."""
+    return tree_map(lambda t: t[index] if torch.is_tensor(t) and t.ndim and
+                    t.shape[0] == count else t, tree)
