@@ -113,6 +113,14 @@ def tridiagonal_eigh(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray,
         return np.linalg.eigh(dense)
 
 
+def product_group(op):
+    """``op.product_group`` (see
+    :attr:`~layerhessians.curvature.base.SymmetricOperator.product_group`): the object that
+    multiplies ``op`` jointly with the other operators of its group, or ``None`` (also for an
+    operator that does not define it)."""
+    return getattr(op, "product_group", None)
+
+
 def _probe_vectors(op, dim: int) -> tuple[Tensor, Tensor]:
     seed = int.from_bytes(hashlib.sha256(
         f"symmetry/{getattr(op, 'name', '')}".encode()).digest()[:8], "little") >> 1
@@ -136,9 +144,9 @@ def symmetry_defects(operators: Sequence) -> list[float]:
     products: list = [None] * len(operators)
     groups = {}
     for k, op in enumerate(operators):
-        graph = getattr(op, "graph", None)
-        if graph is not None and hasattr(graph, "products"):
-            groups.setdefault(id(graph), (graph, []))[1].append(k)
+        group = product_group(op)
+        if group is not None:
+            groups.setdefault(id(group), (group, []))[1].append(k)
         else:
             device = getattr(op, "device", None)
             u, v = (t.to(device) for t in pairs[k])
@@ -157,7 +165,7 @@ def symmetry_defects(operators: Sequence) -> list[float]:
     for k, op in enumerate(operators):
         au, av = products[k]
         norm = max(float(torch.linalg.vector_norm(au)), float(torch.linalg.vector_norm(av)))
-        key = id(getattr(op, "graph", op))
+        key = id(product_group(op) or op)
         floors[key] = max(floors.get(key, 0.0), norm)
     defects = []
     for k, op in enumerate(operators):
@@ -165,7 +173,7 @@ def symmetry_defects(operators: Sequence) -> list[float]:
         u, v = u.to(au.device), v.to(au.device)
         norm = max(float(torch.linalg.vector_norm(au)), float(torch.linalg.vector_norm(av)))
         eps = float(torch.finfo(getattr(op, "dtype", torch.float64)).eps)
-        scale = max(norm, eps ** 0.5 * floors[id(getattr(op, "graph", op))])
+        scale = max(norm, eps ** 0.5 * floors[id(product_group(op) or op)])
         asymmetry = abs(float(torch.dot(u, av)) - float(torch.dot(v, au)))
         if not (math.isfinite(asymmetry) and math.isfinite(norm)):
             raise NonFiniteError(f"the symmetry probe of the operator "
@@ -325,15 +333,15 @@ class LanczosRecurrence:
 
 
 def _step_all(runs: Sequence[LanczosRecurrence]) -> None:
-    """One step of every run. Runs whose operators share a graph that is rebuilt for every
-    product (``reuse_graph=False``) get their products from one pass over its batches
-    (:meth:`~layerhessians.curvature.graph.CurvatureGraph.products`)."""
+    """One step of every run. Runs whose operators share a :attr:`product_group` and say that
+    joint products save passes (``joint_products_save_passes``: a graph rebuilt for every
+    product) get their products from one ``group.products`` call."""
     shared = {}
     for run in runs:
-        graph = getattr(run.op, "graph", None)
-        if run.accepts_out and graph is not None and hasattr(graph, "products") \
-                and not getattr(graph, "reuse_graph", True):
-            shared.setdefault(id(graph), (graph, []))[1].append(run)
+        group = product_group(run.op)
+        if run.accepts_out and group is not None and \
+                bool(getattr(run.op, "joint_products_save_passes", False)):
+            shared.setdefault(id(group), (group, []))[1].append(run)
         else:
             run.step()
     for graph, group in shared.values():
