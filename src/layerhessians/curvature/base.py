@@ -207,6 +207,11 @@ class CurvatureOperator(SymmetricOperator):
         return self.graph.products([self], [vector], [out])[0]
 
     @property
+    def model(self):
+        """The network the operator's graph differentiates (``graph.model``)."""
+        return self.graph.model
+
+    @property
     def product_group(self) -> CurvatureGraph:
         """The shared :class:`CurvatureGraph`: operators on it are multiplied together in one
         pass over its batches (:meth:`CurvatureGraph.products`)."""

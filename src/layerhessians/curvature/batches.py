@@ -14,8 +14,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from layerhessians.errors import UserError
 
-__all__ = ["LOCAL", "PROBE_ROWS", "BatchLoss", "Reduction", "as_batches", "output_tensors",
-           "rows"]
+__all__ = ["LOCAL", "PROBE_ROWS", "BatchLoss", "Reduction", "as_batches", "dataset_batch",
+           "output_tensors", "rows"]
 
 #: examples the probes use (loss reduction, batch coupling)
 PROBE_ROWS = 8
@@ -89,12 +89,44 @@ class Reduction:
 LOCAL = Reduction()
 
 
+def dataset_batch(data):
+    """A map-style ``Dataset`` (``__getitem__`` and ``__len__``, not a tuple/list/tensor) as
+    one ``(inputs, targets)`` batch of all its examples; anything else unchanged.
+
+    Raises:
+        UserError: a dataset whose examples are not ``(input, target)`` pairs that stack.
+    """
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        return tuple(data.tensors)
+    if not isinstance(data, Dataset) or isinstance(data, DataLoader) or \
+            not hasattr(data, "__len__"):
+        return data
+    from torch.utils.data import default_collate
+
+    try:
+        batch = default_collate([data[i] for i in range(len(data))])
+    except Exception as error:  # noqa: BLE001 - reported as the user's problem
+        raise UserError(f"a {type(data).__name__} was passed as data, but its examples do not "
+                        f"stack into one batch ({error}): pass (inputs, targets) tensors or "
+                        "a DataLoader of such batches") from None
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not torch.is_tensor(batch[0]):
+        raise UserError(f"a {type(data).__name__} was passed as data, but its examples are not "
+                        "(input, target) pairs: pass (inputs, targets) tensors or a "
+                        "DataLoader of such batches")
+    return tuple(batch)
+
+
 def as_batches(data, pairs: bool = True) -> list:
     """``data`` as a list of ``(inputs, targets)`` pairs (``pairs=False``: a list of batches
     of any form, for a :class:`BatchLoss`).
 
-    ``data`` is one pair (a tuple/list whose first item is a tensor) or an iterable of pairs;
-    an iterator is consumed once. Raises :class:`UserError` if it is empty or malformed.
+    ``data`` is one pair (a tuple/list whose first item is a tensor), an iterable of pairs
+    (a list, a ``DataLoader``; an iterator is consumed once) or a map-style
+    ``torch.utils.data.Dataset`` of ``(input, target)`` examples (a ``TensorDataset``, ...),
+    which is taken as ONE batch of all its examples (stacked by ``default_collate``). Raises
+    :class:`UserError` if it is empty or malformed.
     """
     if not pairs:
         if isinstance(data, (Tensor, Mapping)):
@@ -103,6 +135,7 @@ def as_batches(data, pairs: bool = True) -> list:
         if not batches:
             raise UserError("data is empty: pass a non-empty list of batches")
         return batches
+    data = dataset_batch(data)
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         pairs = [tuple(data)]
     else:

@@ -49,6 +49,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from layerhessians.curvature.batches import as_batches
+from layerhessians.curvature.loss_reduction import data_loss_reduction
+from layerhessians.curvature.modes import engine_context, engine_forward
 from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError, check_choice
 
@@ -106,10 +108,12 @@ def _cross_entropy_sqrt(p: Tensor) -> Tensor:
     return torch.bmm(sqrt_h, basis)
 
 
-def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float) -> Tensor:
-    """``S`` [n, C, K] with ``S_n S_n^T = scale * n * d^2 loss_fn / df_n^2`` per example.
+def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float,
+                        loss_reduction: str | None = "mean") -> Tensor:
+    """``S`` [n, C, K] with ``S_n S_n^T = scale * d^2 l_n / df_n^2`` per example.
 
-    ``loss_fn(outputs, targets)`` is the batch mean of per-example losses, so ``n`` times its
+    ``loss_fn(outputs, targets)`` is the batch mean (``loss_reduction="mean"``, default) or
+    sum (``"sum"``) of per-example losses ``l_n``, so ``n`` times (mean) or once (sum) its
     Hessian's diagonal blocks are the per-example output Hessians; ``scale`` is usually
     ``1 / N`` for a mean over ``N`` examples. Plain ``nn.CrossEntropyLoss()`` (or
     ``F.cross_entropy``) uses the closed form ``diag(sqrt p) - p sqrt(p)^T`` restricted to
@@ -122,6 +126,9 @@ def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float) -> Tens
         outputs: model outputs [n, ...] (flattened to [n, C]); detached here.
         targets: the batch's targets.
         scale: non-negative factor (see above).
+        loss_reduction: how ``loss_fn`` reduces over the batch, ``"mean"`` or ``"sum"``
+            (:func:`~layerhessians.curvature.loss_reduction.data_loss_reduction`; ``None``:
+            undecided, treated as a mean).
 
     Returns:
         Tensor [n, C, K] in the outputs' dtype (``K = C - 1`` for cross-entropy with
@@ -134,7 +141,9 @@ def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float) -> Tens
     outputs = outputs.detach()
     n = outputs.shape[0]
     flat = outputs.reshape(n, -1)
-    if _is_plain_cross_entropy(loss_fn, targets) and outputs.ndim == 2:
+    weight = 1.0 if loss_reduction == "sum" else float(n)
+    if loss_reduction != "sum" and _is_plain_cross_entropy(loss_fn, targets) \
+            and outputs.ndim == 2:
         return _cross_entropy_sqrt(torch.softmax(flat, dim=1)) * math.sqrt(scale)
     classes = flat.shape[1]
     if n * classes > 4_000:
@@ -143,7 +152,7 @@ def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float) -> Tens
     hessian = torch.func.hessian(
         lambda z: loss_fn(z.view_as(outputs), targets))(flat).reshape(n, classes, n, classes)
     index = torch.arange(n, device=flat.device)
-    blocks = hessian[index, :, index, :] * (n * scale)
+    blocks = hessian[index, :, index, :] * (weight * scale)
     off = hessian.clone()
     off[index, :, index, :] = 0
     size = float(hessian.abs().max()) if hessian.numel() else 0.0
@@ -401,21 +410,6 @@ def _owner_modules(model: nn.Module, blocks: "OrderedDict[str, Tensor]") -> dict
     return {name: owners.get(id(param)) for name, param in blocks.items()}
 
 
-def _forward_eval(model: nn.Module, x: Tensor) -> Tensor:
-    """Eval-mode forward with cloned buffers: the model's state and modes are unchanged."""
-    modules = list(model.modules())
-    modes = [m.training for m in modules]
-    try:
-        model.eval()
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-        if buffers:
-            return torch.func.functional_call(model, buffers, (x,))
-        return model(x)
-    finally:
-        for m, mode in zip(modules, modes):
-            m.training = mode
-
-
 def _backward_columns(outputs: Tensor, targets_of: list[Tensor], sqrt_h: Tensor) -> list:
     """Gradients of ``outputs . s_k`` w.r.t. ``targets_of`` for every column ``k``:
     per target a tensor [K, *target.shape]; one vmapped backward, or a loop over ``k``."""
@@ -463,21 +457,22 @@ def gram_factors(model: nn.Module, loss_fn, data, blocks, micro_batch_size: int 
     first = next(iter(blocks.values()))
     dtype, device = first.dtype, first.device
     pairs = split_batches(as_batches(data), micro_batch_size)
+    pairs = [(x.to(device=device, dtype=dtype if x.is_floating_point() else None),
+              y.to(device=device, dtype=dtype if y.is_floating_point() else None)
+              if torch.is_tensor(y) else y) for x, y in pairs]
     total = sum(int(x.shape[0]) for x, _ in pairs)
     inputs = {name: [] for name in blocks}
     sens = {name: [] for name in blocks}
-    with torch.enable_grad():
+    with engine_context(model, "eval"):
+        reduction = data_loss_reduction(loss_fn, model, pairs)
         for x, y in pairs:
-            x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-            if torch.is_tensor(y):
-                y = y.to(device=device, dtype=dtype if y.is_floating_point() else None)
             seen = {name: [] for name in blocks}
             hooks = [module.register_forward_hook(
                 lambda mod, args, out, name=name, seen=seen: seen[name].append((args[0], out))
                 and None)
                 for name, module in owners.items()]
             try:
-                outputs = _forward_eval(model, x)
+                outputs = model(x)
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -488,7 +483,7 @@ def gram_factors(model: nn.Module, loss_fn, data, blocks, micro_batch_size: int 
                 if calls[0][1]._version != 0:
                     raise UserError(f"the output of layer {name!r} is changed in place: "
                                     "use out-of-place activations (inplace=False)")
-            sqrt_h = output_hessian_sqrt(loss_fn, outputs, y, 1.0 / total)
+            sqrt_h = output_hessian_sqrt(loss_fn, outputs, y, 1.0 / total, reduction)
             layer_outputs = [seen[name][0][1] for name in blocks]
             grads = _backward_columns(outputs, layer_outputs, sqrt_h)
             for name, grad, out in zip(blocks, grads, layer_outputs):
@@ -532,8 +527,7 @@ def factor_bytes(model: nn.Module, data, blocks
         lambda mod, args, out, name=name: record(name, args, out))
         for name, module in owners.items() if module is not None]
     try:
-        with torch.no_grad():
-            classes = _forward_eval(model, x).numel() // count
+        classes = engine_forward(model, "eval", x).numel() // count
     finally:
         for hook in hooks:
             hook.remove()

@@ -59,6 +59,7 @@ with all-reduces over a process group, without changing this API.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -66,19 +67,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from layerhessians.curvature.attention import math_attention
 from layerhessians.curvature.batches import LOCAL, BatchLoss, Reduction, as_batches, output_tensors
 from layerhessians.curvature.conv_double_backward import (
     CONV_DOUBLE_BACKWARDS,
     conv_double_backward,
 )
-from layerhessians.curvature.coupling import batch_coupling
+from layerhessians.curvature.coupling import RANDOM_FORWARD, batch_coupling
 from layerhessians.curvature.loss_reduction import (
     LOSS_REDUCTIONS,
     classify_reduction,
-    loss_reduction_of,
+    data_loss_reduction,
 )
-from layerhessians.curvature.modes import engine_modes
+from layerhessians.curvature.modes import engine_context, reseed
 from layerhessians.curvature.params import parameter_names
 from layerhessians.errors import UserError, check_choice
 from layerhessians.vocabulary import BN_MODES
@@ -239,8 +239,10 @@ class CurvatureGraph:
         self._check_split()
         self._loss_reduction_of_fn = None  # "mean"/"sum" once detected
         self._factor = None
+        self._reduction_probed = False
         self._built: list[BatchGraph] | None = None
-        self._versions = None
+        self._snapshot: list[Tensor] | None = None  # parameters and buffers built on
+        self._in_engine = self._building = False
         self.forward_passes = 0  # number of forward passes run (for benchmarks and tests)
 
     def _check_split(self) -> None:
@@ -255,21 +257,30 @@ class CurvatureGraph:
         reason = batch_coupling(self.model, self.bn_mode, probe)
         if reason is None:
             return
+        where = (f"the data come in {len(self._data)} batches" if several else
+                 "the data are sharded over processes" if distributed else
+                 "per-example gradients (the empirical Fisher) are asked for")
+        if reason == RANDOM_FORWARD:
+            raise UserError(f"{where}, but {reason}: make the forward deterministic when the "
+                            "model is not training (e.g. return the mean instead of a sample "
+                            "in eval mode), or pass the data as one (inputs, targets) batch "
+                            "without micro_batch_size")
         if per_example:
             raise UserError(f"per-example gradients (the empirical Fisher) are undefined with "
                             f"{reason}, which couples the examples of a batch: use bn_mode "
                             "'eval' (and running statistics)")
-        where = (f"the data come in {len(self._data)} batches" if several else
-                 "the data are sharded over processes")
         raise UserError(f"{where}, but {reason} makes each example's output depend on the "
                         "other examples of its batch, so the split would change the operator: "
                         "pass the data as one (inputs, targets) batch without "
                         "micro_batch_size, or use bn_mode 'eval'")
 
     def _to_model(self, x: Tensor, y) -> tuple[Tensor, Tensor]:
-        x = x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else None)
-        if torch.is_tensor(y):
-            y = y.to(device=self.device, dtype=self.dtype if y.is_floating_point() else None)
+        with torch.inference_mode(False):  # inference tensors cannot enter autograd
+            x = x.clone() if x.is_inference() else x
+            x = x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else None)
+            if torch.is_tensor(y):
+                y = y.clone() if y.is_inference() else y
+                y = y.to(device=self.device, dtype=self.dtype if y.is_floating_point() else None)
         return x, y
 
     @property
@@ -305,43 +316,76 @@ class CurvatureGraph:
             self._factor = 1.0 / total if self.loss_reduction == "mean" else 1.0
         return self._factor
 
-    # -- forward pass without side effects on the model
-    def _model_modes(self):
-        """Eval mode, batch norm in ``bn_mode``; the caller's modes restored afterwards."""
-        return engine_modes(self.model, self.bn_mode)
+    # -- passes without side effects on the model
+    @contextlib.contextmanager
+    def _engine(self):
+        """:func:`~layerhessians.curvature.modes.engine_context` around the graph's passes
+        (entered once however deeply nested)."""
+        if self._in_engine:
+            yield
+            return
+        self._check_state()  # outside the context, which swaps the buffers for clones
+        if self._snapshot is None:
+            self._snapshot = [t.clone() for t in self._state()]
+        self._in_engine, self._building = True, False
+        try:
+            with engine_context(self.model, self.bn_mode):
+                yield
+        finally:
+            self._in_engine = False
+        if self._building:
+            self._check_state("during")
 
     def _forward(self, x: Tensor):
-        with self._model_modes():
-            buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-            self.forward_passes += 1
-            with conv_double_backward(self.conv_double_backward), math_attention():
-                if buffers:
-                    return torch.func.functional_call(self.model, buffers, (x,))
-                return self.model(x)
+        self.forward_passes += 1
+        reseed()
+        with conv_double_backward(self.conv_double_backward):
+            return self.model(x)
 
     def _batch_loss_term(self, batch) -> tuple[Tensor, int]:
-        """``count * loss`` of a :class:`BatchLoss` batch. The modules' buffers are swapped
-        for clones during the call (batch norm may update those), then put back."""
-        swapped = [(m, name, b) for m in self.model.modules()
-                   for name, b in m._buffers.items() if b is not None]
-        with self._model_modes():
-            self.forward_passes += 1
-            try:
-                for m, name, b in swapped:
-                    m._buffers[name] = b.clone()
-                with conv_double_backward(self.conv_double_backward):
-                    loss, count = self.loss_fn(self.model, batch)
-            finally:
-                for m, name, b in swapped:
-                    m._buffers[name] = b
+        """``count * loss`` of a :class:`BatchLoss` batch (inside the engine's context:
+        buffers are clones, attention on its math path)."""
+        self.forward_passes += 1
+        reseed()
+        with conv_double_backward(self.conv_double_backward):
+            loss, count = self.loss_fn(self.model, batch)
         return loss * count, count
 
     def _loss_weight(self, outputs, y, count: int) -> float:
         """The batch's ``scale``: ``count`` for a mean-reduced ``loss_fn``, 1 for a sum
-        (detected by :func:`loss_reduction_of` on the first batch of 2 or more examples)."""
-        if self._loss_reduction_of_fn is None and outputs is not None:
-            self._loss_reduction_of_fn = loss_reduction_of(self.loss_fn, outputs, y, count)
+        (decided from all the data before the first batch, :func:`data_loss_reduction`)."""
         return 1.0 if self._loss_reduction_of_fn == "sum" else float(count)
+
+    def _detect_reduction(self) -> None:
+        if self.batch_loss or self._reduction_probed:
+            return
+        if GRADIENT in self.needs or OUTPUT_CURVATURE in self.needs:
+            self._loss_reduction_of_fn = data_loss_reduction(self.loss_fn, self.model,
+                                                             self._data)
+        self._reduction_probed = True
+
+    # -- the parameters (and buffers) an operator was built on
+    def _state(self) -> list[Tensor]:
+        return [t.detach() for t in self.model.parameters()] + list(self.model.buffers())
+
+    def _check_state(self, when: str = "after") -> None:
+        """Refuse products when the model's parameters or buffers differ (in any entry) from
+        those the graph was built on, however they were changed."""
+        if self._snapshot is None:
+            return
+        state = self._state()
+        if len(state) == len(self._snapshot) and all(
+                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                for a, b in zip(state, self._snapshot)):
+            return
+        if when == "during":
+            raise UserError("the model's forward changed its own parameters or buffers in "
+                            "place: the curvature of such a model is not defined by its "
+                            "weights; measure a copy whose forward leaves them alone")
+        raise UserError("the model's parameters or buffers changed after its curvature "
+                        "operator was built (an optimizer step, p.data, load_state_dict, ...): "
+                        "call op.release() to measure at the new weights, or build a new "
+                        "operator")
 
     def _scaled_loss(self, outputs, y, scale: float) -> Tensor:
         loss = self.loss_fn(outputs, y)
@@ -351,25 +395,30 @@ class CurvatureGraph:
 
     def _per_example_grads(self, x: Tensor, y) -> tuple:
         """``grad l_n`` per parameter [n_b, *shape] with ``l_n = loss_fn(f(x_n)[None],
-        y_n[None])``, by ``torch.func.vmap(grad)``; tells (and checks) from their losses
-        whether ``loss_fn`` is their mean or sum (:func:`classify_reduction`)."""
+        y_n[None])``, by ``torch.func.vmap(grad)``, or one backward pass per example where
+        vmap cannot run the model (RNNs, checkpointed blocks, data-dependent control flow);
+        tells (and checks) from their losses whether ``loss_fn`` is their mean or sum
+        (:func:`classify_reduction`)."""
         if not torch.is_tensor(y) or y.ndim == 0 or y.shape[0] != x.shape[0]:
             raise UserError("per-example gradients need targets with one row per example")
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
+        buffers = dict(self.model.named_buffers())
 
         def example_loss(values, xn, yn):
             outputs = torch.func.functional_call(self.model, (values, buffers),
                                                  (xn.unsqueeze(0),))
             return self.loss_fn(outputs, yn.unsqueeze(0)).reshape(())
 
-        with self._model_modes(), math_attention():
-            buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-            self.forward_passes += 1
+        self.forward_passes += 1
+        try:
             grads, losses = torch.func.vmap(torch.func.grad_and_value(example_loss),
                                             in_dims=(None, 0, 0))(params, x, y)
-            with torch.no_grad():
-                batch_loss = self.loss_fn(torch.func.functional_call(
-                    self.model, (params, buffers), (x,)), y)
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 - vmap cannot run this model: loop over examples
+            grads, losses = self._looped_per_example_grads(x, y)
+        with torch.no_grad():
+            batch_loss = self.loss_fn(self.model(x), y)
         if not torch.is_tensor(batch_loss) or batch_loss.numel() != 1:
             raise UserError("loss_fn must return a scalar tensor (the mean loss of the batch)")
         found = classify_reduction(batch_loss, losses, self.dtype)
@@ -379,6 +428,19 @@ class CurvatureGraph:
             raise UserError(f"loss_fn is a {found} over the examples of one batch and a "
                             f"{self._loss_reduction_of_fn} over another's: pass one reduction")
         return tuple(grads[n] for n in self.names)
+
+    def _looped_per_example_grads(self, x: Tensor, y) -> tuple[dict, Tensor]:
+        """``({name: [n_b, *shape]}, losses [n_b])`` by one backward pass per example."""
+        per_name = {n: [] for n in self.names}
+        losses = []
+        for n in range(int(x.shape[0])):
+            loss = self.loss_fn(self.model(x[n:n + 1]), y[n:n + 1]).reshape(())
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True,
+                                        materialize_grads=True)
+            for name, g in zip(self.names, grads):
+                per_name[name].append(g.to_dense() if g.is_sparse else g)
+            losses.append(loss.detach())
+        return {n: torch.stack(gs) for n, gs in per_name.items()}, torch.stack(losses)
 
     def _build_batch(self, x, y) -> BatchGraph:
         if self.batch_loss:
@@ -444,12 +506,19 @@ class CurvatureGraph:
             self._local_examples = sum(b.examples for b in built)
 
     def _build_all(self):
+        self._building = True
         for item in self._data:
             yield self._build_batch(item, None) if self.batch_loss else self._build_batch(*item)
 
     def batches(self):
-        """Yield one :class:`BatchGraph` per batch (cached when ``reuse_graph``)."""
-        with torch.enable_grad():
+        """Yield one :class:`BatchGraph` per batch (cached when ``reuse_graph``).
+
+        Raises:
+            UserError: the model's parameters or buffers changed since the graph was built
+                (or its first product, when not kept), or its forward changes them.
+        """
+        with self._engine():
+            self._detect_reduction()
             if not self.reuse_graph:
                 built = []
                 for batch in self._build_all():
@@ -459,13 +528,7 @@ class CurvatureGraph:
                 return
             if self._built is None:
                 self._built = list(self._build_all())
-                self._versions = [p._version for p in self.params]
                 self._count(self._built)
-            elif [p._version for p in self.params] != self._versions:
-                raise UserError(
-                    "the model's parameters changed after the Hessian operator was built: "
-                    "call op.release() (or build a new operator) after each update"
-                )
             yield from self._built
 
     def build(self) -> "CurvatureGraph":
@@ -477,7 +540,7 @@ class CurvatureGraph:
     def release(self) -> None:
         """Free the kept graphs; the next product rebuilds them from the current parameters."""
         self._built = None
-        self._versions = None
+        self._snapshot = None
 
     # -- products of several operators in one pass over the batches
     def products(self, operators: Sequence, vectors: Sequence[Tensor],
@@ -526,14 +589,18 @@ class CurvatureGraph:
             results.append(result)
             targets.append(op.unflatten(result))  # results go straight into place
         filled = [False] * len(operators)
-        for batch in self.batches():
-            for k, op in enumerate(operators):
-                pieces = op.batch_product(batch, parts[k])
-                if pieces is None:
-                    continue
-                for target, piece in zip(targets[k], pieces):
-                    target.add_(piece) if filled[k] else target.copy_(piece)
-                filled[k] = True
+        caller_inference = torch.is_inference_mode_enabled()  # its results are written so
+        with self._engine():  # backward passes may re-run forwards (checkpointed blocks)
+            for batch in self.batches():
+                for k, op in enumerate(operators):
+                    pieces = op.batch_product(batch, parts[k])
+                    if pieces is None:
+                        continue
+                    with torch.inference_mode(caller_inference):
+                        for target, piece in zip(targets[k], pieces):
+                            piece = piece.to_dense() if piece.is_sparse else piece
+                            target.add_(piece) if filled[k] else target.copy_(piece)
+                    filled[k] = True
         reduced = []
         for op, result, out, done in zip(operators, results, outs, filled):
             if not done:

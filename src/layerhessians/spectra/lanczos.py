@@ -199,10 +199,27 @@ def check_symmetric(operators: Sequence, rtol: float | None = None) -> None:
             raise UserError(
                 f"the operator {getattr(op, 'name', '')!r} is not symmetric (|u.Av - v.Au| = "
                 f"{defect:.2g} of |Av| for random unit u, v; tolerance {limit:g}): its "
-                "spectrum would be wrong. A known cause is torch's weight_norm, whose double "
-                "backward is not symmetric: remove it (torch.nn.utils.parametrize."
-                "remove_parametrizations) before measuring, or pass check_symmetry=False to "
-                "proceed anyway")
+                f"spectrum and trace would be wrong. {_asymmetry_cause(op)}; or pass "
+                "check_symmetry=False to proceed anyway")
+
+
+def _asymmetry_cause(op) -> str:
+    """What the model shows that explains an asymmetric operator (or what to look for)."""
+    model = getattr(op, "model", None)
+    if model is not None:
+        for name, module in model.named_modules():
+            hooks = list(getattr(module, "_forward_pre_hooks", {}).values())
+            plain = any(type(h).__name__ == "WeightNorm" for h in hooks)
+            parametrized = any(type(p).__name__ == "_WeightNorm"
+                               for plist in getattr(module, "parametrizations", {}).values()
+                               for p in plist)
+            if plain or parametrized:
+                return (f"Detected: module {name!r} uses torch's weight_norm, whose double "
+                        "backward is not symmetric: remove it (torch.nn.utils.parametrize."
+                        "remove_parametrizations or remove_weight_norm) before measuring")
+    return ("No known cause was detected in the model: look for roundoff (products of tiny "
+            "or huge factors, float32 where float64 is needed) or a custom autograd function "
+            "whose double backward is not symmetric")
 
 
 class LanczosRecurrence:
