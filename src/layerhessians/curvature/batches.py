@@ -171,7 +171,17 @@ def output_tensors(outputs) -> list[Tensor]:
 
 
 def rows(tree, index, count: int):
-    """``tree`` (a tensor, or a tuple/list/dict of them) with every tensor whose first
-    dimension is ``count`` indexed by ``index`` along it (other leaves unchanged)."""
-    return tree_map(lambda t: t[index] if torch.is_tensor(t) and t.ndim and
-                    t.shape[0] == count else t, tree)
+    """``tree`` (a tensor, or a tuple/list/dict of them) with the rows of examples ``index``
+    (a slice or index tensor over ``count`` examples) of every tensor whose first dimension
+    is ``count``, or a multiple ``R * count`` (``R`` consecutive loss rows per example, e.g.
+    the token positions of a language model's outputs ``[B, T, V]`` flattened to
+    ``[B*T, V]``: example ``n`` owns rows ``n*R .. n*R + R - 1``); other leaves unchanged."""
+    def pick(t):
+        if not torch.is_tensor(t) or not t.ndim or count < 1 or t.shape[0] % count:
+            return t
+        per = t.shape[0] // count
+        if per == 1:
+            return t[index]
+        return t.reshape(count, per, *t.shape[1:])[index].reshape(-1, *t.shape[1:])
+
+    return tree_map(pick, tree)

@@ -11,7 +11,12 @@ from layerhessians.curvature.batches import PROBE_ROWS, output_tensors
 from layerhessians.curvature.modes import engine_forward
 from layerhessians.errors import UserError
 
-__all__ = ["RANDOM_FORWARD", "batch_coupling"]
+__all__ = ["OUTPUT_ROWS", "RANDOM_FORWARD", "batch_coupling"]
+
+#: the reason given for outputs whose rows are not whole blocks per example
+OUTPUT_ROWS = ("the model's outputs do not have the same number of rows for every example "
+               "(rows = examples, or R consecutive rows per example such as token "
+               "positions), so the engine cannot tell which example a loss row belongs to")
 
 #: the reason given for a forward that draws random numbers in the engine's (eval) modes
 RANDOM_FORWARD = ("the model's forward draws random numbers even in eval mode (two passes over "
@@ -75,9 +80,10 @@ def batch_coupling(model: nn.Module, bn_mode: str, inputs: Tensor | None = None)
         except Exception as error:  # noqa: BLE001 - any failure means it is not per-example
             return f"a forward pass on {half} of {whole} examples fails ({error})"
     for a, b in zip(full, part):
-        if a.ndim == 0 or a.shape[0] != whole or b.shape != (half, *a.shape[1:]):
-            return "an output without one row per example"
-        if not _close(a[:half], b, full[0].dtype):
+        if a.ndim == 0 or a.shape[0] % whole or b.shape != (a.shape[0] // whole * half,
+                                                              *a.shape[1:]):
+            return OUTPUT_ROWS
+        if not _close(a[:b.shape[0]], b, full[0].dtype):
             return (f"a layer that mixes the examples of a batch (the outputs of {half} "
                     f"examples change when they are evaluated among {whole})")
     return None

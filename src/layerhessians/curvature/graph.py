@@ -72,7 +72,7 @@ from layerhessians.curvature.conv_double_backward import (
     CONV_DOUBLE_BACKWARDS,
     conv_double_backward,
 )
-from layerhessians.curvature.coupling import RANDOM_FORWARD, batch_coupling
+from layerhessians.curvature.coupling import OUTPUT_ROWS, RANDOM_FORWARD, batch_coupling
 from layerhessians.curvature.loss_reduction import (
     LOSS_REDUCTIONS,
     classify_reduction,
@@ -260,6 +260,9 @@ class CurvatureGraph:
         where = (f"the data come in {len(self._data)} batches" if several else
                  "the data are sharded over processes" if distributed else
                  "per-example gradients (the empirical Fisher) are asked for")
+        if reason == OUTPUT_ROWS:
+            raise UserError(f"{where}, but {reason}: return outputs with one row (or R "
+                            "consecutive rows) per example and flatten them in loss_fn")
         if reason == RANDOM_FORWARD:
             raise UserError(f"{where}, but {reason}: make the forward deterministic when the "
                             "model is not training (e.g. return the mean instead of a sample "

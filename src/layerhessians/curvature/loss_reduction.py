@@ -68,7 +68,7 @@ def probe_examples(pairs, limit: int = LOSS_PROBE_ROWS):
             chosen.append(i)
     index = torch.tensor(sorted(chosen), dtype=torch.long)
     return rows(inputs, index.to(inputs.device), count), \
-        rows(targets, index.to(inputs.device) if torch.is_tensor(targets) else index, count)
+        rows(targets, index.to(targets.device) if torch.is_tensor(targets) else index, count)
 
 
 def data_loss_reduction(loss_fn, forward, pairs) -> str | None:
