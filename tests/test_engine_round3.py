@@ -316,12 +316,13 @@ def test_calls_under_inference_mode_or_no_grad_work():
         x, y = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
         op = hessian_operator(model, CE, (x, y))
         inside = _dense(op)
-    with torch.no_grad():
-        top = top_eigenvalues(hessian_operator(model, CE, data), 1)[0]
-        spectra = layer_spectra(model, CE, data, iterations=39, layers=False)
     assert torch.allclose(inside, reference, atol=1e-10)
-    assert np.isclose(top, _top(reference), rtol=1e-8)
-    assert np.isclose(float(np.max(spectra["full"].nodes)), _top(reference), rtol=1e-6)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            top = top_eigenvalues(hessian_operator(model, CE, data), 1)[0]
+            spectra = layer_spectra(model, CE, data, iterations=39, layers=False)
+        assert np.isclose(top, _top(reference), rtol=1e-8)
+        assert np.isclose(float(np.max(spectra["full"].nodes)), _top(reference), rtol=1e-6)
 
 
 def test_a_dataset_is_taken_as_one_batch():

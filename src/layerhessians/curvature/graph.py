@@ -80,6 +80,7 @@ from layerhessians.curvature.loss_reduction import (
 )
 from layerhessians.curvature.modes import engine_context, reseed
 from layerhessians.curvature.params import parameter_names
+from layerhessians.curvature.per_example import per_example_gradients
 from layerhessians.errors import UserError, check_choice
 from layerhessians.vocabulary import BN_MODES
 
@@ -397,53 +398,19 @@ class CurvatureGraph:
         return loss.reshape(()) * scale
 
     def _per_example_grads(self, x: Tensor, y) -> tuple:
-        """``grad l_n`` per parameter [n_b, *shape] with ``l_n = loss_fn(f(x_n)[None],
-        y_n[None])``, by ``torch.func.vmap(grad)``, or one backward pass per example where
-        vmap cannot run the model (RNNs, checkpointed blocks, data-dependent control flow);
-        tells (and checks) from their losses whether ``loss_fn`` is their mean or sum
+        """``grad l_n`` per parameter [n_b, *shape] (:func:`per_example_gradients`); tells
+        (and checks) from their losses whether ``loss_fn`` is their mean or sum
         (:func:`classify_reduction`)."""
-        if not torch.is_tensor(y) or y.ndim == 0 or y.shape[0] != x.shape[0]:
-            raise UserError("per-example gradients need targets with one row per example")
-        params = {n: p.detach() for n, p in zip(self.names, self.params)}
-        buffers = dict(self.model.named_buffers())
-
-        def example_loss(values, xn, yn):
-            outputs = torch.func.functional_call(self.model, (values, buffers),
-                                                 (xn.unsqueeze(0),))
-            return self.loss_fn(outputs, yn.unsqueeze(0)).reshape(())
-
         self.forward_passes += 1
-        try:
-            grads, losses = torch.func.vmap(torch.func.grad_and_value(example_loss),
-                                            in_dims=(None, 0, 0))(params, x, y)
-        except UserError:
-            raise
-        except Exception:  # noqa: BLE001 - vmap cannot run this model: loop over examples
-            grads, losses = self._looped_per_example_grads(x, y)
-        with torch.no_grad():
-            batch_loss = self.loss_fn(self.model(x), y)
-        if not torch.is_tensor(batch_loss) or batch_loss.numel() != 1:
-            raise UserError("loss_fn must return a scalar tensor (the mean loss of the batch)")
+        grads, losses, batch_loss = per_example_gradients(self.model, self.loss_fn,
+                                                          self.params, self.names, x, y)
         found = classify_reduction(batch_loss, losses, self.dtype)
         if self._loss_reduction_of_fn is None:
             self._loss_reduction_of_fn = found
         elif found not in (None, self._loss_reduction_of_fn):
             raise UserError(f"loss_fn is a {found} over the examples of one batch and a "
                             f"{self._loss_reduction_of_fn} over another's: pass one reduction")
-        return tuple(grads[n] for n in self.names)
-
-    def _looped_per_example_grads(self, x: Tensor, y) -> tuple[dict, Tensor]:
-        """``({name: [n_b, *shape]}, losses [n_b])`` by one backward pass per example."""
-        per_name = {n: [] for n in self.names}
-        losses = []
-        for n in range(int(x.shape[0])):
-            loss = self.loss_fn(self.model(x[n:n + 1]), y[n:n + 1]).reshape(())
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True,
-                                        materialize_grads=True)
-            for name, g in zip(self.names, grads):
-                per_name[name].append(g.to_dense() if g.is_sparse else g)
-            losses.append(loss.detach())
-        return {n: torch.stack(gs) for n, gs in per_name.items()}, torch.stack(losses)
+        return grads
 
     def _build_batch(self, x, y) -> BatchGraph:
         if self.batch_loss:
