@@ -106,8 +106,10 @@ def test_class_weighted_mean_is_refused_however_split_or_ordered():
     perm = torch.randperm(30, generator=g)
     for data in ((x, y), [(x[i:i + 10], y[i:i + 10]) for i in range(0, 30, 10)],
                  [(x[i:i + 25], y[i:i + 25]) for i in (0, 25)], (x[perm], y[perm])):
-        with pytest.raises(UserError, match="neither the mean nor the sum.*class weights"):
-            hessian_operator(model, weighted, data) @ torch.ones(39, dtype=torch.float64)
+        for kind in ("hessian", "ggn", "ef"):
+            with pytest.raises(UserError, match="neither the mean nor the sum.*class weights"):
+                op = hessian_operator(model, weighted, data, kind=kind)
+                op @ torch.ones(39, dtype=torch.float64)
     # an unweighted mean is right for every split
     reference = reference_matrix(model, CE, (x, y))
     for size in (None, 25, 10):

@@ -363,9 +363,7 @@ class CurvatureGraph:
     def _detect_reduction(self) -> None:
         if self.batch_loss or self._reduction_probed:
             return
-        if GRADIENT in self.needs or OUTPUT_CURVATURE in self.needs:
-            self._loss_reduction_of_fn = data_loss_reduction(self.loss_fn, self.model,
-                                                             self._data)
+        self._loss_reduction_of_fn = data_loss_reduction(self.loss_fn, self.model, self._data)
         self._reduction_probed = True
 
     # -- the parameters (and buffers) an operator was built on
