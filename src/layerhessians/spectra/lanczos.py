@@ -152,12 +152,12 @@ def symmetry_defects(operators: Sequence) -> list[float]:
             u, v = (t.to(device) for t in pairs[k])
             products[k] = (torch.as_tensor(op.matvec(u)).to(torch.float64),
                            torch.as_tensor(op.matvec(v)).to(torch.float64))
-    for graph, members in groups.values():
+    for group, members in groups.values():
         ops = [operators[k] for k in members]
         device = ops[0].device
         vectors = [pairs[k][0].to(device) for k in members] + \
             [pairs[k][1].to(device) for k in members]
-        results = graph.products(ops + ops, vectors)
+        results = group.products(ops + ops, vectors)
         for i, k in enumerate(members):
             products[k] = (results[i].to(torch.float64),
                            results[len(members) + i].to(torch.float64))
@@ -361,8 +361,8 @@ def _step_all(runs: Sequence[LanczosRecurrence]) -> None:
             shared.setdefault(id(group), (group, []))[1].append(run)
         else:
             run.step()
-    for graph, group in shared.values():
-        products = graph.products([r.op for r in group], [r.q for r in group],
+    for owner, group in shared.values():
+        products = owner.products([r.op for r in group], [r.q for r in group],
                                   [r.spare[0] for r in group])
         for run, product in zip(group, products):
             run.step(product)
