@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from layerhessians.curvature import hessian_operator  # noqa: E402
-from layerhessians.curvature.graph import batch_coupling, loss_reduction_of  # noqa: E402
+from layerhessians.curvature.coupling import batch_coupling  # noqa: E402
+from layerhessians.curvature.loss_reduction import loss_reduction_of  # noqa: E402
 from layerhessians.models import build_model  # noqa: E402
 from layerhessians.spectra.lanczos import check_symmetric  # noqa: E402
 

@@ -20,7 +20,7 @@ from layerhessians.curvature import (
     hessian_operator,
     reference_matrix,
 )
-from layerhessians.curvature.graph import resolve_params
+from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError
 from problems import CE, PROBLEMS, rel_error
 

@@ -19,12 +19,10 @@ from layerhessians.curvature import (
     hessian_operator,
     reference_matrix,
 )
-from layerhessians.curvature.graph import (
-    NonFiniteError,
-    batch_coupling,
-    loss_reduction_of,
-    output_tensors,
-)
+from layerhessians.curvature.batches import output_tensors
+from layerhessians.curvature.coupling import batch_coupling
+from layerhessians.curvature.graph import NonFiniteError
+from layerhessians.curvature.loss_reduction import loss_reduction_of
 from layerhessians.errors import UserError
 from layerhessians.spectra import (
     exact_spectrum,

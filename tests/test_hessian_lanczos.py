@@ -136,3 +136,33 @@ def test_basis_too_big_for_memory_is_refused(monkeypatch):
     with pytest.raises(UserError, match="reorthogonalize=False"):
         slq(op, iterations=10)
     assert slq(op, iterations=10, reorthogonalize=False).nodes == pytest.approx([1.0])
+
+
+def test_lanczos_shares_products_through_the_public_product_group():
+    """Any operator (not only the engine's) can be stepped in lockstep by declaring a
+    product_group and joint_products_save_passes; the Ritz values are unchanged."""
+    from layerhessians.spectra.lanczos import lanczos
+
+    class Group:
+        calls = 0
+
+        def products(self, operators, vectors, outs=None):
+            self.calls += 1
+            outs = outs or [None] * len(operators)
+            return [MatrixOperator.matvec(op, v, out) for op, v, out in
+                    zip(operators, vectors, outs)]
+
+    class Grouped(MatrixOperator):
+        group = Group()
+        product_group = property(lambda self: self.group)
+        joint_products_save_passes = True
+
+    rng = torch.Generator().manual_seed(0)
+    mats = [torch.randn(6, 6, dtype=torch.float64, generator=rng) for _ in range(2)]
+    mats = [m + m.T for m in mats]
+    ops = [Grouped(m, name=f"m{i}") for i, m in enumerate(mats)]
+    starts = [torch.ones(6, dtype=torch.float64)] * 2
+    runs = lanczos(ops, starts, 6)
+    assert Grouped.group.calls >= 6 + 1  # lockstep steps + one symmetry probe pass
+    for run, m in zip(runs, mats):
+        assert np.allclose(np.sort(run.ritz()[0]), torch.linalg.eigvalsh(m).numpy(), atol=1e-8)

@@ -21,6 +21,7 @@ from layerhessians.curvature.base import (
     LinearCombination,
     SymmetricOperator,
 )
+from layerhessians.curvature.batches import BatchLoss, Reduction
 from layerhessians.curvature.blocks import (
     BLOCK_TYPES,
     LAYER_TYPES,
@@ -29,18 +30,11 @@ from layerhessians.curvature.blocks import (
     select_blocks,
 )
 from layerhessians.curvature.conv_double_backward import CONV_DOUBLE_BACKWARDS
+from layerhessians.curvature.coupling import batch_coupling
 from layerhessians.curvature.dense import MAX_DENSE_DIM, dense_matrix, reference_matrix
 from layerhessians.curvature.ef import EmpiricalFisherOperator
 from layerhessians.curvature.ggn import GGNOperator
-from layerhessians.curvature.graph import (
-    BN_MODES,
-    LOSS_REDUCTIONS,
-    BatchLoss,
-    CurvatureGraph,
-    NonFiniteError,
-    Reduction,
-    batch_coupling,
-)
+from layerhessians.curvature.graph import CurvatureGraph, NonFiniteError
 from layerhessians.curvature.hessian import HessianOperator
 from layerhessians.curvature.kinds import (
     KIND_CLASSES,
@@ -49,6 +43,7 @@ from layerhessians.curvature.kinds import (
     hessian_operator,
     kind_class,
 )
+from layerhessians.curvature.loss_reduction import LOSS_REDUCTIONS
 from layerhessians.curvature.matrix import MatrixOperator
 from layerhessians.curvature.memory import (
     GraphCost,
@@ -57,6 +52,7 @@ from layerhessians.curvature.memory import (
     split_batches,
 )
 from layerhessians.curvature.residual import ResidualOperator
+from layerhessians.vocabulary import BN_MODES
 
 __all__ = [
     "BN_MODES",

@@ -84,6 +84,25 @@ class SymmetricOperator:
                                                   matmat=matmat, rmatmat=matmat,
                                                   dtype=np.float64)
 
+    @property
+    def product_group(self):
+        """The object that multiplies this operator jointly with others, or ``None``.
+
+        Operators whose ``product_group`` is the same object (not ``None``) can be multiplied
+        together in one pass by ``group.products(operators, vectors, outs=None) -> [A_k v_k]``
+        (a :class:`~layerhessians.curvature.graph.CurvatureGraph` for operators on it); the
+        spectral routines use it to share work (symmetry probes, Lanczos steps) and to judge
+        blocks of one model on a common scale. ``None`` (default): products one by one.
+        """
+        return None
+
+    @property
+    def joint_products_save_passes(self) -> bool:
+        """Whether multiplying the operators of :attr:`product_group` together saves forward
+        passes (a graph rebuilt for every product), so that Lanczos should step them in
+        lockstep through ``group.products``. ``False`` by default."""
+        return False
+
     def release(self) -> None:
         """Free what the operator keeps (nothing by default)."""
 
@@ -189,6 +208,22 @@ class CurvatureOperator(SymmetricOperator):
                 was built (call :meth:`release`).
         """
         return self.graph.products([self], [vector], [out])[0]
+
+    @property
+    def model(self):
+        """The network the operator's graph differentiates (``graph.model``)."""
+        return self.graph.model
+
+    @property
+    def product_group(self) -> CurvatureGraph:
+        """The shared :class:`CurvatureGraph`: operators on it are multiplied together in one
+        pass over its batches (:meth:`CurvatureGraph.products`)."""
+        return self.graph
+
+    @property
+    def joint_products_save_passes(self) -> bool:
+        """``True`` when the graph is rebuilt for every product (``reuse_graph=False``)."""
+        return not self.graph.reuse_graph
 
     def release(self) -> None:
         """Free the shared graph (all operators on it); later products rebuild it."""

@@ -23,12 +23,28 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from layerhessians.errors import UserError, check_choice
 
-__all__ = ["BLOCK_TYPES", "FULL", "LAYER_TYPES", "block_dims", "check_block_name", "layer_blocks",
-           "select_blocks"]
+__all__ = ["BLOCK_TYPES", "FULL", "LAYER_TYPES", "block_dims", "check_block_name", "is_layer",
+           "is_transposed_linear", "layer_blocks", "select_blocks"]
 
 from layerhessians.vocabulary import FULL  # noqa: F401  (re-exported: the whole Hessian's block name)
 
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear layer with a transposed ``[in, out]`` weight,
+    ``y = x @ weight + bias``: Hugging Face ``transformers``' ``Conv1D`` (GPT-2's layers),
+    recognised by its class name and ``nf`` (out features) without importing transformers."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(weight, torch.Tensor) and weight.ndim == 2
+            and weight.shape[1] == module.nf)
+
+
+def is_layer(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is one of the paper's layers: a Conv2d, a Linear, or a
+    transposed Linear (:func:`is_transposed_linear`)."""
+    return isinstance(module, LAYER_TYPES) or is_transposed_linear(module)
 
 # module types select_blocks(by="type") uses by default
 BLOCK_TYPES = (
@@ -127,7 +143,8 @@ class _Claims:
 
 
 def layer_blocks(model: nn.Module) -> Blocks:
-    """The paper's layers: ``{name: [leaf parameters]}`` for the weight of every Conv2d/Linear.
+    """The paper's layers: ``{name: [leaf parameters]}`` for the weight of every Conv2d/Linear
+    (and transposed Linear, ``transformers.Conv1D``: :func:`is_transposed_linear`).
 
     In ``model.named_modules()`` order (input to output as defined). A plain weight is one
     leaf named by its qualified name (``"conv1.weight"``); a parametrized weight is resolved to
@@ -147,7 +164,7 @@ def layer_blocks(model: nn.Module) -> Blocks:
     claims = _Claims(model)
     modules = dict(model.named_modules())
     for unit in _units(model):
-        if unit.attr == "weight" and isinstance(modules[unit.module_name], LAYER_TYPES):
+        if unit.attr == "weight" and is_layer(modules[unit.module_name]):
             leaves = claims.free(unit.leaves)
             if leaves:
                 claims.add(claims.unit_name(unit, leaves), leaves)

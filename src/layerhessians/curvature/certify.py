@@ -37,9 +37,9 @@ from torch import nn
 
 from layerhessians.curvature.ggn import GGNOperator
 from layerhessians.curvature.gram import block_parameters
-from layerhessians.curvature.graph import resolve_params
 from layerhessians.curvature.hessian import HessianOperator
 from layerhessians.curvature.kinds import KIND_CLASSES, curvature_graph, kind_class
+from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError
 
 __all__ = ["PROBE_EPS_FACTOR", "Certificate", "certify_blocks", "probe_tolerance"]

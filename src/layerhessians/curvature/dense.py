@@ -12,20 +12,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from layerhessians.curvature.graph import (
-    BN_MODES,
-    LOSS_REDUCTIONS,
-    PER_EXAMPLE_GRADIENTS,
-    BatchLoss,
-    NonFiniteError,
-    as_batches,
-    batch_coupling,
-    check_choice,
-    loss_reduction_of,
-    resolve_params,
-)
+from layerhessians.curvature.batches import BatchLoss, as_batches
+from layerhessians.curvature.coupling import batch_coupling
+from layerhessians.curvature.graph import PER_EXAMPLE_GRADIENTS, NonFiniteError
 from layerhessians.curvature.kinds import kind_class
-from layerhessians.errors import UserError
+from layerhessians.curvature.loss_reduction import LOSS_REDUCTIONS, data_loss_reduction
+from layerhessians.curvature.modes import engine_context, reseed
+from layerhessians.curvature.params import resolve_params
+from layerhessians.errors import UserError, check_choice
+from layerhessians.vocabulary import BN_MODES
 
 __all__ = ["MAX_DENSE_DIM", "ReferenceProblem", "dense_matrix", "reference_matrix"]
 
@@ -128,6 +123,7 @@ class ReferenceProblem:
         """The model's outputs on ``x`` with the block set to ``flat`` [dim]."""
         values = {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes),
                                                    self.shapes)}
+        reseed()  # the engine's draw, for a forward that draws random numbers
         return torch.func.functional_call(self.model, values, (x,))
 
     def loss(self, flat: Tensor, x: Tensor, y) -> Tensor:
@@ -155,7 +151,7 @@ def reference_matrix(model, loss_fn, data, params=None, kind: str = "hessian",
     ``J^T H_f J``; residual: their difference; empirical Fisher: ``J_l^T J_l / n_b`` with
     ``J_l`` the Jacobian of the per-example losses), each of the batch's SUM of per-example
     losses (a mean-reduced ``loss_fn`` times ``n_b``, detected by
-    :func:`~layerhessians.curvature.graph.loss_reduction_of`); the total divided by ``N``
+    :func:`~layerhessians.curvature.loss_reduction.loss_reduction_of`); the total divided by ``N``
     (``loss_reduction="mean"``) or not (``"sum"``); batch norm as in
     :func:`~layerhessians.curvature.kinds.hessian_operator` (on a deep copy of the model).
     Model outputs may be structured (tuples/lists/dicts of tensors). For tests and small
@@ -188,13 +184,9 @@ def reference_matrix(model, loss_fn, data, params=None, kind: str = "hessian",
              for x, y in as_batches(data)]
     total_examples = sum(x.shape[0] for x, _ in pairs)
     result = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-    reduction = None
-    for x, y in pairs:
-        count = int(x.shape[0])
-        if reduction is None and count >= 2:
-            with torch.no_grad():
-                outputs = problem.outputs(problem.flat0, x)
-            reduction = loss_reduction_of(loss_fn, outputs, y, count)
-        problem.weight = 1.0 if reduction == "sum" else float(count)
-        result += cls.reference(problem, x, y)
+    with engine_context(problem.model, bn_mode):  # the engine's modes, seeds and attention
+        reduction = data_loss_reduction(loss_fn, problem.model, pairs)
+        for x, y in pairs:
+            problem.weight = 1.0 if reduction == "sum" else float(x.shape[0])
+            result += cls.reference(problem, x, y)
     return result / total_examples if loss_reduction == "mean" else result

@@ -8,7 +8,7 @@ the mean or the sum of per-example losses over its batch (no class weights with
 come from ``torch.func.vmap(torch.func.grad(...))`` over the examples of a batch and are kept
 ([n_b, dim] per batch), so each product is two matrix products per parameter and no
 backward pass. A batch-dependent model (batch norm using batch statistics, see
-:func:`~layerhessians.curvature.graph.batch_coupling`) couples the examples and is refused.
+:func:`~layerhessians.curvature.coupling.batch_coupling`) couples the examples and is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from layerhessians.curvature.base import CurvatureOperator
-from layerhessians.curvature.graph import PER_EXAMPLE_GRADIENTS, BatchGraph, rows
+from layerhessians.curvature.batches import rows
+from layerhessians.curvature.graph import PER_EXAMPLE_GRADIENTS, BatchGraph
 
 __all__ = ["EmpiricalFisherOperator"]
 

@@ -48,7 +48,11 @@ from scipy.linalg import blas
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from layerhessians.curvature.graph import as_batches, resolve_params
+from layerhessians.curvature.batches import as_batches
+from layerhessians.curvature.blocks import is_transposed_linear
+from layerhessians.curvature.loss_reduction import data_loss_reduction
+from layerhessians.curvature.modes import engine_context, engine_forward
+from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError, check_choice
 
 __all__ = [
@@ -105,10 +109,13 @@ def _cross_entropy_sqrt(p: Tensor) -> Tensor:
     return torch.bmm(sqrt_h, basis)
 
 
-def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float) -> Tensor:
-    """``S`` [n, C, K] with ``S_n S_n^T = scale * n * d^2 loss_fn / df_n^2`` per example.
+def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float,
+                        loss_reduction: str | None = "mean",
+                        examples: int | None = None) -> Tensor:
+    """``S`` [n, C, K] with ``S_n S_n^T = scale * d^2 l_n / df_n^2`` per example.
 
-    ``loss_fn(outputs, targets)`` is the batch mean of per-example losses, so ``n`` times its
+    ``loss_fn(outputs, targets)`` is the batch mean (``loss_reduction="mean"``, default) or
+    sum (``"sum"``) of per-example losses ``l_n``, so ``n`` times (mean) or once (sum) its
     Hessian's diagonal blocks are the per-example output Hessians; ``scale`` is usually
     ``1 / N`` for a mean over ``N`` examples. Plain ``nn.CrossEntropyLoss()`` (or
     ``F.cross_entropy``) uses the closed form ``diag(sqrt p) - p sqrt(p)^T`` restricted to
@@ -121,6 +128,12 @@ def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float) -> Tens
         outputs: model outputs [n, ...] (flattened to [n, C]); detached here.
         targets: the batch's targets.
         scale: non-negative factor (see above).
+        loss_reduction: how ``loss_fn`` reduces over the batch, ``"mean"`` or ``"sum"``
+            (:func:`~layerhessians.curvature.loss_reduction.data_loss_reduction`; ``None``:
+            undecided, treated as a mean).
+        examples: the number of examples the ``n`` loss rows belong to (``R = n / examples``
+            consecutive rows each, e.g. token positions); default ``n``. A mean-reduced
+            loss weighs each row ``1 / R`` within its example.
 
     Returns:
         Tensor [n, C, K] in the outputs' dtype (``K = C - 1`` for cross-entropy with
@@ -133,8 +146,11 @@ def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float) -> Tens
     outputs = outputs.detach()
     n = outputs.shape[0]
     flat = outputs.reshape(n, -1)
-    if _is_plain_cross_entropy(loss_fn, targets) and outputs.ndim == 2:
-        return _cross_entropy_sqrt(torch.softmax(flat, dim=1)) * math.sqrt(scale)
+    examples = n if examples is None else int(examples)
+    weight = 1.0 if loss_reduction == "sum" else float(examples)
+    if loss_reduction != "sum" and _is_plain_cross_entropy(loss_fn, targets) \
+            and outputs.ndim == 2:
+        return _cross_entropy_sqrt(torch.softmax(flat, dim=1)) * math.sqrt(scale * examples / n)
     classes = flat.shape[1]
     if n * classes > 4_000:
         raise UserError(f"the output Hessian of a {n} x {classes} batch is too large for "
@@ -142,7 +158,7 @@ def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float) -> Tens
     hessian = torch.func.hessian(
         lambda z: loss_fn(z.view_as(outputs), targets))(flat).reshape(n, classes, n, classes)
     index = torch.arange(n, device=flat.device)
-    blocks = hessian[index, :, index, :] * (n * scale)
+    blocks = hessian[index, :, index, :] * (weight * scale)
     off = hessian.clone()
     off[index, :, index, :] = 0
     size = float(hessian.abs().max()) if hessian.numel() else 0.0
@@ -163,7 +179,7 @@ def output_hessian_sqrt(loss_fn, outputs: Tensor, targets, scale: float) -> Tens
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why the Gram route cannot treat ``module``'s weight, or ``None`` if it can."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
         return None
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
@@ -300,7 +316,9 @@ class LayerFactors:
         return _symmetrised(gram)
 
     def dense_block(self) -> Tensor:
-        """``V V^T`` [dim, dim]: the GGN block itself (for ``dim`` up to a few thousand).
+        """``V V^T`` [dim, dim]: the GGN block itself (for ``dim`` up to a few thousand), in
+        the Linear layout ``[out, in]`` (a transposed Linear's block permuted: the same
+        eigenvalues).
 
         With one position (a Linear layer on [N, I] inputs) as the Kronecker sum
         ``sum_n (sum_k g_{n,k} g_{n,k}^T) (x) (u_n u_n^T)`` (``N O^2 I^2`` multiply-adds),
@@ -324,6 +342,8 @@ class LayerFactors:
         n, k, o, p = g.shape
         w = vector.to(g).view_as(self.weight)
         module, x = self.module, self.inputs
+        if is_transposed_linear(module):  # [in, out]: the Linear weight is its transpose
+            w = w.T
         if isinstance(module, nn.Conv2d):  # the layer's output change, by the layer itself
             jv = F.conv2d(x, w, None, module.stride, module.padding, module.dilation)
             jv = jv.reshape(n, o, p)
@@ -343,7 +363,8 @@ class LayerFactors:
                 module.padding, module.dilation)
             return out.reshape(-1)
         back = back.reshape(n, o, p).transpose(1, 2).reshape(n * p, o)
-        return (back.T @ x.reshape(n * p, -1)).reshape(-1)
+        grad = back.T @ x.reshape(n * p, -1)  # [out, in]
+        return (grad.T if is_transposed_linear(module) else grad).reshape(-1)
 
     def _out_size(self) -> tuple[int, int]:
         """The conv layer's output height and width."""
@@ -400,19 +421,32 @@ def _owner_modules(model: nn.Module, blocks: "OrderedDict[str, Tensor]") -> dict
     return {name: owners.get(id(param)) for name, param in blocks.items()}
 
 
-def _forward_eval(model: nn.Module, x: Tensor) -> Tensor:
-    """Eval-mode forward with cloned buffers: the model's state and modes are unchanged."""
-    modules = list(model.modules())
-    modes = [m.training for m in modules]
-    try:
-        model.eval()
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-        if buffers:
-            return torch.func.functional_call(model, buffers, (x,))
-        return model(x)
-    finally:
-        for m, mode in zip(modules, modes):
-            m.training = mode
+def _examples_of(outputs: Tensor, x: Tensor) -> int:
+    """The number of examples of a batch whose outputs have ``R`` rows per example.
+
+    Raises:
+        UserError: the outputs' rows are not whole blocks per input example.
+    """
+    examples = int(x.shape[0])
+    if not torch.is_tensor(outputs) or outputs.ndim == 0 or outputs.shape[0] % examples:
+        raise UserError(f"the model's outputs have {outputs.shape[0] if torch.is_tensor(outputs) and outputs.ndim else 'no'} "
+                        f"rows for {examples} examples: the exact route needs one row, or R "
+                        "consecutive rows (e.g. token positions), per example; return "
+                        "outputs [B, T, V] and flatten them in loss_fn")
+    return examples
+
+
+def _per_example_columns(sqrt_h: Tensor, examples: int) -> Tensor:
+    """``S`` [n, C, K] of ``n = R * examples`` loss rows as per-example columns [examples,
+    R C, R K]: row ``t`` of an example gets its own ``K`` columns (zero on its other rows),
+    so that no two rows' columns are summed (rows ``n*R .. n*R + R - 1`` are example ``n``'s)."""
+    n, c, k = sqrt_h.shape
+    per = n // examples
+    if per == 1:
+        return sqrt_h
+    s = sqrt_h.reshape(examples, per, c, k)
+    eye = torch.eye(per, dtype=s.dtype, device=s.device)
+    return torch.einsum("brck,rs->brcsk", s, eye).reshape(examples, per * c, per * k)
 
 
 def _backward_columns(outputs: Tensor, targets_of: list[Tensor], sqrt_h: Tensor) -> list:
@@ -462,21 +496,22 @@ def gram_factors(model: nn.Module, loss_fn, data, blocks, micro_batch_size: int 
     first = next(iter(blocks.values()))
     dtype, device = first.dtype, first.device
     pairs = split_batches(as_batches(data), micro_batch_size)
+    pairs = [(x.to(device=device, dtype=dtype if x.is_floating_point() else None),
+              y.to(device=device, dtype=dtype if y.is_floating_point() else None)
+              if torch.is_tensor(y) else y) for x, y in pairs]
     total = sum(int(x.shape[0]) for x, _ in pairs)
     inputs = {name: [] for name in blocks}
     sens = {name: [] for name in blocks}
-    with torch.enable_grad():
+    with engine_context(model, "eval"):
+        reduction = data_loss_reduction(loss_fn, model, pairs)
         for x, y in pairs:
-            x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-            if torch.is_tensor(y):
-                y = y.to(device=device, dtype=dtype if y.is_floating_point() else None)
             seen = {name: [] for name in blocks}
             hooks = [module.register_forward_hook(
                 lambda mod, args, out, name=name, seen=seen: seen[name].append((args[0], out))
                 and None)
                 for name, module in owners.items()]
             try:
-                outputs = _forward_eval(model, x)
+                outputs = model(x)
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -487,7 +522,9 @@ def gram_factors(model: nn.Module, loss_fn, data, blocks, micro_batch_size: int 
                 if calls[0][1]._version != 0:
                     raise UserError(f"the output of layer {name!r} is changed in place: "
                                     "use out-of-place activations (inplace=False)")
-            sqrt_h = output_hessian_sqrt(loss_fn, outputs, y, 1.0 / total)
+            sqrt_h = _per_example_columns(
+                output_hessian_sqrt(loss_fn, outputs, y, 1.0 / total, reduction,
+                                    _examples_of(outputs, x)), int(x.shape[0]))
             layer_outputs = [seen[name][0][1] for name in blocks]
             grads = _backward_columns(outputs, layer_outputs, sqrt_h)
             for name, grad, out in zip(blocks, grads, layer_outputs):
@@ -495,7 +532,7 @@ def gram_factors(model: nn.Module, loss_fn, data, blocks, micro_batch_size: int 
                 if grad is None:
                     grad = out.new_zeros(sqrt_h.shape[2], *out.shape)
                 module = owners[name]
-                o = module.weight.shape[0]
+                o = module.nf if is_transposed_linear(module) else module.weight.shape[0]
                 if isinstance(module, nn.Conv2d):
                     g = grad.reshape(grad.shape[0], n, o, -1)
                 else:  # Linear: [K, N, *, O] -> positions last
@@ -531,8 +568,7 @@ def factor_bytes(model: nn.Module, data, blocks
         lambda mod, args, out, name=name: record(name, args, out))
         for name, module in owners.items() if module is not None]
     try:
-        with torch.no_grad():
-            classes = _forward_eval(model, x).numel() // count
+        classes = engine_forward(model, "eval", x).numel() // count
     finally:
         for hook in hooks:
             hook.remove()

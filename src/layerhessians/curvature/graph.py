@@ -1,5 +1,10 @@
 """The first-order graph of a model's mean loss, shared by every curvature operator on it.
 
+Related concepts live in their own modules: the batches and the :class:`Reduction` hook in
+:mod:`.batches`, the parameter block in :mod:`.params`, loss-reduction detection in
+:mod:`.loss_reduction`, the batch-coupling probe in :mod:`.coupling` and the engine's forward
+modes in :mod:`.modes`.
+
 The operator's loss. ``L(theta) = (1/N) sum_n l_n``, the MEAN over all ``N`` examples of the
 per-example losses ``l_n = loss_fn(model(x_n)[None], y_n[None])`` (``loss_reduction="sum"``:
 the sum ``sum_n l_n = N L`` instead). The reduction of ``loss_fn`` itself is detected once
@@ -55,46 +60,39 @@ with all-reduces over a process group, without changing this API.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from layerhessians.curvature.attention import math_attention
+from layerhessians.curvature.batches import LOCAL, BatchLoss, Reduction, as_batches, output_tensors
 from layerhessians.curvature.conv_double_backward import (
     CONV_DOUBLE_BACKWARDS,
     conv_double_backward,
 )
-from layerhessians.errors import UserError, check_choice  # noqa: F401  (re-exported)
+from layerhessians.curvature.coupling import OUTPUT_ROWS, RANDOM_FORWARD, batch_coupling
+from layerhessians.curvature.loss_reduction import (
+    LOSS_REDUCTIONS,
+    classify_reduction,
+    data_loss_reduction,
+)
+from layerhessians.curvature.modes import engine_context, reseed
+from layerhessians.curvature.params import parameter_names
+from layerhessians.curvature.per_example import per_example_gradients
+from layerhessians.errors import UserError, check_choice
 from layerhessians.vocabulary import BN_MODES
 
-if TYPE_CHECKING:  # annotations only
-    from layerhessians.curvature.base import CurvatureOperator
-
 __all__ = [
-    "BN_MODES",
-    "LOSS_REDUCTIONS",
     "GRADIENT",
     "OUTPUT_CURVATURE",
     "PER_EXAMPLE_GRADIENTS",
     "NEEDS",
     "BatchGraph",
-    "BatchLoss",
     "CurvatureGraph",
     "NonFiniteError",
-    "Reduction",
-    "as_batches",
-    "resolve_params",
-    "check_choice",
     "differentiable",
-    "batch_coupling",
-    "engine_modes",
-    "loss_reduction_of",
-    "output_tensors",
-    "rows",
 ]
 
 
@@ -106,338 +104,10 @@ OUTPUT_CURVATURE = "output_curvature"
 #: the per-example gradients ``grad l_n`` [n_b, *shape], no graph (empirical Fisher)
 PER_EXAMPLE_GRADIENTS = "per_example_gradients"
 NEEDS = (GRADIENT, OUTPUT_CURVATURE, PER_EXAMPLE_GRADIENTS)
-#: the operator's loss: the mean over all examples (default) or their sum
-LOSS_REDUCTIONS = ("mean", "sum")
-#: examples the probes use (loss reduction, batch coupling)
-PROBE_ROWS = 8
 
 
 class NonFiniteError(UserError):
     """A curvature product (or a Lanczos step) came out with NaN or infinite entries."""
-
-
-class BatchLoss:
-    """A loss computed from the model and a whole batch: ``fn(model, batch) -> (loss,
-    count)`` with ``loss`` the MEAN over the batch's ``count`` terms (examples, or tokens for
-    a language model) as a scalar tensor and ``count`` a positive int.
-
-    Use it when the loss needs more than ``loss_fn(model(x), y)``: dict or tuple batches, a
-    language model's shifted next-token loss, masks. Data is then any iterable of batches (a
-    single batch must be put in a list). The operator is the Hessian of the mean over all
-    terms of all batches, ``sum_b count_b * loss_b / sum_b count_b``. Only ``kind="hessian"``
-    (the GGN and empirical Fisher need the model outputs and per-example losses of the
-    ``loss_fn(outputs, targets)`` form); no micro-batching (the engine cannot cut a batch it
-    does not know).
-
-    Args:
-        fn: ``fn(model, batch) -> (loss, count)``; it calls ``model`` itself (the engine's
-            modes apply: eval, batch norm per ``bn_mode``; buffers are restored afterwards).
-    """
-
-    def __init__(self, fn):
-        if not callable(fn):
-            raise UserError("BatchLoss needs a callable fn(model, batch) -> (loss, count)")
-        self.fn = fn
-
-    def __call__(self, model, batch) -> tuple[Tensor, int]:
-        """The batch's mean loss and its number of terms, checked.
-
-        Args:
-            model: the network ``fn`` calls.
-            batch: one batch, in whatever form ``fn`` takes.
-
-        Returns:
-            ``(loss, count)``: the mean loss as a 0-d tensor and the number of terms (int >= 1).
-
-        Raises:
-            UserError: ``fn`` returned something other than ``(scalar tensor, count >= 1)``.
-        """
-        result = self.fn(model, batch)
-        if not isinstance(result, (tuple, list)) or len(result) != 2:
-            raise UserError("a BatchLoss function must return (mean loss, number of terms)")
-        loss, count = result
-        if not torch.is_tensor(loss) or loss.numel() != 1:
-            raise UserError("a BatchLoss function must return a scalar tensor (the batch's "
-                            "mean loss) and a count")
-        count = int(count)
-        if count < 1:
-            raise UserError(f"a BatchLoss function returned count {count}: it must be >= 1")
-        return loss.reshape(()), count
-
-
-class Reduction:
-    """Combines per-process partial results; the identity for a single process.
-
-    A distributed subclass all-reduces: ``total_examples`` returns the global example count
-    and ``sum`` returns the global sum of a product (both called with local values).
-    """
-
-    def total_examples(self, count: int) -> int:
-        """Global number of examples given the local ``count``."""
-        return count
-
-    def sum(self, tensor: Tensor) -> Tensor:
-        """Global sum of a 1-D product ``tensor`` (may work in place); returns the result."""
-        return tensor
-
-
-LOCAL = Reduction()
-
-
-# ----------------------------------------------------------------------------- input checks
-
-
-def as_batches(data, pairs: bool = True) -> list:
-    """``data`` as a list of ``(inputs, targets)`` pairs (``pairs=False``: a list of batches
-    of any form, for a :class:`BatchLoss`).
-
-    ``data`` is one pair (a tuple/list whose first item is a tensor) or an iterable of pairs;
-    an iterator is consumed once. Raises :class:`UserError` if it is empty or malformed.
-    """
-    if not pairs:
-        if isinstance(data, (Tensor, Mapping)):
-            raise UserError("with a BatchLoss, data must be a list (or iterable) of batches")
-        batches = list(data)
-        if not batches:
-            raise UserError("data is empty: pass a non-empty list of batches")
-        return batches
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        pairs = [tuple(data)]
-    else:
-        try:
-            pairs = [tuple(item) for item in data]
-        except TypeError:
-            raise UserError(
-                "data must be an (inputs, targets) pair or an iterable of such pairs"
-            ) from None
-    if not pairs:
-        raise UserError("data is empty: pass an (inputs, targets) pair or a non-empty list "
-                        "of pairs")
-    for pair in pairs:
-        if len(pair) != 2 or not torch.is_tensor(pair[0]):
-            raise UserError("each batch of data must be an (inputs, targets) pair of tensors")
-        if pair[0].ndim == 0 or pair[0].shape[0] == 0:
-            raise UserError("a batch of data has no examples: drop empty batches")
-    return pairs
-
-
-def _parameter_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters()}
-
-
-def resolve_params(model: nn.Module, params=None) -> tuple[list[nn.Parameter], list[str]]:
-    """The block's parameters and their qualified names, in the order given.
-
-    ``params``: ``None`` (every trainable parameter, in ``model.named_parameters()`` order), a
-    list of parameters, or a ``{name: parameter}`` dict (names are taken from the model).
-    Raises :class:`UserError` for an empty block, a frozen parameter, a parameter that is
-    not the model's, or a repeated parameter.
-    """
-    names = _parameter_names(model)
-    if params is None:
-        chosen = [p for p in model.parameters() if p.requires_grad]
-        if not chosen:
-            raise UserError("the model has no trainable parameters (all have requires_grad=False)")
-        return chosen, [names[id(p)] for p in chosen]
-    if isinstance(params, Mapping):
-        params = list(params.values())
-    elif isinstance(params, (nn.Parameter, Tensor)):
-        params = [params]
-    else:
-        params = list(params)
-    if not params:
-        raise UserError("the parameter block is empty: pass at least one trainable parameter")
-    seen = set()
-    for p in params:
-        if id(p) not in names:
-            raise UserError("a parameter of the block is not a parameter of the model")
-        if not p.requires_grad:
-            raise UserError(
-                f"parameter {names[id(p)]!r} is frozen (requires_grad=False): "
-                "a block needs trainable parameters"
-            )
-        if id(p) in seen:
-            raise UserError(f"parameter {names[id(p)]!r} appears twice in the block")
-        seen.add(id(p))
-    return params, [names[id(p)] for p in params]
-
-
-# ----------------------------------------------------------------------------- structures
-def output_tensors(outputs) -> list[Tensor]:
-    """The floating tensors of a model's outputs (a tensor or a tuple/list/dict of them).
-
-    Raises:
-        UserError: the outputs hold no floating tensor.
-    """
-    leaves = [t for t in tree_flatten(outputs)[0]
-              if torch.is_tensor(t) and t.is_floating_point()]
-    if not leaves:
-        raise UserError("the model's outputs must be a floating tensor or a tuple/list/dict "
-                        f"of tensors; got {type(outputs).__name__}")
-    return leaves
-
-
-def rows(tree, index, count: int):
-    """``tree`` (a tensor, or a tuple/list/dict of them) with every tensor whose first
-    dimension is ``count`` indexed by ``index`` along it (other leaves unchanged)."""
-    return tree_map(lambda t: t[index] if torch.is_tensor(t) and t.ndim and
-                    t.shape[0] == count else t, tree)
-
-
-# ----------------------------------------------------------------------------- probes
-@contextlib.contextmanager
-def engine_modes(model: nn.Module, bn_mode: str):
-    """The modes of the engine's forward: eval, batch norm in ``bn_mode``; the caller's
-    modes restored afterwards."""
-    modules = list(model.modules())
-    modes = [m.training for m in modules]
-    try:
-        model.eval()
-        if bn_mode == "train":
-            for m in modules:
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.train()
-        yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.training = mode
-
-
-def _engine_forward(model: nn.Module, bn_mode: str, x):
-    with engine_modes(model, bn_mode):
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-        return torch.func.functional_call(model, buffers, (x,)) if buffers else model(x)
-
-
-def _probe_tolerance(dtype: torch.dtype) -> float:
-    # relative: roundoff of different batch shapes is far below, batch statistics far above
-    return float(torch.finfo(dtype).eps) ** 0.5
-
-
-def batch_coupling(model: nn.Module, bn_mode: str, inputs: Tensor | None = None) -> str | None:
-    """Why an example's output depends on the other examples of its batch in the engine's
-    forward (so splitting the data changes the operator), or ``None`` when it does not.
-
-    Batch norm counts in ``bn_mode="train"`` and, in any mode, with
-    ``track_running_stats=False`` (it then always uses batch statistics). Other modules are
-    probed when ``inputs`` [n, ...] (n >= 2) are given: two no-grad forward passes, on the
-    first ``min(n, 8)`` rows and on the first half of them; the half's outputs must equal the
-    same rows of the whole's to ``sqrt(eps)`` of the dtype, relative. Layer, group and
-    instance norm pass; a model whose forward fails on a sub-batch counts as coupled.
-
-    Returns:
-        A short description of the coupling (for error messages), or ``None``.
-    """
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if bn_mode == "train":
-                return f"batch norm {name!r} in bn_mode 'train' (batch statistics)"
-            if m.running_mean is None or m.running_var is None:
-                return (f"batch norm {name!r} with track_running_stats=False (batch "
-                        "statistics in every mode)")
-    if inputs is None or not torch.is_tensor(inputs) or inputs.ndim == 0 or inputs.shape[0] < 2:
-        return None
-    first = next(model.parameters(), None)
-    if first is not None:
-        inputs = inputs.to(device=first.device,
-                           dtype=first.dtype if inputs.is_floating_point() else None)
-    whole = min(int(inputs.shape[0]), PROBE_ROWS)
-    half = whole // 2
-    with torch.no_grad():
-        full = output_tensors(_engine_forward(model, bn_mode, inputs[:whole]))
-        try:
-            part = output_tensors(_engine_forward(model, bn_mode, inputs[:half]))
-        except Exception as error:  # noqa: BLE001 - any failure means it is not per-example
-            return f"a forward pass on {half} of {whole} examples fails ({error})"
-    for a, b in zip(full, part):
-        if a.ndim == 0 or a.shape[0] != whole or b.shape != (half, *a.shape[1:]):
-            return "an output without one row per example"
-        a, b = a[:half].to(torch.float64), b.to(torch.float64)
-        scale = max(float(a.abs().max()), 1.0) if a.numel() else 1.0
-        if not torch.allclose(a, b, rtol=0.0, atol=_probe_tolerance(full[0].dtype) * scale,
-                              equal_nan=True):
-            return (f"a layer that mixes the examples of a batch (the outputs of {half} "
-                    f"examples change when they are evaluated among {whole})")
-    return None
-
-
-def loss_reduction_of(loss_fn, outputs, targets, count: int) -> str | None:
-    """How ``loss_fn`` reduces over examples: ``"mean"`` or ``"sum"`` of the per-example
-    losses ``loss_fn(rows(outputs, [n]), rows(targets, [n]))``, or ``None`` when it cannot
-    matter or tell (fewer than 2 examples, or losses that vanish).
-
-    Compares ``loss_fn`` on the first ``min(count, 8)`` examples with the mean and the sum
-    of their per-example losses (no gradients; :func:`classify_reduction`); if both match
-    (losses near 0), again at outputs moved by a fixed random step.
-
-    Raises:
-        UserError: ``loss_fn`` cannot be evaluated on one example, or is neither the mean
-            nor the sum (class weights with ``reduction="mean"``, a per-batch term).
-    """
-    m = min(int(count), PROBE_ROWS)
-    if m < 2:
-        return None
-    with torch.no_grad():
-        outputs = rows(tree_map(lambda t: t.detach() if torch.is_tensor(t) else t, outputs),
-                       slice(0, m), count)
-        targets = rows(targets, slice(0, m), count)
-        generator = torch.Generator().manual_seed(0)
-        for attempt in range(2):
-            if attempt:  # away from zero losses
-                outputs = tree_map(lambda t: t + torch.randn(
-                    t.shape, generator=generator, dtype=torch.float64).to(t)
-                    if torch.is_tensor(t) and t.is_floating_point() else t, outputs)
-            try:
-                batch = loss_fn(outputs, targets)
-                each = torch.stack([torch.as_tensor(loss_fn(rows(outputs, slice(n, n + 1), m),
-                                                            rows(targets, slice(n, n + 1), m)))
-                                    .reshape(()) for n in range(m)]).to(torch.float64)
-            except Exception as error:  # noqa: BLE001 - reported as the user's problem
-                raise UserError(f"loss_fn cannot be evaluated on one example ({error}): the "
-                                "engine needs targets with one row per example, or wrap the "
-                                "loss in BatchLoss") from None
-            if not torch.is_tensor(batch) or batch.numel() != 1:
-                raise UserError("loss_fn must return a scalar tensor (the mean loss of the "
-                                "batch)")
-            found = classify_reduction(batch, each, _loss_dtype(outputs))
-            if found is not None:
-                return found
-    return None
-
-
-def classify_reduction(batch_loss, losses: Tensor, dtype: torch.dtype) -> str | None:
-    """``"mean"`` or ``"sum"``: which of the per-example ``losses`` [m] the scalar
-    ``batch_loss`` equals, to ``min(64 eps(dtype), 0.1)`` of ``sum |losses|``; ``None`` when it equals
-    both (losses near 0, or ``m = 1``).
-
-    Raises:
-        UserError: it equals neither (e.g. class weights with ``reduction="mean"``).
-    """
-    batch = float(batch_loss)
-    losses = losses.detach().to(torch.float64).reshape(-1)
-    mean, total = float(losses.mean()), float(losses.sum())
-    # at most 0.1: the mean and the sum of m >= 2 non-negative losses differ by >= half the sum
-    rtol = min(64 * float(torch.finfo(dtype).eps), 0.1)
-    tolerance = rtol * max(float(losses.abs().sum()), 1e-300)
-    as_mean, as_sum = abs(batch - mean) <= tolerance, abs(batch - total) <= tolerance
-    if as_mean and as_sum:
-        return None
-    if as_mean or as_sum:
-        return "mean" if as_mean else "sum"
-    raise UserError(f"loss_fn is neither the mean nor the sum of its per-example losses (on "
-                    f"{losses.numel()} examples: {batch:.6g}, mean {mean:.6g}, sum "
-                    f"{total:.6g}), e.g. class weights with reduction='mean' or padding "
-                    "ignored in a mean: pass a mean- or sum-reduced loss without class "
-                    "weights, or give it as BatchLoss(fn(model, batch) -> (mean, count))")
-
-
-def _loss_dtype(outputs) -> torch.dtype:
-    leaves = [t for t in tree_flatten(outputs)[0] if torch.is_tensor(t) and
-              t.is_floating_point()]
-    return leaves[0].dtype if leaves else torch.float64
-
-
-# ----------------------------------------------------------------------------- the graph
 
 
 @dataclass
@@ -547,7 +217,7 @@ class CurvatureGraph:
         self.model = model
         self.loss_fn = loss_fn
         self.params = list(params)
-        names = _parameter_names(model)
+        names = parameter_names(model)
         self.names = [names[id(p)] for p in self.params]
         self.needs = needs
         self.bn_mode = bn_mode
@@ -570,8 +240,10 @@ class CurvatureGraph:
         self._check_split()
         self._loss_reduction_of_fn = None  # "mean"/"sum" once detected
         self._factor = None
+        self._reduction_probed = False
         self._built: list[BatchGraph] | None = None
-        self._versions = None
+        self._snapshot: list[Tensor] | None = None  # parameters and buffers built on
+        self._in_engine = self._building = False
         self.forward_passes = 0  # number of forward passes run (for benchmarks and tests)
 
     def _check_split(self) -> None:
@@ -586,21 +258,33 @@ class CurvatureGraph:
         reason = batch_coupling(self.model, self.bn_mode, probe)
         if reason is None:
             return
+        where = (f"the data come in {len(self._data)} batches" if several else
+                 "the data are sharded over processes" if distributed else
+                 "per-example gradients (the empirical Fisher) are asked for")
+        if reason == OUTPUT_ROWS:
+            raise UserError(f"{where}, but {reason}: return outputs with one row (or R "
+                            "consecutive rows) per example and flatten them in loss_fn")
+        if reason == RANDOM_FORWARD:
+            raise UserError(f"{where}, but {reason}: make the forward deterministic when the "
+                            "model is not training (e.g. return the mean instead of a sample "
+                            "in eval mode), or pass the data as one (inputs, targets) batch "
+                            "without micro_batch_size")
         if per_example:
             raise UserError(f"per-example gradients (the empirical Fisher) are undefined with "
                             f"{reason}, which couples the examples of a batch: use bn_mode "
                             "'eval' (and running statistics)")
-        where = (f"the data come in {len(self._data)} batches" if several else
-                 "the data are sharded over processes")
         raise UserError(f"{where}, but {reason} makes each example's output depend on the "
                         "other examples of its batch, so the split would change the operator: "
                         "pass the data as one (inputs, targets) batch without "
                         "micro_batch_size, or use bn_mode 'eval'")
 
     def _to_model(self, x: Tensor, y) -> tuple[Tensor, Tensor]:
-        x = x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else None)
-        if torch.is_tensor(y):
-            y = y.to(device=self.device, dtype=self.dtype if y.is_floating_point() else None)
+        with torch.inference_mode(False):  # inference tensors cannot enter autograd
+            x = x.clone() if x.is_inference() else x
+            x = x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else None)
+            if torch.is_tensor(y):
+                y = y.clone() if y.is_inference() else y
+                y = y.to(device=self.device, dtype=self.dtype if y.is_floating_point() else None)
         return x, y
 
     @property
@@ -636,43 +320,74 @@ class CurvatureGraph:
             self._factor = 1.0 / total if self.loss_reduction == "mean" else 1.0
         return self._factor
 
-    # -- forward pass without side effects on the model
-    def _model_modes(self):
-        """Eval mode, batch norm in ``bn_mode``; the caller's modes restored afterwards."""
-        return engine_modes(self.model, self.bn_mode)
+    # -- passes without side effects on the model
+    @contextlib.contextmanager
+    def _engine(self):
+        """:func:`~layerhessians.curvature.modes.engine_context` around the graph's passes
+        (entered once however deeply nested)."""
+        if self._in_engine:
+            yield
+            return
+        self._check_state()  # outside the context, which swaps the buffers for clones
+        if self._snapshot is None:
+            self._snapshot = [t.clone() for t in self._state()]
+        self._in_engine, self._building = True, False
+        try:
+            with engine_context(self.model, self.bn_mode):
+                yield
+        finally:
+            self._in_engine = False
+        if self._building:
+            self._check_state("during")
 
     def _forward(self, x: Tensor):
-        with self._model_modes():
-            buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-            self.forward_passes += 1
-            with conv_double_backward(self.conv_double_backward), math_attention():
-                if buffers:
-                    return torch.func.functional_call(self.model, buffers, (x,))
-                return self.model(x)
+        self.forward_passes += 1
+        reseed()
+        with conv_double_backward(self.conv_double_backward):
+            return self.model(x)
 
     def _batch_loss_term(self, batch) -> tuple[Tensor, int]:
-        """``count * loss`` of a :class:`BatchLoss` batch. The modules' buffers are swapped
-        for clones during the call (batch norm may update those), then put back."""
-        swapped = [(m, name, b) for m in self.model.modules()
-                   for name, b in m._buffers.items() if b is not None]
-        with self._model_modes():
-            self.forward_passes += 1
-            try:
-                for m, name, b in swapped:
-                    m._buffers[name] = b.clone()
-                with conv_double_backward(self.conv_double_backward):
-                    loss, count = self.loss_fn(self.model, batch)
-            finally:
-                for m, name, b in swapped:
-                    m._buffers[name] = b
+        """``count * loss`` of a :class:`BatchLoss` batch (inside the engine's context:
+        buffers are clones, attention on its math path)."""
+        self.forward_passes += 1
+        reseed()
+        with conv_double_backward(self.conv_double_backward):
+            loss, count = self.loss_fn(self.model, batch)
         return loss * count, count
 
     def _loss_weight(self, outputs, y, count: int) -> float:
         """The batch's ``scale``: ``count`` for a mean-reduced ``loss_fn``, 1 for a sum
-        (detected by :func:`loss_reduction_of` on the first batch of 2 or more examples)."""
-        if self._loss_reduction_of_fn is None and outputs is not None:
-            self._loss_reduction_of_fn = loss_reduction_of(self.loss_fn, outputs, y, count)
+        (decided from all the data before the first batch, :func:`data_loss_reduction`)."""
         return 1.0 if self._loss_reduction_of_fn == "sum" else float(count)
+
+    def _detect_reduction(self) -> None:
+        if self.batch_loss or self._reduction_probed:
+            return
+        self._loss_reduction_of_fn = data_loss_reduction(self.loss_fn, self.model, self._data)
+        self._reduction_probed = True
+
+    # -- the parameters (and buffers) an operator was built on
+    def _state(self) -> list[Tensor]:
+        return [t.detach() for t in self.model.parameters()] + list(self.model.buffers())
+
+    def _check_state(self, when: str = "after") -> None:
+        """Refuse products when the model's parameters or buffers differ (in any entry) from
+        those the graph was built on, however they were changed."""
+        if self._snapshot is None:
+            return
+        state = self._state()
+        if len(state) == len(self._snapshot) and all(
+                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                for a, b in zip(state, self._snapshot)):
+            return
+        if when == "during":
+            raise UserError("the model's forward changed its own parameters or buffers in "
+                            "place: the curvature of such a model is not defined by its "
+                            "weights; measure a copy whose forward leaves them alone")
+        raise UserError("the model's parameters or buffers changed after its curvature "
+                        "operator was built (an optimizer step, p.data, load_state_dict, ...): "
+                        "call op.release() to measure at the new weights, or build a new "
+                        "operator")
 
     def _scaled_loss(self, outputs, y, scale: float) -> Tensor:
         loss = self.loss_fn(outputs, y)
@@ -681,35 +396,19 @@ class CurvatureGraph:
         return loss.reshape(()) * scale
 
     def _per_example_grads(self, x: Tensor, y) -> tuple:
-        """``grad l_n`` per parameter [n_b, *shape] with ``l_n = loss_fn(f(x_n)[None],
-        y_n[None])``, by ``torch.func.vmap(grad)``; tells (and checks) from their losses
-        whether ``loss_fn`` is their mean or sum (:func:`classify_reduction`)."""
-        if not torch.is_tensor(y) or y.ndim == 0 or y.shape[0] != x.shape[0]:
-            raise UserError("per-example gradients need targets with one row per example")
-        params = {n: p.detach() for n, p in zip(self.names, self.params)}
-
-        def example_loss(values, xn, yn):
-            outputs = torch.func.functional_call(self.model, (values, buffers),
-                                                 (xn.unsqueeze(0),))
-            return self.loss_fn(outputs, yn.unsqueeze(0)).reshape(())
-
-        with self._model_modes(), math_attention():
-            buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-            self.forward_passes += 1
-            grads, losses = torch.func.vmap(torch.func.grad_and_value(example_loss),
-                                            in_dims=(None, 0, 0))(params, x, y)
-            with torch.no_grad():
-                batch_loss = self.loss_fn(torch.func.functional_call(
-                    self.model, (params, buffers), (x,)), y)
-        if not torch.is_tensor(batch_loss) or batch_loss.numel() != 1:
-            raise UserError("loss_fn must return a scalar tensor (the mean loss of the batch)")
+        """``grad l_n`` per parameter [n_b, *shape] (:func:`per_example_gradients`); tells
+        (and checks) from their losses whether ``loss_fn`` is their mean or sum
+        (:func:`classify_reduction`)."""
+        self.forward_passes += 1
+        grads, losses, batch_loss = per_example_gradients(self.model, self.loss_fn,
+                                                          self.params, self.names, x, y)
         found = classify_reduction(batch_loss, losses, self.dtype)
         if self._loss_reduction_of_fn is None:
             self._loss_reduction_of_fn = found
         elif found not in (None, self._loss_reduction_of_fn):
             raise UserError(f"loss_fn is a {found} over the examples of one batch and a "
                             f"{self._loss_reduction_of_fn} over another's: pass one reduction")
-        return tuple(grads[n] for n in self.names)
+        return grads
 
     def _build_batch(self, x, y) -> BatchGraph:
         if self.batch_loss:
@@ -775,12 +474,19 @@ class CurvatureGraph:
             self._local_examples = sum(b.examples for b in built)
 
     def _build_all(self):
+        self._building = True
         for item in self._data:
             yield self._build_batch(item, None) if self.batch_loss else self._build_batch(*item)
 
     def batches(self):
-        """Yield one :class:`BatchGraph` per batch (cached when ``reuse_graph``)."""
-        with torch.enable_grad():
+        """Yield one :class:`BatchGraph` per batch (cached when ``reuse_graph``).
+
+        Raises:
+            UserError: the model's parameters or buffers changed since the graph was built
+                (or its first product, when not kept), or its forward changes them.
+        """
+        with self._engine():
+            self._detect_reduction()
             if not self.reuse_graph:
                 built = []
                 for batch in self._build_all():
@@ -790,13 +496,7 @@ class CurvatureGraph:
                 return
             if self._built is None:
                 self._built = list(self._build_all())
-                self._versions = [p._version for p in self.params]
                 self._count(self._built)
-            elif [p._version for p in self.params] != self._versions:
-                raise UserError(
-                    "the model's parameters changed after the Hessian operator was built: "
-                    "call op.release() (or build a new operator) after each update"
-                )
             yield from self._built
 
     def build(self) -> "CurvatureGraph":
@@ -808,10 +508,10 @@ class CurvatureGraph:
     def release(self) -> None:
         """Free the kept graphs; the next product rebuilds them from the current parameters."""
         self._built = None
-        self._versions = None
+        self._snapshot = None
 
     # -- products of several operators in one pass over the batches
-    def products(self, operators: Sequence["CurvatureOperator"], vectors: Sequence[Tensor],
+    def products(self, operators: Sequence, vectors: Sequence[Tensor],
                  outs: Sequence[Tensor | None] | None = None) -> list[Tensor]:
         """``[A_k v_k]`` for operators ``A_k`` on this graph, in one pass over the batches.
 
@@ -857,14 +557,18 @@ class CurvatureGraph:
             results.append(result)
             targets.append(op.unflatten(result))  # results go straight into place
         filled = [False] * len(operators)
-        for batch in self.batches():
-            for k, op in enumerate(operators):
-                pieces = op.batch_product(batch, parts[k])
-                if pieces is None:
-                    continue
-                for target, piece in zip(targets[k], pieces):
-                    target.add_(piece) if filled[k] else target.copy_(piece)
-                filled[k] = True
+        caller_inference = torch.is_inference_mode_enabled()  # its results are written so
+        with self._engine():  # backward passes may re-run forwards (checkpointed blocks)
+            for batch in self.batches():
+                for k, op in enumerate(operators):
+                    pieces = op.batch_product(batch, parts[k])
+                    if pieces is None:
+                        continue
+                    with torch.inference_mode(caller_inference):
+                        for target, piece in zip(targets[k], pieces):
+                            piece = piece.to_dense() if piece.is_sparse else piece
+                            target.add_(piece) if filled[k] else target.copy_(piece)
+                    filled[k] = True
         reduced = []
         for op, result, out, done in zip(operators, results, outs, filled):
             if not done:

@@ -14,17 +14,15 @@ from collections.abc import Iterable
 from torch import nn
 
 from layerhessians.curvature.base import CurvatureOperator
+from layerhessians.curvature.batches import Reduction
 from layerhessians.curvature.blocks import FULL
 from layerhessians.curvature.ef import EmpiricalFisherOperator
 from layerhessians.curvature.ggn import GGNOperator
-from layerhessians.curvature.graph import (
-    CurvatureGraph,
-    Reduction,
-    check_choice,
-    resolve_params,
-)
+from layerhessians.curvature.graph import CurvatureGraph
 from layerhessians.curvature.hessian import HessianOperator
+from layerhessians.curvature.params import resolve_params
 from layerhessians.curvature.residual import ResidualOperator
+from layerhessians.errors import check_choice
 from layerhessians.vocabulary import KINDS
 
 __all__ = ["KIND_CLASSES", "KINDS", "kind_class", "curvature_graph", "hessian_operator"]
@@ -86,7 +84,7 @@ def hessian_operator(model: nn.Module, loss_fn, data, params=None, kind: str = "
         model: the network (its parameters must stay fixed while the operator is used).
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean or sum of
             per-example losses (scalar), or a
-            :class:`~layerhessians.curvature.graph.BatchLoss` ``fn(model, batch) -> (mean
+            :class:`~layerhessians.curvature.batches.BatchLoss` ``fn(model, batch) -> (mean
             loss, count)`` for losses that need the model and the whole batch (Hessian only;
             the mean is then over the counted terms).
         data: an ``(inputs, targets)`` pair or an iterable of pairs (a list of batches of

@@ -16,7 +16,7 @@ The Lanczos bases and the plan of a whole spectra computation are spectra concep
 
 Micro-batching never changes the operator (products are sums over examples), except for a
 batch-dependent model (batch norm using batch statistics, or a layer that mixes examples:
-:func:`~layerhessians.curvature.graph.batch_coupling`): then the data are not split
+:func:`~layerhessians.curvature.coupling.batch_coupling`): then the data are not split
 (:func:`splitting_changes_operator`), and an explicit micro-batch size is refused.
 """
 
@@ -29,12 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from layerhessians.curvature.graph import (
-    PER_EXAMPLE_GRADIENTS,
-    batch_coupling,
-    resolve_params,
-)
+from layerhessians.curvature.coupling import batch_coupling
+from layerhessians.curvature.graph import PER_EXAMPLE_GRADIENTS
 from layerhessians.curvature.kinds import curvature_graph
+from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError
 from layerhessians.settings import parse_budget
 
@@ -210,7 +208,7 @@ def measure_graph_cost(model: nn.Module, loss_fn, inputs: torch.Tensor, targets,
 
 def splitting_changes_operator(model: nn.Module, bn_mode: str, inputs=None) -> bool:
     """Whether splitting the data changes the operator: the one decision of
-    :func:`~layerhessians.curvature.graph.batch_coupling` (batch norm using batch
+    :func:`~layerhessians.curvature.coupling.batch_coupling` (batch norm using batch
     statistics; other layers probed on ``inputs`` [n, ...] when given)."""
     return batch_coupling(model, bn_mode, inputs) is not None
 

@@ -46,13 +46,17 @@ class TraceEstimate:
         return iter((self.estimate, self.stderr))
 
 
-def hessian_trace(op, samples: int = 100, seed: int = 0) -> TraceEstimate:
+def hessian_trace(op, samples: int = 100, seed: int = 0,
+                  check_symmetry: bool = True) -> TraceEstimate:
     """Hutchinson's estimate of ``trace(op)`` from ``samples`` Rademacher vectors.
 
     ``v`` has entries +-1 (seeded by ``(seed, sample index, "trace/" + op.name)``), so
     ``E[v^T A v] = trace(A)`` exactly; ``samples`` products. Returns a :class:`TraceEstimate`
-    (unpacks as ``estimate, stderr``). Raises
-    :class:`~layerhessians.curvature.graph.NonFiniteError` for a product with NaN/inf entries.
+    (unpacks as ``estimate, stderr``). Like every estimator it first runs the symmetry and
+    finiteness probe (:func:`~layerhessians.spectra.lanczos.check_symmetric`, two more products;
+    ``check_symmetry=False`` skips it). Raises
+    :class:`~layerhessians.curvature.graph.NonFiniteError` for a product with NaN/inf entries
+    and :class:`UserError` for a non-symmetric operator.
     """
     samples = check_count(samples, "samples")
     check_count(seed, "seed", minimum=0)
@@ -66,6 +70,8 @@ def hessian_trace(op, samples: int = 100, seed: int = 0) -> TraceEstimate:
             raise NonFiniteError(f"hessian_trace sample {i + 1} on the operator "
                                  f"{getattr(op, 'name', '')!r}: the product has NaN or "
                                  "infinite entries, so the trace is undefined")
+    if check_symmetry:  # after the samples, so that a non-finite one is named first
+        check_symmetric([op])
     stderr = float(values.std(ddof=1) / math.sqrt(samples)) if samples > 1 else math.nan
     return TraceEstimate(float(values.mean()), stderr, values)
 

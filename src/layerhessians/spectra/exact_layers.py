@@ -23,8 +23,8 @@ from torch import nn
 from layerhessians.curvature.blocks import layer_blocks
 from layerhessians.curvature.certify import certify_blocks
 from layerhessians.curvature.gram import LayerFactors, block_parameters, gram_factors
-from layerhessians.curvature.graph import resolve_params
 from layerhessians.curvature.kinds import kind_class
+from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError
 from layerhessians.spectra.measure import SpectralMeasure
 

@@ -113,6 +113,14 @@ def tridiagonal_eigh(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray,
         return np.linalg.eigh(dense)
 
 
+def product_group(op):
+    """``op.product_group`` (see
+    :attr:`~layerhessians.curvature.base.SymmetricOperator.product_group`): the object that
+    multiplies ``op`` jointly with the other operators of its group, or ``None`` (also for an
+    operator that does not define it)."""
+    return getattr(op, "product_group", None)
+
+
 def _probe_vectors(op, dim: int) -> tuple[Tensor, Tensor]:
     seed = int.from_bytes(hashlib.sha256(
         f"symmetry/{getattr(op, 'name', '')}".encode()).digest()[:8], "little") >> 1
@@ -136,20 +144,20 @@ def symmetry_defects(operators: Sequence) -> list[float]:
     products: list = [None] * len(operators)
     groups = {}
     for k, op in enumerate(operators):
-        graph = getattr(op, "graph", None)
-        if graph is not None and hasattr(graph, "products"):
-            groups.setdefault(id(graph), (graph, []))[1].append(k)
+        group = product_group(op)
+        if group is not None:
+            groups.setdefault(id(group), (group, []))[1].append(k)
         else:
             device = getattr(op, "device", None)
             u, v = (t.to(device) for t in pairs[k])
             products[k] = (torch.as_tensor(op.matvec(u)).to(torch.float64),
                            torch.as_tensor(op.matvec(v)).to(torch.float64))
-    for graph, members in groups.values():
+    for group, members in groups.values():
         ops = [operators[k] for k in members]
         device = ops[0].device
         vectors = [pairs[k][0].to(device) for k in members] + \
             [pairs[k][1].to(device) for k in members]
-        results = graph.products(ops + ops, vectors)
+        results = group.products(ops + ops, vectors)
         for i, k in enumerate(members):
             products[k] = (results[i].to(torch.float64),
                            results[len(members) + i].to(torch.float64))
@@ -157,7 +165,7 @@ def symmetry_defects(operators: Sequence) -> list[float]:
     for k, op in enumerate(operators):
         au, av = products[k]
         norm = max(float(torch.linalg.vector_norm(au)), float(torch.linalg.vector_norm(av)))
-        key = id(getattr(op, "graph", op))
+        key = id(product_group(op) or op)
         floors[key] = max(floors.get(key, 0.0), norm)
     defects = []
     for k, op in enumerate(operators):
@@ -165,7 +173,7 @@ def symmetry_defects(operators: Sequence) -> list[float]:
         u, v = u.to(au.device), v.to(au.device)
         norm = max(float(torch.linalg.vector_norm(au)), float(torch.linalg.vector_norm(av)))
         eps = float(torch.finfo(getattr(op, "dtype", torch.float64)).eps)
-        scale = max(norm, eps ** 0.5 * floors[id(getattr(op, "graph", op))])
+        scale = max(norm, eps ** 0.5 * floors[id(product_group(op) or op)])
         asymmetry = abs(float(torch.dot(u, av)) - float(torch.dot(v, au)))
         if not (math.isfinite(asymmetry) and math.isfinite(norm)):
             raise NonFiniteError(f"the symmetry probe of the operator "
@@ -191,10 +199,27 @@ def check_symmetric(operators: Sequence, rtol: float | None = None) -> None:
             raise UserError(
                 f"the operator {getattr(op, 'name', '')!r} is not symmetric (|u.Av - v.Au| = "
                 f"{defect:.2g} of |Av| for random unit u, v; tolerance {limit:g}): its "
-                "spectrum would be wrong. A known cause is torch's weight_norm, whose double "
-                "backward is not symmetric: remove it (torch.nn.utils.parametrize."
-                "remove_parametrizations) before measuring, or pass check_symmetry=False to "
-                "proceed anyway")
+                f"spectrum and trace would be wrong. {_asymmetry_cause(op)}; or pass "
+                "check_symmetry=False to proceed anyway")
+
+
+def _asymmetry_cause(op) -> str:
+    """What the model shows that explains an asymmetric operator (or what to look for)."""
+    model = getattr(op, "model", None)
+    if model is not None:
+        for name, module in model.named_modules():
+            hooks = list(getattr(module, "_forward_pre_hooks", {}).values())
+            plain = any(type(h).__name__ == "WeightNorm" for h in hooks)
+            parametrized = any(type(p).__name__ == "_WeightNorm"
+                               for plist in getattr(module, "parametrizations", {}).values()
+                               for p in plist)
+            if plain or parametrized:
+                return (f"Detected: module {name!r} uses torch's weight_norm, whose double "
+                        "backward is not symmetric: remove it (torch.nn.utils.parametrize."
+                        "remove_parametrizations or remove_weight_norm) before measuring")
+    return ("No known cause was detected in the model: look for roundoff (products of tiny "
+            "or huge factors, float32 where float64 is needed) or a custom autograd function "
+            "whose double backward is not symmetric")
 
 
 class LanczosRecurrence:
@@ -325,19 +350,19 @@ class LanczosRecurrence:
 
 
 def _step_all(runs: Sequence[LanczosRecurrence]) -> None:
-    """One step of every run. Runs whose operators share a graph that is rebuilt for every
-    product (``reuse_graph=False``) get their products from one pass over its batches
-    (:meth:`~layerhessians.curvature.graph.CurvatureGraph.products`)."""
+    """One step of every run. Runs whose operators share a :attr:`product_group` and say that
+    joint products save passes (``joint_products_save_passes``: a graph rebuilt for every
+    product) get their products from one ``group.products`` call."""
     shared = {}
     for run in runs:
-        graph = getattr(run.op, "graph", None)
-        if run.accepts_out and graph is not None and hasattr(graph, "products") \
-                and not getattr(graph, "reuse_graph", True):
-            shared.setdefault(id(graph), (graph, []))[1].append(run)
+        group = product_group(run.op)
+        if run.accepts_out and group is not None and \
+                bool(getattr(run.op, "joint_products_save_passes", False)):
+            shared.setdefault(id(group), (group, []))[1].append(run)
         else:
             run.step()
-    for graph, group in shared.values():
-        products = graph.products([r.op for r in group], [r.q for r in group],
+    for owner, group in shared.values():
+        products = owner.products([r.op for r in group], [r.q for r in group],
                                   [r.spare[0] for r in group])
         for run, product in zip(group, products):
             run.step(product)

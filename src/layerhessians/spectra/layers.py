@@ -10,16 +10,12 @@ import torch
 from torch import nn
 
 from layerhessians.curvature.base import CurvatureOperator
+from layerhessians.curvature.batches import BatchLoss, Reduction, as_batches
 from layerhessians.curvature.blocks import FULL, check_block_name, layer_blocks
-from layerhessians.curvature.graph import (
-    BatchLoss,
-    Reduction,
-    as_batches,
-    resolve_params,
-)
 from layerhessians.curvature.kinds import curvature_graph, kind_class
 from layerhessians.curvature.memory import memory_budget as budget_bytes
 from layerhessians.curvature.memory import split_batches
+from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError
 from layerhessians.settings import SpectraSettings
 from layerhessians.spectra.exact_layers import exact_blocks

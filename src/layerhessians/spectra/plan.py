@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from layerhessians.curvature.graph import as_batches
+from layerhessians.curvature.batches import as_batches
 from layerhessians.curvature.memory import (
     GraphCost,
     available_memory,

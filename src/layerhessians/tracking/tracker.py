@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from layerhessians import __version__
+from layerhessians.curvature.batches import BatchLoss, as_batches
 from layerhessians.curvature.blocks import layer_blocks, select_blocks
 from layerhessians.errors import UserError, check_choice
 from layerhessians.settings import SpectraSettings
@@ -117,6 +118,23 @@ def _examples(data) -> int | None:
         return None
 
 
+def _fixed_data(data, batch_loss: bool):
+    """The Hessian data, fixed once: a pair or a list of pairs as given (a map-style dataset
+    as one batch); any other iterable (a ``DataLoader``, which may shuffle or augment, a
+    generator) is read ONCE into a list of batches, so every update measures the same data.
+
+    Raises:
+        UserError: empty or malformed data (as the engine's ``as_batches``).
+    """
+    if isinstance(data, list) or (isinstance(data, tuple) and len(data) == 2
+                                  and torch.is_tensor(data[0])):
+        return data
+    if batch_loss:
+        return as_batches(data, pairs=False)
+    fixed = as_batches(data)
+    return fixed[0] if len(fixed) == 1 else fixed
+
+
 def _checksum(data) -> str:
     """SHA-256 (hex) of every tensor of ``data`` (dtype, shape and bytes, in order), so a
     resumed record is refused if its Hessian data changed."""
@@ -173,8 +191,10 @@ class SpectraTracker:
             over all examples of ``data``. For a language model whose loss is the mean over
             tokens, an "example" is one token position: pass targets of shape ``[B, T]``
             and a loss that flattens ``[B, T, V]`` outputs to ``[B*T, V]``.
-        data: the fixed Hessian data: one ``(inputs, targets)`` pair or a list of pairs
-            (moved to the model's device at each update).
+        data: the fixed Hessian data: one ``(inputs, targets)`` pair, a list of pairs, a
+            map-style dataset (one batch) or a ``DataLoader``/iterable of pairs, which is
+            read ONCE (an augmenting or shuffling loader would otherwise give other data at
+            every update); its SHA-256 is recorded and checked at every update.
         run_dir: the run directory, or ``None`` to record nothing (spectra are returned and
             logged only).
         blocks: ``True`` (every Conv2d/Linear weight, as ``layerhessians train``), ``False``
@@ -237,7 +257,9 @@ class SpectraTracker:
         for logger in loggers:
             if not callable(logger):
                 raise UserError("every logger must be callable: hook(index, scalars, spectra)")
-        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.model, self.loss_fn = model, loss_fn
+        self.data = _fixed_data(data, isinstance(loss_fn, BatchLoss))
+        self._checksum = _checksum(self.data)
         self.loggers = loggers
         self.unit, self.seed, self.progress = unit, self.spectra.seed, progress
         self._runtime = runtime
@@ -245,6 +267,7 @@ class SpectraTracker:
                          "distribution": distribution, "kind": kind, "bn_mode": bn_mode,
                          **{k: v for k, v in options.items() if k not in _RUNTIME}}
         self.block_names = _parameter_names(model, blocks)
+        self._dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._device_data = (None, None)
         self.store = None
         if run_dir is not None:
@@ -270,7 +293,7 @@ class SpectraTracker:
             "block_params": dict(self.block_names),
             "num_params": dims[FULL],
             "hessian_examples": _examples(self.data),
-            "hessian_checksum": _checksum(self.data),
+            "hessian_checksum": self._checksum,
             "settings": settings or {},
             "device": str(device),
             "threads": torch.get_num_threads(),
@@ -311,8 +334,17 @@ class SpectraTracker:
         return derive_seed(self.seed, index, "spectra")
 
     def blocks(self) -> "OrderedDict[str, list[nn.Parameter]]":
-        """``{block name: [parameters]}`` of the model as it is now (looked up by name)."""
+        """``{block name: [parameters]}`` of the model as it is now (looked up by name).
+
+        Raises:
+            UserError: a block's parameter is gone (the model was pruned or rebuilt).
+        """
         params = dict(self.model.named_parameters())
+        missing = [n for names in self.block_names.values() for n in names if n not in params]
+        if missing:
+            raise UserError(f"the model no longer has the parameter(s) {', '.join(missing)} "
+                            "the tracker's blocks were built on (pruned, grown or rebuilt "
+                            "model): start a new tracker (a new run_dir) for the new model")
         return OrderedDict((block, [params[n] for n in names])
                            for block, names in self.block_names.items())
 
@@ -366,6 +398,18 @@ class SpectraTracker:
         """
         index = self._index(epoch, step)
         row = self._metrics_row(metrics)
+        if _checksum(self.data) != self._checksum:
+            raise UserError("the tracker's Hessian data changed in place since it was built: "
+                            "the spectra of different updates would not be comparable; pass "
+                            "a copy of the data (or start a new tracker)")
+        dim = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        recorded = self._config["num_params"] if self.store is not None else self._dim
+        if dim != recorded:
+            log.warning("tracker: the full operator has %d trainable parameters at %s %d, "
+                        "not %d as when the tracker was built (parameters frozen, unfrozen "
+                        "or added); recorded in metrics.csv as full_dim", dim, self.unit,
+                        index, recorded)
+        row["full_dim"] = float(dim)
         start = time.perf_counter()
         spectra = self.compute(index)
         seconds = time.perf_counter() - start

@@ -30,7 +30,7 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from layerhessians.curvature.graph import Reduction
+from layerhessians.curvature.batches import Reduction
 from layerhessians.errors import UserError
 from layerhessians.vocabulary import BACKENDS
 

@@ -1,0 +1,154 @@
+"""The engine's forward and backward passes and what they leave behind: nothing.
+
+Every pass the engine runs or triggers (a graph's forward, a :class:`BatchLoss`, per-example
+gradients, the probes, and the products, whose backward passes may re-run forwards through
+checkpointed blocks) runs inside :func:`engine_context`, which
+
+- enables autograd locally (calls from ``torch.no_grad()`` or ``torch.inference_mode()``
+  work; inference-mode inputs are cloned into normal tensors by the graph);
+- puts every module in eval mode, batch norm per ``bn_mode``, and ``nn.Embedding`` /
+  ``nn.EmbeddingBag`` with ``sparse=False`` (same values, gradients dense; sparse gradients
+  have no second derivative), the caller's settings restored afterwards;
+- runs attention on its twice-differentiable math path (:func:`~.attention.math_attention`);
+- swaps every module buffer for a clone during the pass (batch norm's running statistics and
+  ``num_batches_tracked`` are never changed);
+- forks the random number generators (CPU and every initialised CUDA device), seeded with
+  :data:`ENGINE_SEED`: a forward that draws random numbers (a VAE's sampling) is then one
+  fixed function, the same at every pass (each forward starts by :func:`reseed`), and the caller's streams continue as if the engine
+  had never run;
+- refuses ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)``, whose recomputation
+  second-order autograd cannot see (its block would count as zero curvature).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.utils.checkpoint as torch_checkpoint
+from torch import nn
+
+from layerhessians.curvature.attention import math_attention
+from layerhessians.errors import UserError
+
+__all__ = ["ENGINE_SEED", "engine_context", "engine_forward", "engine_modes", "reseed"]
+
+#: the seed of the random number generators inside the engine's passes
+ENGINE_SEED = 0
+
+REENTRANT_CHECKPOINT = (
+    "the model uses torch.utils.checkpoint with use_reentrant=True, whose recomputation "
+    "second-order autograd cannot differentiate (the block would count as zero curvature): "
+    "pass use_reentrant=False to checkpoint")
+
+
+class _RefuseReentrant(torch.autograd.Function):
+    """Stands in for torch's reentrant checkpoint function inside the engine's passes."""
+
+    @staticmethod
+    def forward(ctx, *args):  # pragma: no cover - apply refuses first
+        raise UserError(REENTRANT_CHECKPOINT)
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        raise UserError(REENTRANT_CHECKPOINT)
+
+
+@contextlib.contextmanager
+def engine_modes(model: nn.Module, bn_mode: str):
+    """The modes of the engine's passes: eval, batch norm in ``bn_mode``, embeddings with
+    dense gradients; the caller's modes restored afterwards."""
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    sparse = [m for m in modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+              and getattr(m, "sparse", False)]
+    try:
+        model.eval()
+        if bn_mode == "train":
+            for m in modules:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+        for m in sparse:
+            m.sparse = False
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+        for m in sparse:
+            m.sparse = True
+
+
+@contextlib.contextmanager
+def _cloned_buffers(model: nn.Module):
+    swapped = [(m, name, b) for m in model.modules()
+               for name, b in m._buffers.items() if b is not None]
+    try:
+        for m, name, b in swapped:
+            m._buffers[name] = b.clone()
+        yield
+    finally:
+        for m, name, b in swapped:
+            m._buffers[name] = b
+
+
+def reseed(seed: int = ENGINE_SEED) -> None:
+    """Seed the CPU and every initialised CUDA generator: called at the start of each engine
+    forward, so that a forward that draws random numbers draws the same ones every time (only
+    inside :func:`engine_context`, whose generators are forked)."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.default_generators[device].manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _forked_rng(seed: int):
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for device in devices:
+            torch.cuda.default_generators[device].manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _no_reentrant_checkpoint():
+    previous = torch_checkpoint.CheckpointFunction
+    torch_checkpoint.CheckpointFunction = _RefuseReentrant
+    try:
+        yield
+    finally:
+        torch_checkpoint.CheckpointFunction = previous
+
+
+@contextlib.contextmanager
+def engine_context(model: nn.Module, bn_mode: str, seed: int = ENGINE_SEED):
+    """The context of every pass the engine runs or triggers (see the module docstring).
+
+    Args:
+        model: the network.
+        bn_mode: ``"eval"`` or ``"train"`` (batch norm's mode).
+        seed: the seed of the forked random number generators.
+
+    Yields:
+        None.
+
+    Raises:
+        UserError: (inside) the model uses a reentrant checkpoint.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(engine_modes(model, bn_mode))
+        stack.enter_context(math_attention())
+        stack.enter_context(_cloned_buffers(model))
+        stack.enter_context(_forked_rng(seed))
+        stack.enter_context(_no_reentrant_checkpoint())
+        yield
+
+
+def engine_forward(model: nn.Module, bn_mode: str, x, grad: bool = False,
+                   seed: int = ENGINE_SEED):
+    """``model(x)`` inside :func:`engine_context` (no gradients unless ``grad``)."""
+    with engine_context(model, bn_mode, seed), torch.set_grad_enabled(grad):
+        return model(x)
