@@ -96,6 +96,55 @@ def read_table(path, columns, *, text_columns=("block",), nullable=(),
     return frame
 
 
+#: the characters a metric's name may not hold (they would split or quote a CSV field)
+_NAME_BREAKERS = (",", '"', "\n", "\r", "\0")
+#: the longest metric name
+MAX_NAME = 100
+
+
+def check_row(row, path="metrics.csv") -> dict:
+    """A metrics row as the store writes it: ``{name: float}``, checked so that the CSV
+    always reads back (:func:`read_metrics`).
+
+    Args:
+        row: a mapping of metric names (non-empty strings of at most :data:`MAX_NAME`
+            characters, without commas, quotes, line breaks or NUL, not ``epoch``, no
+            leading or trailing spaces) to real numbers (Python, NumPy or 0-d tensor
+            values; NaN is stored as an empty cell, "no value").
+        path: the file named in the refusals.
+
+    Returns:
+        The row with float values.
+
+    Raises:
+        UserError: a name or value that the CSV cannot hold: a non-string or malformed
+            name, a non-number, or an infinite value (one line; nothing is written).
+    """
+    if not isinstance(row, dict):
+        raise UserError(f"metrics for {path} must be a dict of name -> number; got "
+                        f"{type(row).__name__}")
+    checked = {}
+    for name, value in row.items():
+        if not isinstance(name, str) or not name.strip() or name != name.strip() or \
+                len(name) > MAX_NAME or any(c in name for c in _NAME_BREAKERS) or \
+                name == "epoch":
+            raise UserError(f"metric name {str(name)[:60]!r} cannot be a column of {path}: "
+                            f"use a non-empty name of at most {MAX_NAME} characters without "
+                            "commas, quotes or line breaks (and not 'epoch')")
+        try:
+            if isinstance(value, (str, bytes)) or getattr(value, "ndim", 0) != 0:
+                raise TypeError
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise UserError(f"metric {name!r} must be a number; got {str(value)[:40]!r}") \
+                from None
+        if number in (float("inf"), float("-inf")):
+            raise UserError(f"metric {name!r} is {number}: {path} keeps finite numbers only "
+                            "(NaN for no value)")
+        checked[name] = number
+    return checked
+
+
 def read_metrics(path) -> pd.DataFrame:
     """``metrics.csv`` read strictly (:func:`read_table`): an ``epoch`` column of integers,
     every other column numbers (possibly empty: an epoch without spectra has no

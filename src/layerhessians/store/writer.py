@@ -56,6 +56,8 @@ from layerhessians.store.manifest import (
     delete_owned,
     ensure_manifest,
     foreign_files,
+    manifest_digest,
+    owned_file,
     read_manifest,
     write_bytes,
     write_json,
@@ -66,7 +68,6 @@ from layerhessians.store.names import (
     CONFIG,
     FIXED_FILES,
     FOLDERS,
-    JOURNAL,
     LAST_CHECKPOINT,
     LOCK,
     MANIFEST,
@@ -78,6 +79,7 @@ from layerhessians.store.oserrors import os_errors, os_message
 from layerhessians.store.readers import (
     METHOD,
     SPECTRA_COLUMNS,
+    check_row,
     problem,
     read_config,
     read_metrics,
@@ -100,6 +102,7 @@ class RunStore:
         self._spectra = None
         self._bytes = {}
         self._state_cache = None
+        self._dir_fd = None  # the run directory as opened (its identity is checked on writes)
         self.notes = []  # what opening repaired (an interrupted operation), for the log
 
     # -- opening -----------------------------------------------------------------------
@@ -235,21 +238,19 @@ class RunStore:
         journal.end(self.path)
 
     def _recover(self):
-        """Remove temporary files of killed writes; finish an interrupted operation."""
+        """Remove temporary files of killed writes; finish an interrupted operation, but
+        only one whose journal is the store's own and fits the run (:meth:`_check_journal`);
+        anything else is refused with every file left in place."""
         self._remove_temporaries()
         entry = journal.read(self.path)
         if entry is None:
             return
         op = entry["op"]
+        self._check_journal(entry)
         if op == "rewind":
-            try:
-                epoch, source = int(entry["epoch"]), Path(entry["source"])
-            except (KeyError, TypeError, ValueError):
-                raise UserError(f"{self.path / JOURNAL} (an interrupted rewind) is damaged; "
-                                "resume from the run directory after deleting it, or use "
-                                "--overwrite") from None
+            epoch = entry["epoch"]
             self.notes.append(f"finished an interrupted rewind to epoch {epoch}")
-            self._do_rewind(epoch, source)
+            self._do_rewind(epoch, self.path / CHECKPOINTS / entry["source"])
         elif op == "create" and (self.path / CONFIG).exists():
             self.notes.append("completed an interrupted creation")
             self._make_folders(self._ensure_manifest())
@@ -258,6 +259,42 @@ class RunStore:
             self.notes.append(f"finished an interrupted {what}")
             self._delete_owned()
         self._end_journal()
+
+    def _check_journal(self, entry: dict):
+        """Refuse a journal whose operation does not fit the run: an overwrite of another
+        manifest than the one there; a creation (before its config.json) of a run that
+        holds data files or a manifest it did not write; a rewind to a file that is not a
+        regular checkpoint file of this run, holds another epoch than the journal's, or an
+        epoch that the run's record or last checkpoint lacks."""
+        op = entry["op"]
+        if op == "overwrite":
+            digest = manifest_digest(self.path)
+            if digest and digest != entry["manifest"]:
+                raise journal.refusal(self.path, f"an overwrite of another {MANIFEST}")
+        elif op == "create" and not (self.path / CONFIG).exists():
+            data = [n for n in (METRICS, SPECTRA, f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
+                    if os.path.lexists(self.path / n)]
+            if data:
+                raise journal.refusal(self.path, f"a creation, but {data[0]} is there")
+            if (self.path / MANIFEST).exists() and read_manifest(self.path) != \
+                    {"files": [*FIXED_FILES], "dirs": [*FOLDERS]}:
+                raise journal.refusal(self.path, f"a creation, but {MANIFEST} lists more")
+        elif op == "rewind":
+            name, epoch = entry["source"], entry["epoch"]
+            source = self.path / CHECKPOINTS / name
+            if not re.fullmatch(r"[\w.-]+\.pt", name) or name.startswith(".") or \
+                    not owned_file(self.path, f"{CHECKPOINTS}/{name}"):
+                raise journal.refusal(self.path, f"its checkpoint {name[:60]!r} is not a "
+                                                 f"file of {self.path / CHECKPOINTS}")
+            held = checkpoint_epoch(load_torch(source), source)
+            last = self.completed_epoch
+            if held != epoch or last is None or epoch > last:
+                raise journal.refusal(self.path, f"a rewind to epoch {epoch}, but {name} holds "
+                                                 f"epoch {held} and last.pt epoch {last}")
+            epochs = set(int(e) for e in self.metrics["epoch"])
+            if epoch not in epochs:
+                raise journal.refusal(self.path, f"a rewind to epoch {epoch}, which "
+                                                 f"{METRICS} does not hold")
 
     def _remove_temporaries(self):
         for folder in (self.path, *(self.path / d for d in (*FOLDERS, "ckpt"))):
@@ -271,7 +308,7 @@ class RunStore:
         if (self.path / MANIFEST).exists() or (self.path / CONFIG).exists():
             if not (self.path / MANIFEST).exists():
                 self._adopt_or_refuse()
-            self._journal({"op": "overwrite"})
+            self._journal({"op": "overwrite", "manifest": manifest_digest(self.path)})
             self._delete_owned()
             self._end_journal()
         self._refuse_foreign()
@@ -319,9 +356,36 @@ class RunStore:
         pid = str(os.getpid()).encode()
         os.pwrite(fd, pid.ljust(max(len(pid), os.fstat(fd).st_size)), 0)  # no ftruncate: the
         self._lock_fd = fd  # holder's PID is overwritten in place (padded with spaces)
+        self._dir_fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+                               | getattr(os, "O_CLOEXEC", 0))
+
+    def check_place(self):
+        """Refuse to go on writing when ``self.path`` is no longer the directory this store
+        opened (renamed, moved or deleted while the run was open): a write would build a
+        partial run at the old path.
+
+        Raises:
+            UserError: one line naming the path.
+        """
+        if self._dir_fd is None:
+            return
+        opened = os.fstat(self._dir_fd)
+        try:
+            now = os.stat(self.path)
+            same = (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
+        except OSError:
+            same = False
+        if not same or opened.st_nlink == 0:
+            raise UserError(f"{self.path} is no longer the run directory this process opened "
+                            "(it was renamed, moved or deleted during the run); stopped without "
+                            "writing there: the committed epochs are where the folder went, "
+                            "resume it from there with --resume")
 
     def close(self):
         """Release the run's lock (the store can be opened again)."""
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -346,12 +410,23 @@ class RunStore:
 
     @property
     def log_path(self) -> Path:
-        """``RUN/logs/train.log``."""
-        return self.path / "logs" / "train.log"
+        """``RUN/logs/train.log`` (appended to: refused when it, or ``logs/``, is a symbolic
+        link or not a regular file, so that no write follows a link out of the run)."""
+        self.check_place()
+        path = self.path / "logs" / "train.log"
+        for link in (path.parent, path):
+            if link.is_symlink() or (link is path and link.exists() and not link.is_file()):
+                raise UserError(f"{link} is a symbolic link or not a regular file; the store "
+                                "writes only into its own files: remove it and run again")
+        return path
 
     @property
     def images(self) -> Path:
-        """``RUN/images``, the figures folder."""
+        """``RUN/images``, the figures folder (refused when it is a symbolic link)."""
+        self.check_place()
+        if (self.path / "images").is_symlink():
+            raise UserError(f"{self.path / 'images'} is a symbolic link; the store writes only "
+                            "into its own folders: remove the link and run again")
         return self.path / "images"
 
     @property
@@ -425,6 +500,7 @@ class RunStore:
             UserError: the file is not in this run's checkpoints folder, is not a
                 readable checkpoint, holds only weights, or is newer than ``last.pt``.
         """
+        self.check_place()
         source = Path(checkpoint)
         if not str(checkpoint).strip():
             raise UserError('the checkpoint path is empty; pass RUN/checkpoints/FILE.pt')
@@ -445,7 +521,7 @@ class RunStore:
         if last is not None and epoch > last:
             raise UserError(f"{source} is of epoch {epoch}, after the run's last checkpoint "
                             f"(epoch {last}); resume with --resume {self.path}")
-        self._journal({"op": "rewind", "epoch": epoch, "source": str(source)})
+        self._journal({"op": "rewind", "epoch": epoch, "source": source.name})
         self._do_rewind(epoch, source)
         self._end_journal()
         self.notes.append(f"rewound to epoch {epoch} ({source.name})")
@@ -456,9 +532,13 @@ class RunStore:
         self._bytes = {}
         self._metrics = self._spectra = None
         self.truncate_after(epoch)
+        owned = set(read_manifest(self.path)["files"]) if (self.path / MANIFEST).exists() \
+            else set()
         for path in (self.path / CHECKPOINTS).glob("epoch_*.pt"):
             match = re.fullmatch(r"epoch_(\d+)\.pt", path.name)
-            if match and int(match.group(1)) > epoch:
+            rel = f"{CHECKPOINTS}/{path.name}"
+            if match and int(match.group(1)) > epoch and rel in owned and \
+                    owned_file(self.path, rel):
                 with os_errors("delete", path):
                     path.unlink()
         state.pop(COMMITTED_KEY, None)
@@ -521,7 +601,14 @@ class RunStore:
         :data:`METHOD` column) or ``None``. ``checkpoint``: a dict of tensors and
         plain containers (saved with ``"epoch"``, the committed CSV lengths and digests,
         and its own digest added) or ``None``.
+
+        Raises:
+            UserError: the run directory was moved or deleted (:meth:`check_place`); a
+                metric name or value the CSV cannot hold (:func:`check_row`); nothing of
+                the epoch is written then.
         """
+        self.check_place()
+        metrics_row = check_row(metrics_row, METRICS)
         if spectra:
             frames = [m.to_frame().assign(epoch=epoch, block=block,
                                           method=getattr(m, "method", None) or "slq")
@@ -536,6 +623,7 @@ class RunStore:
 
     def save_weights(self, epoch: int, state_dict: dict):
         """Keep the model weights of ``epoch`` (``checkpoints/epoch_EEEE.pt``)."""
+        self.check_place()
         save_torch(self.path / CHECKPOINTS / f"epoch_{epoch:04d}.pt", state_dict)
 
 
