@@ -629,3 +629,415 @@ def test_cli_checkpoint_without_config_is_refused(tmp_path, capsys):
     assert len(err) == 1 and "but no config.json" in err[0]
     assert main(["train", "-r", str(run), "--resume"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ issue 22: nothing lost
+def snapshot(root):
+    """Every entry under ``root`` (links as their target) with its bytes."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                out[rel] = ("link", os.readlink(path))
+            elif os.path.isfile(path):
+                with open(path, "rb") as fh:
+                    out[rel] = fh.read()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+def without_lock(snap):
+    return {k: v for k, v in snap.items() if k != ".lock"}
+
+
+def forge(run, entry):
+    """A journal with a valid digest (as the store's own writer would make it)."""
+    from layerhessians.store import journal
+    journal.begin(run, entry)
+
+
+GARBAGE = {
+    "bytes": b"\x00garbage\xff",
+    "empty": b"",
+    "list": b"[]",
+    "no-digest": b'{"op": "overwrite", "pid": 1}',
+    "unknown-op": b'{"op": "nuke", "pid": 1, "digest": "0"}',
+    "deep": b"[" * 100_000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_damaged_journal_is_refused_and_nothing_deleted(tmp_path, kind):
+    """Issue 22 item 1: a journal the store cannot validate deletes nothing."""
+    run = make_run(tmp_path / "r")
+    (run / JOURNAL).write_bytes(GARBAGE[kind])
+    before = without_lock(snapshot(run))
+    for kwargs in ({"resume": True}, {"resume": "allow"}, {"overwrite": True}):
+        with pytest.raises(UserError) as err:
+            RunStore.create(run, CONFIG, **kwargs)
+        assert JOURNAL in one_line(err) and "nothing was changed" in str(err.value)
+        assert without_lock(snapshot(run)) == before
+    with pytest.raises(UserError, match="unfinished operation"):
+        load_run(run)
+
+
+def test_journal_with_a_changed_digest_is_refused(tmp_path):
+    run = make_run(tmp_path / "r")
+    forge(run, {"op": "overwrite", "manifest": "x"})
+    entry = json.loads((run / JOURNAL).read_text())
+    entry["manifest"] = "y"
+    (run / JOURNAL).write_text(json.dumps(entry))
+    before = without_lock(snapshot(run))
+    with pytest.raises(UserError, match="digest does not match"):
+        RunStore.create(run, CONFIG, resume=True)
+    assert without_lock(snapshot(run)) == before
+
+
+@pytest.mark.parametrize("place", ["link", "folder"])
+def test_journal_that_is_not_a_regular_file_is_refused(tmp_path, place):
+    run = make_run(tmp_path / "r")
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"op": "overwrite"}')
+    if place == "link":
+        (run / JOURNAL).symlink_to(outside)
+    else:
+        (run / JOURNAL).mkdir()
+    before = without_lock(snapshot(run))
+    with pytest.raises(UserError, match="not a regular file"):
+        RunStore.create(run, CONFIG, resume=True)
+    assert without_lock(snapshot(run)) == before and outside.exists()
+
+
+@pytest.mark.parametrize("entry", [
+    {"op": "rewind", "epoch": -1, "source": "last.pt"},            # wipes every row
+    {"op": "rewind", "epoch": 0, "source": "last.pt"},             # last.pt holds epoch 2
+    {"op": "rewind", "epoch": 7, "source": "last.pt"},             # an epoch that never was
+    {"op": "rewind", "epoch": 0, "source": "../../outside.pt"},    # a path outside the run
+    {"op": "rewind", "epoch": 0, "source": "epoch_0000.pt"},       # weights, no epoch
+    {"op": "rewind", "epoch": 0, "source": "missing.pt"},
+    {"op": "overwrite", "manifest": "0" * 64},                     # another manifest
+    {"op": "create"},                                              # config.json is there...
+], ids=["minus-one", "other-epoch", "future", "outside", "weights", "missing", "overwrite",
+        "create"])
+def test_forged_journal_is_refused_and_nothing_deleted(tmp_path, entry):
+    """Issue 22 item 2: a journal is acted on only if it fits the run."""
+    run = make_run(tmp_path / "r")
+    with RunStore.create(run, CONFIG, resume=True) as store:
+        store.save_weights(0, {"w": torch.zeros(2)})
+    if entry["op"] == "create":  # ... a creation journal only fits before its config.json
+        (run / "config.json").rename(tmp_path / "config.json")
+    outside = tmp_path / "outside.pt"
+    torch.save({"epoch": 0, "model": {}, "optimizer": {}}, outside)
+    forge(run, entry)
+    before = without_lock(snapshot(run))
+    with pytest.raises(UserError) as err:
+        RunStore.create(run, CONFIG, resume=True)
+    assert JOURNAL in one_line(err) and "nothing was changed" in str(err.value)
+    assert without_lock(snapshot(run)) == before and outside.exists()
+
+
+def test_own_rewind_journal_is_still_finished(tmp_path):
+    """The store's own, fitting rewind journal is acted on (epoch 1 of 0..2)."""
+    run = make_run(tmp_path / "r")
+    with RunStore.create(run, CONFIG, resume=True) as store:
+        store.save_weights(1, {"w": torch.ones(1)})
+    torch.save(torch.load(run / "checkpoints" / "last.pt", weights_only=True), tmp_path / "x")
+    from layerhessians.store.checkpoints import save_torch
+    save_torch(run / "checkpoints" / "full_0001.pt", state(1) | {"epoch": 1})
+    forge(run, {"op": "rewind", "epoch": 1, "source": "full_0001.pt"})
+    with RunStore.create(run, CONFIG, resume=True) as store:
+        assert store.completed_epoch == 1 and "rewind" in store.notes[0]
+    assert list(load_run(run).metrics["epoch"]) == [0, 1]
+
+
+@pytest.mark.parametrize("entry", ["../outside.txt", "/ABS/outside.txt", "a/../../outside.txt",
+                                   "./config.json", "images//x.png"])
+def test_manifest_entries_outside_the_run_are_refused(tmp_path, entry):
+    """Issue 22 item 6: --overwrite (and a recovering --resume) delete only inside the run."""
+    run = make_run(tmp_path / "r")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine")
+    manifest = json.loads((run / MANIFEST).read_text())
+    manifest["files"].append(entry.replace("/ABS", str(tmp_path)))
+    (run / MANIFEST).write_text(json.dumps(manifest))
+    before = without_lock(snapshot(run))
+    with pytest.raises(UserError, match="not a path inside the run"):
+        RunStore.create(run, CONFIG, overwrite=True)
+    assert outside.read_text() == "mine" and without_lock(snapshot(run)) == before
+    forge(run, {"op": "overwrite", "manifest": writer.manifest_digest(run)})
+    with pytest.raises(UserError, match="not a path inside the run"):
+        RunStore.create(run, CONFIG, resume=True)
+    assert outside.read_text() == "mine"
+
+
+def test_overwrite_keeps_links_and_what_they_point_to(tmp_path):
+    """Only regular files are deleted: a link at a name the manifest lists stays, and so
+    does its target (and a file below a linked folder)."""
+    run = make_run(tmp_path / "r")
+    outside = tmp_path / "outside.csv"
+    outside.write_text("mine")
+    (run / "metrics.csv").unlink()
+    (run / "metrics.csv").symlink_to(outside)
+    with pytest.raises(UserError, match="did not write"):  # the link is kept: a foreign file
+        RunStore.create(run, CONFIG, overwrite=True)
+    assert outside.read_text() == "mine" and (run / "metrics.csv").is_symlink()
+
+
+def test_renamed_run_folder_stops_the_writer(tmp_path):
+    """Issue 22 item 4: the run folder renamed or deleted while open: one line, no write
+    at the old path."""
+    run = tmp_path / "r"
+    store = RunStore.create(run, CONFIG)
+    commit(store, 0)
+    run.rename(tmp_path / "moved")
+    with pytest.raises(UserError, match="no longer the run directory") as err:
+        commit(store, 1)
+    one_line(err)
+    assert not run.exists()
+    for name in ("log_path", "images"):
+        with pytest.raises(UserError, match="no longer the run directory"):
+            getattr(store, name)
+    with pytest.raises(UserError, match="no longer the run directory"):
+        store.save_weights(1, {"w": torch.zeros(1)})
+    store.close()
+    assert list(load_run(tmp_path / "moved").metrics["epoch"]) == [0]
+
+
+def test_deleted_run_folder_stops_the_writer(tmp_path):
+    import shutil
+    run = tmp_path / "r"
+    store = RunStore.create(run, CONFIG)
+    commit(store, 0)
+    shutil.rmtree(run)
+    with pytest.raises(UserError, match="no longer the run directory"):
+        commit(store, 1)
+    assert not run.exists()
+    run.mkdir()  # a new folder at the same path is not the one opened either
+    with pytest.raises(UserError, match="no longer the run directory"):
+        commit(store, 1)
+    assert os.listdir(run) == []
+    store.close()
+
+
+def test_readers_show_committed_epochs_only(tmp_path, monkeypatch):
+    """Issue 22 item 5: killed between metrics.csv and the checkpoint, readers show the
+    checkpoint's epochs (2), not the written row of epoch 3."""
+    run = make_run(tmp_path / "r")
+    real = writer.save_torch
+
+    def dying(path, obj):
+        if path.name == "last.pt":
+            raise Crash
+        return real(path, obj)
+
+    monkeypatch.setattr(writer, "save_torch", dying)
+    with RunStore.create(run, CONFIG, resume=True) as store, pytest.raises(Crash):
+        commit(store, 3)
+    monkeypatch.undo()
+    assert b"\n3," in (run / "metrics.csv").read_bytes()  # written, not committed
+    result = load_run(run)
+    assert list(result.metrics["epoch"]) == [0, 1, 2]
+    assert sorted(set(result.spectra["epoch"])) == [0, 1, 2] and result.epochs == [0, 1, 2]
+
+
+def test_readers_show_nothing_before_the_first_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "r"
+    monkeypatch.setattr(writer, "save_torch", lambda path, obj: (_ for _ in ()).throw(Crash))
+    with RunStore.create(run, CONFIG) as store, pytest.raises(Crash):
+        commit(store, 0)
+    monkeypatch.undo()
+    assert load_run(run).metrics.empty and load_run(run).spectra.empty
+
+
+@pytest.mark.parametrize("where", ["log", "logs", "images", "checkpoints"])
+def test_no_write_follows_a_link_out_of_the_run(tmp_path, where):
+    """Issue 22 item 7: logs/train.log, logs/, images/ or checkpoints/ linked outside."""
+    run = make_run(tmp_path / "r")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "train.log").write_text("mine\n")
+    if where == "log":
+        (run / "logs" / "train.log").unlink(missing_ok=True)
+        (run / "logs" / "train.log").symlink_to(outside / "train.log")
+    else:
+        for name in os.listdir(run / where):
+            os.rename(run / where / name, outside / name)
+        (run / where).rmdir()
+        (run / where).symlink_to(outside)
+    before = snapshot(outside)
+    with pytest.raises(UserError, match="symbolic link") as err:
+        with RunStore.create(run, CONFIG, resume=True) as store:
+            if where == "log":
+                store.log_path
+            commit(store, 3)
+    one_line(err)
+    assert snapshot(outside) == before
+
+
+def test_figures_not_written_through_a_linked_images_folder(tmp_path, capsys):
+    """Issue 22 item 7: ``plot`` refuses images/ linked to another folder."""
+    run = make_run(tmp_path / "r")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / "images").rmdir()
+    (run / "images").symlink_to(outside)
+    assert main(["plot", str(run)]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert os.listdir(outside) == []
+
+
+def test_hidden_figure_temporaries_are_cleaned_on_next_open(tmp_path):
+    """Issue 22 item 12: figure temporaries (their format's suffix) left by a kill."""
+    from layerhessians.store.atomic import atomic_path
+    run = make_run(tmp_path / "r")
+    with pytest.raises(Crash), atomic_path(run / "images" / "loss.png", suffix=".png") as tmp:
+        tmp.write_bytes(b"half")
+        left = tmp
+        os.link(tmp, run / "images" / (tmp.name + "x"))  # stands for the file a kill leaves
+        raise Crash
+    stray = run / "images" / (left.name + "x")
+    renamed = stray.with_name(left.name)
+    stray.rename(renamed)
+    assert renamed.name.startswith(".loss.png.") and renamed.name.endswith(".png")
+    keep = run / "images" / ".mine.png"
+    keep.write_bytes(b"user")
+    with RunStore.create(run, CONFIG, resume=True):
+        pass
+    assert not renamed.exists() and keep.exists()
+
+
+# ------------------------------------------------------------------ issue 22: readable record
+@pytest.mark.parametrize("metrics,match", [
+    ({"a,b": 1.0}, "cannot be a column"),
+    ({'q"': 1.0}, "cannot be a column"),
+    ({"line\nbreak": 1.0}, "cannot be a column"),
+    ({"": 1.0}, "cannot be a column"),
+    ({" pad": 1.0}, "cannot be a column"),
+    ({3: 1.0}, "cannot be a column"),
+    ({"x" * 101: 1.0}, "cannot be a column"),
+    ({"big": 10**400}, "must be a number"),
+    ({"inf": float("inf")}, "finite numbers only"),
+    ({"text": "1.0"}, "must be a number"),
+    ({"vec": np.ones(2)}, "must be a number"),
+])
+def test_metrics_the_csv_cannot_hold_are_refused_before_commit(tmp_path, metrics, match):
+    """Issue 22 item 3: validated before committing; the record always reads back."""
+    run = make_run(tmp_path / "r")
+    with RunStore.create(run, CONFIG, resume=True) as store:
+        with pytest.raises(UserError, match=match):
+            store.commit_epoch(3, metrics, None, state(3))
+        store.commit_epoch(3, {"lr": 0.05, "big": 10**30}, None, state(3))
+    result = load_run(run)
+    assert list(result.metrics["epoch"]) == [0, 1, 2, 3]
+    assert result.metrics["big"].iloc[-1] == 1e30
+
+
+@pytest.mark.parametrize("epoch", [10**30, -1, 2**53 + 1, 1.5, True])
+def test_epoch_the_csv_cannot_hold_is_refused(tmp_path, epoch):
+    run = make_run(tmp_path / "r")
+    with RunStore.create(run, CONFIG, resume=True) as store:
+        with pytest.raises(UserError, match="cannot be recorded"):
+            store.commit_epoch(epoch, {"lr": 0.05}, None, state(3))
+    assert list(load_run(run).metrics["epoch"]) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ issue 22: the tracker
+def tiny_tracker(run_dir, **kwargs):
+    from layerhessians.tracking import SpectraTracker
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    return SpectraTracker(model, torch.nn.functional.cross_entropy, data, run_dir,
+                          iterations=3, **kwargs)
+
+
+def test_tracker_comma_metric_then_update_without_it_reads_back(tmp_path):
+    """Issue 22 item 3: a comma in a name is refused before anything is written; a
+    committed record always reads back, however the metrics vary between updates."""
+    with tiny_tracker(tmp_path / "t") as tracker:
+        with pytest.raises(UserError, match="cannot be a column"):
+            tracker.update(0, metrics={"a,b": 1.0})
+        tracker.update(0, metrics={"a": 1.0})
+        tracker.update(1)
+        tracker.update(2, metrics={"b": 2.0})
+    metrics = load_run(tmp_path / "t").metrics
+    assert list(metrics["epoch"]) == [0, 1, 2] and metrics["b"].iloc[-1] == 2.0
+
+
+def test_tracker_huge_index_is_refused_and_record_reads_back(tmp_path):
+    """Issue 22 item 3: ``update(10**30)`` bricked the record."""
+    with tiny_tracker(tmp_path / "t") as tracker:
+        tracker.update(0)
+        with pytest.raises(UserError, match="cannot be recorded"):
+            tracker.update(10**30)
+    assert list(load_run(tmp_path / "t").metrics["epoch"]) == [0]
+    with tiny_tracker(tmp_path / "t", resume=True) as tracker:
+        tracker.update(1)
+    assert list(load_run(tmp_path / "t").metrics["epoch"]) == [0, 1]
+
+
+@pytest.mark.parametrize("metrics,match", [
+    ({"loss": float("nan")}, "is NaN"),
+    ({"loss": torch.tensor(float("nan"))}, "is NaN"),
+    ({"loss": float("inf")}, "finite numbers only"),
+    ([1, 2], "must be a dict"),
+    ("loss", "must be a dict"),
+])
+def test_tracker_refuses_metrics_it_cannot_record(tmp_path, metrics, match):
+    """Issue 22 items 10 and 12: NaN metrics refused (not stored as an empty cell), and
+    ``update(metrics=[1, 2])`` one line, not an AttributeError."""
+    with tiny_tracker(tmp_path / "t") as tracker:
+        with pytest.raises(UserError, match=match):
+            tracker.update(0, metrics=metrics)
+    assert load_run(tmp_path / "t").metrics.empty
+
+
+@pytest.mark.parametrize("run_dir", ["", "  "])
+def test_tracker_refuses_an_empty_run_dir(tmp_path, monkeypatch, run_dir):
+    """Issue 22 item 9: run_dir="" wrote into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="run directory is empty"):
+        tiny_tracker(run_dir)
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ issue 22: the trainer
+def test_cli_resume_does_not_append_to_a_linked_log(tmp_path, capsys):
+    """Issue 22 item 7: logs/train.log linked to an outside file is not appended to."""
+    run = tmp_path / "r"
+    assert _train(run, "-lr", "0.05") == 0
+    outside = tmp_path / "outside.log"
+    outside.write_text("mine\n")
+    (run / "logs" / "train.log").unlink()
+    (run / "logs" / "train.log").symlink_to(outside)
+    capsys.readouterr()
+    assert _train(run, "-lr", "0.05", "--resume", "-n", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "symbolic link" in err[0]
+    assert outside.read_text() == "mine\n" and RunStore(run).completed_epoch == 2
+
+
+def test_cli_run_folder_renamed_during_training_stops(tmp_path, monkeypatch, capsys):
+    """Issue 22 item 4: renamed after epoch 1: one line, exit 2, nothing rebuilt at the old
+    path, the moved run resumes."""
+    from layerhessians.training import loop
+    run, moved = tmp_path / "r", tmp_path / "moved"
+    real = loop._after_commit
+
+    def rename_after_first(store, setup, config, epochs):
+        real(store, setup, config, epochs)
+        if list(epochs) == [1]:
+            run.rename(moved)
+
+    monkeypatch.setattr(loop, "_after_commit", rename_after_first)
+    assert _train(run, "-lr", "0.05") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "no longer the run directory" in err[-1] and "done" not in " ".join(err)
+    assert not run.exists()
+    monkeypatch.undo()
+    assert list(load_run(moved).metrics["epoch"]) == [1]
+    assert _train(moved, "-lr", "0.05", "--resume") == 0
+    assert list(load_run(moved).metrics["epoch"]) == [1, 2]

@@ -40,6 +40,7 @@ import re
 import stat
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from layerhessians.errors import UserError
@@ -86,7 +87,10 @@ from layerhessians.store.readers import (
     read_spectra,
 )
 
-__all__ = ["RunStore", "resume_source"]
+__all__ = ["MAX_EPOCH", "RunStore", "resume_source"]
+
+#: the largest epoch (update index) a record holds: exact in the CSV's int64 and in float64
+MAX_EPOCH = 2**53
 
 
 class RunStore:
@@ -286,7 +290,11 @@ class RunStore:
                     not owned_file(self.path, f"{CHECKPOINTS}/{name}"):
                 raise journal.refusal(self.path, f"its checkpoint {name[:60]!r} is not a "
                                                  f"file of {self.path / CHECKPOINTS}")
-            held = checkpoint_epoch(load_torch(source), source)
+            try:
+                held = checkpoint_epoch(load_torch(source), source)
+            except UserError:
+                raise journal.refusal(self.path, f"its checkpoint {name} is not a training "
+                                                 "state this tool wrote") from None
             last = self.completed_epoch
             if held != epoch or last is None or epoch > last:
                 raise journal.refusal(self.path, f"a rewind to epoch {epoch}, but {name} holds "
@@ -308,6 +316,7 @@ class RunStore:
         if (self.path / MANIFEST).exists() or (self.path / CONFIG).exists():
             if not (self.path / MANIFEST).exists():
                 self._adopt_or_refuse()
+            read_manifest(self.path)  # a damaged one is refused before the journal is begun
             self._journal({"op": "overwrite", "manifest": manifest_digest(self.path)})
             self._delete_owned()
             self._end_journal()
@@ -608,6 +617,11 @@ class RunStore:
                 the epoch is written then.
         """
         self.check_place()
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or \
+                not 0 <= epoch <= MAX_EPOCH:
+            raise UserError(f"epoch (update index) {str(epoch)[:40]} cannot be recorded in "
+                            f"{METRICS}: use an integer from 0 to {MAX_EPOCH}")
+        epoch = int(epoch)
         metrics_row = check_row(metrics_row, METRICS)
         if spectra:
             frames = [m.to_frame().assign(epoch=epoch, block=block,
