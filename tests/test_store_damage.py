@@ -871,7 +871,7 @@ def test_no_write_follows_a_link_out_of_the_run(tmp_path, where):
     with pytest.raises(UserError, match="symbolic link") as err:
         with RunStore.create(run, CONFIG, resume=True) as store:
             if where == "log":
-                store.log_path
+                assert store.log_path
             commit(store, 3)
     one_line(err)
     assert snapshot(outside) == before
