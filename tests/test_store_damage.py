@@ -1041,3 +1041,47 @@ def test_cli_run_folder_renamed_during_training_stops(tmp_path, monkeypatch, cap
     assert list(load_run(moved).metrics["epoch"]) == [1]
     assert _train(moved, "-lr", "0.05", "--resume") == 0
     assert list(load_run(moved).metrics["epoch"]) == [1, 2]
+
+
+# ------------------------------------------------------------------ issue 22: sizes
+@pytest.mark.parametrize("command,flag,value", [
+    ("match", "--points", "1000000000"), ("match", "--replicates", "1000000000"),
+    ("plot", "--points", "1000000000"), ("match", "--points", "15"),
+    ("plot", "--dpi", "1000000"),
+])
+def test_sizes_from_flags_are_bounded_before_work(tmp_path, capsys, command, flag, value):
+    """Issue 22 item 8: every size a user controls is bounded and refused in one line
+    before the work starts (``match --points 1e9`` was killed at 24 GB)."""
+    run = make_run(tmp_path / "r")
+    out = ["--out", str(tmp_path / "out")] if command == "match" else []
+    assert main([command, str(run), flag, value, *out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0]
+    assert not (tmp_path / "out").exists() and os.listdir(run / "images") == []
+
+
+def _idx_header(shape):
+    import struct
+    return bytes([0, 0, 0x08, len(shape)]) + struct.pack(">" + "I" * len(shape), *shape)
+
+
+@pytest.mark.parametrize("case", ["claims-huge", "inflates-past-header"])
+def test_compressed_dataset_file_is_read_against_its_expected_size(tmp_path, case):
+    """Issue 22 item 8: a small .gz that inflates far beyond what its header gives (or a
+    header that claims gigabytes) is refused without inflating it whole."""
+    import gzip
+    from layerhessians.data.readers import read_idx
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as fh:
+        if case == "claims-huge":
+            fh.write(_idx_header((100_000, 28 * 1000, 28)))
+        else:
+            fh.write(_idx_header((2, 28, 28)))
+            chunk = bytes(1 << 20)
+            for _ in range(64):  # 64 MiB of zeros, about 64 KiB compressed
+                fh.write(chunk)
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(UserError) as err:
+        read_idx(path)
+    assert str(path) in one_line(err)
+    assert ("more than" in str(err.value)) == (case == "claims-huge")
