@@ -1070,6 +1070,7 @@ def test_compressed_dataset_file_is_read_against_its_expected_size(tmp_path, cas
     """Issue 22 item 8: a small .gz that inflates far beyond what its header gives (or a
     header that claims gigabytes) is refused without inflating it whole."""
     import gzip
+
     from layerhessians.data.readers import read_idx
     path = tmp_path / "train-images-idx3-ubyte.gz"
     with gzip.open(path, "wb") as fh:
