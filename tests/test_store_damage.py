@@ -1086,3 +1086,16 @@ def test_compressed_dataset_file_is_read_against_its_expected_size(tmp_path, cas
         read_idx(path)
     assert str(path) in one_line(err)
     assert ("more than" in str(err.value)) == (case == "claims-huge")
+
+
+def test_cli_finite_divergence_is_flagged_and_no_spectra_recorded(tmp_path, capsys):
+    """Issue 22 item 10: ``-o adam -lr 1e3`` ended with train loss 1.3e21, spectra written
+    (top eigenvalue 0.0) and exit 0: now a loss 10^4 times a uniform guess's stops the run
+    before that epoch's spectra, and nothing of it is committed."""
+    run = tmp_path / "r"
+    assert _train(run, "-o", "adam", "-lr", "1e3", "--init-spectra") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "diverged at epoch 1" in err[-1] and "kept" in err[-1]
+    result = load_run(run)
+    assert list(result.metrics["epoch"]) == [0] and result.epochs == [0]
+    assert result.metrics["train_loss"].iloc[0] < 10
