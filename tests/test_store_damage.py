@@ -1099,3 +1099,43 @@ def test_cli_finite_divergence_is_flagged_and_no_spectra_recorded(tmp_path, caps
     result = load_run(run)
     assert list(result.metrics["epoch"]) == [0] and result.epochs == [0]
     assert result.metrics["train_loss"].iloc[0] < 10
+
+
+@pytest.mark.parametrize("column,value", [("node", "inf"), ("node", "nan"), ("weight", "-0.5"),
+                                          ("weight", "inf")])
+def test_bad_nodes_or_weights_are_refused_naming_file_epoch_block(tmp_path, column, value):
+    """Issue 22 item 11: a bad spectra.csv entry names the file, the epoch and the block."""
+    run = make_run(tmp_path / "r")
+    frame = pd.read_csv(run / "spectra.csv")
+    row = frame.index[(frame["epoch"] == 1) & (frame["block"] == "conv2.weight")][0]
+    frame[column] = frame[column].astype(object)
+    frame.loc[row, column] = value
+    frame.to_csv(run / "spectra.csv", index=False)
+    with pytest.raises(UserError) as err:
+        load_run(run)
+    text = one_line(err)
+    assert "spectra.csv" in text and "epoch 1" in text and "'conv2.weight'" in text, text
+
+
+@pytest.mark.parametrize("how", ["nan-input", "inf-weight"])
+def test_non_finite_inputs_or_weights_are_a_non_finite_error(how):
+    """Issue 22 item 11: not "neither the mean nor the sum"."""
+    from layerhessians.curvature.graph import NonFiniteError
+    from layerhessians.spectra import layer_spectra
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    if how == "nan-input":
+        x[2, 1] = float("nan")
+    else:
+        with torch.no_grad():
+            model[2].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        layer_spectra(model, torch.nn.functional.cross_entropy, (x, y), iterations=3)
+
+
+def test_slq_without_an_operator_is_one_line():
+    """Issue 22 item 12: slq(None) was an AttributeError."""
+    from layerhessians.spectra import slq
+    with pytest.raises(UserError, match="needs an operator"):
+        slq(None)

@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from layerhessians.errors import UserError
@@ -25,6 +26,13 @@ def problem(path, what: str) -> UserError:
     """The refusal of a damaged run file: ``PATH WHAT; restore it ... or start over``."""
     return UserError(f"{path} {what}; restore it from a backup, or start the run over with "
                      "--overwrite")
+
+
+def _where(frame, row) -> str:
+    """``, epoch E, block 'B'`` of data row ``row`` (as far as the columns exist)."""
+    return "".join(f", {c} {str(frame[c].iloc[row])[:40]!r}" if c == "block" else
+                   f", {c} {str(frame[c].iloc[row])[:20]}" for c in ("epoch", "block")
+                   if c in frame.columns)
 
 
 def read_table(path, columns, *, text_columns=("block",), nullable=(),
@@ -78,7 +86,7 @@ def read_table(path, columns, *, text_columns=("block",), nullable=(),
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
             raise problem(path, f"holds a non-number {str(frame[column].iloc[row])[:40]!r} in "
-                                 f"column {column} (data row {row + 1})")
+                                 f"column {column} (data row {row + 1}{_where(frame, row)})")
         frame[column] = values
     for column in columns:
         if column in nullable:
@@ -155,9 +163,21 @@ def read_metrics(path) -> pd.DataFrame:
 
 def read_spectra(path) -> pd.DataFrame:
     """``spectra.csv`` read strictly (:func:`read_table`): :data:`SPECTRA_COLUMNS`, all
-    filled, ``block`` a name, the others numbers; the optional :data:`METHOD` column is
-    text (empty in rows of older runs)."""
+    filled, ``block`` a name, the others numbers (nodes finite, weights finite and >= 0: a
+    bad one is refused naming the file, epoch and block); the optional :data:`METHOD`
+    column is text (empty in rows of older runs)."""
     frame = read_table(path, SPECTRA_COLUMNS, text_columns=("block", METHOD))
+    for column, bad in (("node", ~np.isfinite(frame["node"].to_numpy(float))),
+                        ("weight", ~(frame["weight"].to_numpy(float) >= 0)
+                         | ~np.isfinite(frame["weight"].to_numpy(float)))):
+        if bad.any():
+            row = int(bad.nonzero()[0][0])
+            raise problem(Path(path), f"holds a {'non-finite' if column == 'node' else 'bad'} "
+                                       f"{column} {frame[column].iloc[row]!r} at epoch "
+                                       f"{frame['epoch'].iloc[row]}, block "
+                                       f"{frame['block'].iloc[row]!r} (data row {row + 1}; "
+                                       f"{column}s must be finite"
+                                       f"{', weights >= 0' if column == 'weight' else ''})")
     if METHOD in frame.columns:
         bad = frame[METHOD].notna() & ~frame[METHOD].isin(METHODS)
         if bad.any():
