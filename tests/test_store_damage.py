@@ -1139,3 +1139,64 @@ def test_slq_without_an_operator_is_one_line():
     from layerhessians.spectra import slq
     with pytest.raises(UserError, match="needs an operator"):
         slq(None)
+
+
+# ------------------------------------------------------------------ issue 22: one line, exit 2
+@pytest.mark.parametrize("extra,expected", [
+    (["--threads", "3000000000"], "--threads must be an integer"),
+    (["--seed", "18446744073709551616"], "--seed must be an integer"),
+    (["--step_gamma", "1e300", "--milestones", "1"], "exceeds 1e+30"),
+    (["--num_epochs", "100000000000"], "--num_epochs must be an integer"),
+    (["--batch_size", "100000000000"], "--batch_size must be an integer"),
+])
+def test_cli_out_of_range_settings_are_one_line(tmp_path, capsys, extra, expected):
+    """Issue 22 item 12 (and other size flags): tracebacks became one line, exit 2, and
+    nothing is created."""
+    assert _train(tmp_path / "r", "-lr", "0.05", *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_resume_with_a_config_that_is_a_json_list(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert _train(run, "-lr", "0.05") == 0
+    (run / "config.json").write_text("[1, 2]")
+    before = without_lock(snapshot(run))
+    capsys.readouterr()
+    assert main(["train", "-r", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "JSON list" in err[0]
+    assert without_lock(snapshot(run)) == before
+
+
+def test_cli_resume_with_another_architectures_weights(tmp_path, capsys):
+    """Issue 22 item 12: a last.pt holding another network's weights, with valid digests."""
+    from layerhessians.store.checkpoints import save_torch
+    run = tmp_path / "r"
+    assert _train(run, "-lr", "0.05") == 0
+    path = run / "checkpoints" / "last.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["model"] = {"fc.weight": torch.zeros(3, 5), "fc.bias": torch.zeros(3)}
+    save_torch(path, saved)  # a valid digest, the committed record kept
+    capsys.readouterr()
+    assert _train(run, "-lr", "0.05", "--resume", "-n", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "does not fit its model" in err[-1] and "Traceback" not in " ".join(err)
+    assert list(load_run(run).metrics["epoch"]) == [1, 2]
+
+
+def test_grid_file_nested_too_deeply_is_one_line(tmp_path):
+    from layerhessians.pipeline.grid import load_grid
+    path = tmp_path / "grid.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(UserError, match="nested too deeply") as err:
+        load_grid(path)
+    one_line(err)
+
+
+def test_integer_loss_at_the_reduction_probe_is_refused():
+    from layerhessians.curvature.graph import loss_reduction_of
+    outputs, targets = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(UserError, match="floating-point scalar"):
+        loss_reduction_of(lambda o, t: o.sum().long(), outputs, targets, 4)
