@@ -21,11 +21,15 @@ Commit protocol.
   after the last. A writer that finds it finishes the operation deterministically: an
   interrupted overwrite finishes deleting the old run's files, an interrupted creation is
   undone unless its config.json was written (then it is completed), an interrupted rewind
-  is redone. Readers refuse such a directory.
-- The store only deletes files listed in its manifest (:mod:`layerhessians.store.manifest`,
+  is redone, but only when the journal is the store's own and fits the run
+  (:meth:`RunStore._check_journal`); anything else is refused naming the journal, with every
+  file left in place. Readers refuse such a directory.
+- The store only deletes regular files inside the run that its manifest lists (:mod:`layerhessians.store.manifest`,
   written before each new file is created), so ``--overwrite`` never removes a user's own
   files; it refuses to write over a file it did not write (naming it).
-- The lock file is opened without following symbolic links.
+- The lock file is opened without following symbolic links; no write follows a link below
+  the run directory; every write first checks that the run directory is still the one
+  opened (:meth:`RunStore.check_place`).
 
 Damaged files give one :class:`~layerhessians.errors.UserError` line naming the file and the
 problem; operating-system errors (permissions, read-only or virtual file systems, a file
