@@ -22,7 +22,7 @@ Commit protocol.
   interrupted overwrite finishes deleting the old run's files, an interrupted creation is
   undone unless its config.json was written (then it is completed), an interrupted rewind
   is redone, but only when the journal is the store's own and fits the run
-  (:meth:`RunStore._check_journal`); anything else is refused naming the journal, with every
+  (:func:`~layerhessians.store.recovery.check_journal`); anything else is refused naming the journal, with every
   file left in place. Readers refuse such a directory.
 - The store only deletes regular files inside the run that its manifest lists (:mod:`layerhessians.store.manifest`,
   written before each new file is created), so ``--overwrite`` never removes a user's own
@@ -81,6 +81,7 @@ from layerhessians.store.names import (
     run_path,
 )
 from layerhessians.store.oserrors import os_errors, os_message
+from layerhessians.store.place import OpenedFolder, refuse_link
 from layerhessians.store.readers import (
     METHOD,
     SPECTRA_COLUMNS,
@@ -90,6 +91,8 @@ from layerhessians.store.readers import (
     read_metrics,
     read_spectra,
 )
+from layerhessians.store.recovery import check_journal
+from layerhessians.store.resume import resume_source
 
 __all__ = ["MAX_EPOCH", "RunStore", "resume_source"]
 
@@ -110,7 +113,7 @@ class RunStore:
         self._spectra = None
         self._bytes = {}
         self._state_cache = None
-        self._dir_fd = None  # the run directory as opened (its identity is checked on writes)
+        self._folder = None  # the run directory as opened (checked before each write)
         self.notes = []  # what opening repaired (an interrupted operation), for the log
 
     # -- opening -----------------------------------------------------------------------
@@ -254,7 +257,7 @@ class RunStore:
         if entry is None:
             return
         op = entry["op"]
-        self._check_journal(entry)
+        check_journal(self, entry)
         if op == "rewind":
             epoch = entry["epoch"]
             self.notes.append(f"finished an interrupted rewind to epoch {epoch}")
@@ -267,46 +270,6 @@ class RunStore:
             self.notes.append(f"finished an interrupted {what}")
             self._delete_owned()
         self._end_journal()
-
-    def _check_journal(self, entry: dict):
-        """Refuse a journal whose operation does not fit the run: an overwrite of another
-        manifest than the one there; a creation (before its config.json) of a run that
-        holds data files or a manifest it did not write; a rewind to a file that is not a
-        regular checkpoint file of this run, holds another epoch than the journal's, or an
-        epoch that the run's record or last checkpoint lacks."""
-        op = entry["op"]
-        if op == "overwrite":
-            digest = manifest_digest(self.path)
-            if digest and digest != entry["manifest"]:
-                raise journal.refusal(self.path, f"an overwrite of another {MANIFEST}")
-        elif op == "create" and not (self.path / CONFIG).exists():
-            data = [n for n in (METRICS, SPECTRA, f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
-                    if os.path.lexists(self.path / n)]
-            if data:
-                raise journal.refusal(self.path, f"a creation, but {data[0]} is there")
-            if (self.path / MANIFEST).exists() and read_manifest(self.path) != \
-                    {"files": [*FIXED_FILES], "dirs": [*FOLDERS]}:
-                raise journal.refusal(self.path, f"a creation, but {MANIFEST} lists more")
-        elif op == "rewind":
-            name, epoch = entry["source"], entry["epoch"]
-            source = self.path / CHECKPOINTS / name
-            if not re.fullmatch(r"[\w.-]+\.pt", name) or name.startswith(".") or \
-                    not owned_file(self.path, f"{CHECKPOINTS}/{name}"):
-                raise journal.refusal(self.path, f"its checkpoint {name[:60]!r} is not a "
-                                                 f"file of {self.path / CHECKPOINTS}")
-            try:
-                held = checkpoint_epoch(load_torch(source), source)
-            except UserError:
-                raise journal.refusal(self.path, f"its checkpoint {name} is not a training "
-                                                 "state this tool wrote") from None
-            last = self.completed_epoch
-            if held != epoch or last is None or epoch > last:
-                raise journal.refusal(self.path, f"a rewind to epoch {epoch}, but {name} holds "
-                                                 f"epoch {held} and last.pt epoch {last}")
-            epochs = set(int(e) for e in self.metrics["epoch"])
-            if epoch not in epochs:
-                raise journal.refusal(self.path, f"a rewind to epoch {epoch}, which "
-                                                 f"{METRICS} does not hold")
 
     def _remove_temporaries(self):
         for folder in (self.path, *(self.path / d for d in (*FOLDERS, "ckpt"))):
@@ -369,36 +332,20 @@ class RunStore:
         pid = str(os.getpid()).encode()
         os.pwrite(fd, pid.ljust(max(len(pid), os.fstat(fd).st_size)), 0)  # no ftruncate: the
         self._lock_fd = fd  # holder's PID is overwritten in place (padded with spaces)
-        self._dir_fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-                               | getattr(os, "O_CLOEXEC", 0))
+        self._folder = OpenedFolder(self.path)
 
     def check_place(self):
         """Refuse to go on writing when ``self.path`` is no longer the directory this store
-        opened (renamed, moved or deleted while the run was open): a write would build a
-        partial run at the old path.
-
-        Raises:
-            UserError: one line naming the path.
-        """
-        if self._dir_fd is None:
-            return
-        opened = os.fstat(self._dir_fd)
-        try:
-            now = os.stat(self.path)
-            same = (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
-        except OSError:
-            same = False
-        if not same or opened.st_nlink == 0:
-            raise UserError(f"{self.path} is no longer the run directory this process opened "
-                            "(it was renamed, moved or deleted during the run); stopped without "
-                            "writing there: the committed epochs are where the folder went, "
-                            "resume it from there with --resume")
+        opened (:meth:`OpenedFolder.check`): a write would build a partial run at the old
+        path."""
+        if self._folder is not None:
+            self._folder.check()
 
     def close(self):
         """Release the run's lock (the store can be opened again)."""
-        if self._dir_fd is not None:
-            os.close(self._dir_fd)
-            self._dir_fd = None
+        if self._folder is not None:
+            self._folder.close()
+            self._folder = None
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -427,19 +374,14 @@ class RunStore:
         link or not a regular file, so that no write follows a link out of the run)."""
         self.check_place()
         path = self.path / "logs" / "train.log"
-        for link in (path.parent, path):
-            if link.is_symlink() or (link is path and link.exists() and not link.is_file()):
-                raise UserError(f"{link} is a symbolic link or not a regular file; the store "
-                                "writes only into its own files: remove it and run again")
+        refuse_link(path.parent, path)
         return path
 
     @property
     def images(self) -> Path:
         """``RUN/images``, the figures folder (refused when it is a symbolic link)."""
         self.check_place()
-        if (self.path / "images").is_symlink():
-            raise UserError(f"{self.path / 'images'} is a symbolic link; the store writes only "
-                            "into its own folders: remove the link and run again")
+        refuse_link(self.path / "images")
         return self.path / "images"
 
     @property
@@ -643,39 +585,3 @@ class RunStore:
         """Keep the model weights of ``epoch`` (``checkpoints/epoch_EEEE.pt``)."""
         self.check_place()
         save_torch(self.path / CHECKPOINTS / f"epoch_{epoch:04d}.pt", state_dict)
-
-
-
-def resume_source(value):
-    """What ``--resume PATH`` names: ``(run directory, checkpoint or None)``.
-
-    ``PATH`` is a run directory or ``RUN/checkpoints/last.pt`` (checkpoint ``None``: the last
-    committed epoch), or another ``RUN/checkpoints/*.pt`` holding a full training state
-    (returned, to be passed to :meth:`RunStore.create` as ``checkpoint``).
-
-    Raises:
-        UserError: empty or missing path, a file outside a run's checkpoints folder, an
-            unreadable checkpoint, or one holding only weights (``epoch_EEEE.pt``).
-    """
-    if value is None or not str(value).strip():
-        raise UserError('--resume "" names nothing; pass a run directory or its '
-                        "checkpoints/last.pt")
-    path = Path(value)
-    with os_errors("read", path):
-        if not path.exists():
-            raise UserError(f"--resume {value}: no such file or directory; pass a run directory "
-                            "or its checkpoints/last.pt")
-        if path.is_dir():
-            return path, None
-        run = path.parent.parent
-        if path.parent.name != CHECKPOINTS or not (run / CONFIG).is_file():
-            raise UserError(f"--resume {value} is not inside a run directory "
-                            "(RUN/checkpoints/*.pt); pass the run directory instead")
-    if path.name == LAST_CHECKPOINT:
-        return run, None
-    state = load_torch(path)
-    if not (isinstance(state, dict) and {"epoch", "model", "optimizer"} <= set(state)):
-        raise UserError(f"--resume {value}: the file holds only model weights (no optimizer, "
-                        "schedule or random state), so training cannot continue exactly from "
-                        f"it; resume the run from its last checkpoint (--resume {run})")
-    return run, path
