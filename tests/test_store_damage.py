@@ -1200,3 +1200,164 @@ def test_integer_loss_at_the_reduction_probe_is_refused():
     outputs, targets = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
     with pytest.raises(UserError, match="floating-point scalar"):
         loss_reduction_of(lambda o, t: o.sum().long(), outputs, targets, 4)
+
+
+# ------------------------------------------------------------------ issue 22: fresh attack
+def test_attack_journal_copied_from_another_run_is_refused(tmp_path, monkeypatch):
+    """A1: an interrupted overwrite's journal copied into a run with a byte-identical
+    manifest (same settings) is not acted on: it was written in another folder."""
+    a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b")
+    assert (a / MANIFEST).read_bytes() == (b / MANIFEST).read_bytes()
+    forge(a, {"op": "overwrite", "manifest": writer.manifest_digest(a)})
+    (b / JOURNAL).write_bytes((a / JOURNAL).read_bytes())
+    before = without_lock(snapshot(b))
+    with pytest.raises(UserError, match="another folder"):
+        RunStore.create(b, CONFIG, resume=True)
+    assert without_lock(snapshot(b)) == before
+
+
+@pytest.mark.parametrize("name", [JOURNAL, MANIFEST, "config.json", "metrics.csv"])
+def test_attack_a_named_pipe_at_a_store_name_does_not_hang(tmp_path, name):
+    """A2: a FIFO at the journal's, manifest's, config's or metrics' name: one line, not a
+    reader blocked forever."""
+    run = make_run(tmp_path / "r")
+    (run / name).unlink(missing_ok=True)
+    os.mkfifo(run / name)
+    with pytest.raises(UserError, match="not a regular file") as err:
+        with RunStore.create(run, CONFIG, resume=True):
+            pass
+    one_line(err)
+    assert (run / "checkpoints" / "last.pt").exists()
+
+
+def test_attack_overwrite_journal_after_its_manifest_is_gone(tmp_path, monkeypatch):
+    """A3: an overwrite killed after deleting every file and the manifest, before removing
+    its journal: the next open finishes it and a user's file stays."""
+    run = make_run(tmp_path / "r")
+    (run / "notes.txt").write_text("mine")
+    real = writer.RunStore._end_journal
+    calls = []
+
+    def dying_end(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Crash
+        return real(self)
+
+    monkeypatch.setattr(writer.RunStore, "_end_journal", dying_end)
+    with pytest.raises(Crash):
+        RunStore.create(run, CONFIG, overwrite=True)
+    monkeypatch.undo()
+    assert (run / JOURNAL).exists() and not (run / MANIFEST).exists()
+    with RunStore.create(run, CONFIG) as store:
+        assert store.completed_epoch is None
+    assert (run / "notes.txt").read_text() == "mine" and not (run / JOURNAL).exists()
+
+
+@pytest.mark.parametrize("name", ["metrics.csv", "checkpoints/last.pt", "config.json"])
+def test_attack_store_file_linked_outside_is_never_written_through(tmp_path, name):
+    """A4: a store file replaced by a link to an outside copy: committing replaces the link
+    itself (atomic rename over it), never writes into the outside file."""
+    run = make_run(tmp_path / "r")
+    outside = tmp_path / "outside"
+    outside.write_bytes((run / name).read_bytes())
+    (run / name).unlink()
+    (run / name).symlink_to(outside)
+    before = outside.read_bytes()
+    with RunStore.create(run, CONFIG, resume=True) as store:
+        commit(store, 3)
+    assert outside.read_bytes() == before
+    assert not (run / name).is_symlink() and RunStore(run).completed_epoch == 3
+
+
+def test_attack_rewind_keeps_linked_later_weights(tmp_path):
+    """A5: ``checkpoints/epoch_0005.pt`` linked to an outside file: a rewind to epoch 1
+    removes the store's own later weights only; the link and its target stay."""
+    run = make_run(tmp_path / "r", epochs=(0, 1, 2, 3))
+    from layerhessians.store.checkpoints import save_torch
+    with RunStore.create(run, CONFIG, resume=True) as store:
+        store.save_weights(3, {"w": torch.zeros(1)})
+    save_torch(run / "checkpoints" / "full_0001.pt", state(1) | {"epoch": 1})
+    outside = tmp_path / "precious.pt"
+    outside.write_bytes(b"precious")
+    (run / "checkpoints" / "epoch_0005.pt").symlink_to(outside)
+    with RunStore.create(run, CONFIG, resume=True,
+                         checkpoint=run / "checkpoints" / "full_0001.pt") as store:
+        assert store.completed_epoch == 1
+    assert not (run / "checkpoints" / "epoch_0003.pt").exists()
+    assert (run / "checkpoints" / "epoch_0005.pt").is_symlink()
+    assert outside.read_bytes() == b"precious"
+
+
+def test_attack_legacy_export_through_a_linked_folder_is_refused(tmp_path):
+    """A6: ``--export-legacy``'s ``ckpt/`` linked to an outside folder receives nothing."""
+    run = make_run(tmp_path / "r")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / "ckpt").symlink_to(outside)
+    with pytest.raises(UserError, match="symbolic link"):
+        legacy.export_legacy(run)
+    assert os.listdir(outside) == []
+
+
+@pytest.mark.parametrize("field,entry", [("dirs", "../outside"), ("dirs", "/"),
+                                         ("files", "checkpoints")])
+def test_attack_manifest_folders_outside_or_folders_as_files(tmp_path, field, entry):
+    """A7: a manifest listing a folder outside the run (refused) or a folder as a file
+    (not deleted: only regular files are)."""
+    run = make_run(tmp_path / "r")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    manifest = json.loads((run / MANIFEST).read_text())
+    manifest[field].append(entry)
+    (run / MANIFEST).write_text(json.dumps(manifest))
+    if field == "dirs":
+        with pytest.raises(UserError, match="not a path inside the run"):
+            RunStore.create(run, CONFIG, overwrite=True)
+    else:
+        with RunStore.create(run, {**CONFIG, "learning_rate": 0.1}, overwrite=True):
+            pass
+    assert outside.is_dir()
+
+
+@pytest.mark.parametrize("flag,value", [("--hessian-iterations", "10000000000"),
+                                        ("--hessian-vectors", "10000000000"),
+                                        ("--examples_per_class", "10000000000"),
+                                        ("--save_freq", "10000000000")])
+def test_attack_other_size_flags_are_bounded(tmp_path, capsys, flag, value):
+    """A8: other integer size flags of ``train`` are bounded before anything is created."""
+    assert _train(tmp_path / "r", "-lr", "0.05", flag, value) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_attack_plot_points_through_the_api_is_bounded(tmp_path):
+    """A9: ``make_figures(points=10**9)`` (the API under ``plot``) is refused before work."""
+    from layerhessians.analysis.report import make_figures
+    run = make_run(tmp_path / "r")
+    with pytest.raises(UserError, match="--points"):
+        make_figures(load_run(run), points=10**9)
+    assert os.listdir(run / "images") == []
+
+
+def test_attack_tracker_index_as_numpy_and_float(tmp_path):
+    """A10: the tracker's index as a numpy integer is recorded exactly; a float, or a NaN
+    metric after a committed update, is refused and the record still reads back."""
+    with tiny_tracker(tmp_path / "t") as tracker:
+        tracker.update(np.int64(0))
+        with pytest.raises(UserError):
+            tracker.update(1.0)
+        with pytest.raises(UserError, match="is NaN"):
+            tracker.update(1, metrics={"loss": np.float32("nan")})
+    assert list(load_run(tmp_path / "t").metrics["epoch"]) == [0]
+
+
+def test_attack_journal_that_is_a_huge_file_is_refused_unread(tmp_path):
+    """A11: a journal of 100 MB (sparse) is refused without being read."""
+    run = make_run(tmp_path / "r")
+    with open(run / JOURNAL, "wb") as fh:
+        fh.truncate(100 << 20)
+    with pytest.raises(UserError, match="bytes"):
+        RunStore.create(run, CONFIG, resume=True)
+    assert (run / "checkpoints" / "last.pt").exists()

@@ -12,13 +12,15 @@ suffix), so that :func:`remove_temporaries` finds every one a kill left."""
 import os
 import re
 import secrets
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
 from layerhessians.errors import UserError
 from layerhessians.store.names import MANIFEST
 
-__all__ = ["DURABLE", "atomic_path", "check_no_link", "fsync_dir", "remove_temporaries"]
+__all__ = ["DURABLE", "atomic_path", "check_no_link", "fsync_dir", "read_regular",
+           "remove_temporaries"]
 
 #: fsync files and folders at each replace (benchmarks switch it off to measure its cost)
 DURABLE = True
@@ -46,6 +48,24 @@ def check_no_link(path) -> None:
                                     f"{folder}; the store never writes through a link: "
                                     "remove it and run again")
             return
+
+
+def read_regular(path) -> bytes:
+    """The bytes of the regular file ``path`` (opened without blocking, so that a named pipe
+    or a device at a store name cannot hang the reader).
+
+    Raises:
+        UserError: ``path`` is not a regular file; OSError: it cannot be read.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path} is not a regular file (a pipe, device or folder); the "
+                            "store reads only its own files: remove it and run again")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder) -> None:

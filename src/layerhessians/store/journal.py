@@ -6,8 +6,9 @@ after the last. The store's writer (:class:`~layerhessians.store.writer.RunStore
 an operation it finds there; readers refuse such a directory.
 
 A journal is only acted on when it is the store's own: a regular file (not a link) holding a
-JSON object with exactly the keys its operation writes, of the right types, and the SHA-256
-digest of those keys (:func:`read`). Whether its operation fits the run (the manifest it
+JSON object with exactly the keys its operation writes, of the right types, the SHA-256
+digest of those keys, and the identity (inode) of the folder it was written in, so that a
+journal copied from another run is not acted on (:func:`read`). Whether its operation fits the run (the manifest it
 was written over, a checkpoint inside the run of the epoch it names) is checked by the
 writer before it deletes anything. Anything else is refused in one line naming the journal,
 and every file is left in place.
@@ -46,7 +47,7 @@ def refusal(root, why: str) -> UserError:
 def begin(root, entry: dict):
     """Record the operation ``entry`` (with this process's PID and the entry's digest) in
     the journal of ``root``."""
-    entry = {**entry, "pid": os.getpid()}
+    entry = {**entry, "pid": os.getpid(), "folder": os.stat(root).st_ino}
     path = Path(root) / JOURNAL
     with os_errors("write", path), atomic.atomic_path(path) as tmp:  # not registered in the
         tmp.write_text(json.dumps({**entry, DIGEST: _digest(entry)}, indent=2) + "\n",
@@ -84,7 +85,7 @@ def read(root) -> dict | None:
             raise refusal(root, "not a regular file")
         if info.st_size > 1 << 16:
             raise refusal(root, f"{info.st_size} bytes")
-        raw = path.read_bytes()
+        raw = atomic.read_regular(path)
     try:
         entry = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -92,11 +93,14 @@ def read(root) -> dict | None:
     if not isinstance(entry, dict) or entry.get("op") not in KEYS:
         raise refusal(root, "no known operation")
     keys = KEYS[entry["op"]]
-    if set(entry) != {"op", "pid", DIGEST, *keys}:
+    if set(entry) != {"op", "pid", "folder", DIGEST, *keys}:
         raise refusal(root, f"unexpected keys for a {entry['op']}")
-    for key, kind in {"pid": int, **keys}.items():
+    for key, kind in {"pid": int, "folder": int, **keys}.items():
         if isinstance(entry[key], bool) or not isinstance(entry[key], kind):
             raise refusal(root, f"{key} is not a {kind.__name__}")
     if entry[DIGEST] != _digest(entry):
         raise refusal(root, "its digest does not match its contents")
+    with os_errors("read", root):
+        if entry["folder"] != os.stat(root).st_ino:
+            raise refusal(root, "it was written in another folder (copied here?)")
     return entry

@@ -75,11 +75,13 @@ def read_manifest(root: Path) -> dict:
         UserError: the manifest is unreadable or of the wrong shape.
     """
     try:
-        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        data = json.loads(atomic.read_regular(root / MANIFEST).decode("utf-8"))
         files, dirs = data["files"], data["dirs"]
         if not isinstance(files, list) or not isinstance(dirs, list) or \
                 not all(isinstance(x, str) for x in [*files, *dirs]):
             raise TypeError("non-string entry")
+    except UserError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise UserError(f"{root / MANIFEST} (the list of files this tool wrote) is damaged "
                         f"({type(err).__name__}); delete the run directory's contents by hand, "
@@ -105,7 +107,7 @@ def manifest_digest(root: Path) -> str:
     """SHA-256 of the manifest's bytes (``""`` without one): the journal of an overwrite
     records it, so that only the manifest it was written over is acted on."""
     try:
-        return hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
+        return hashlib.sha256(atomic.read_regular(Path(root) / MANIFEST)).hexdigest()
     except FileNotFoundError:
         return ""
 

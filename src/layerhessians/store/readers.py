@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from layerhessians.errors import UserError
+from layerhessians.store.atomic import read_regular
 from layerhessians.store.oserrors import os_errors
 
 SPECTRA_COLUMNS = ["epoch", "block", "vector", "node", "weight"]
@@ -58,7 +59,7 @@ def read_table(path, columns, *, text_columns=("block",), nullable=(),
     """
     path = Path(path)
     with os_errors("read", path):
-        raw = path.read_bytes() if path.exists() else b""
+        raw = read_regular(path) if path.exists() else b""
     if not raw:
         return pd.DataFrame(columns=list(empty_columns or columns))
     try:
@@ -192,7 +193,7 @@ def read_config(path) -> dict:
     """``config.json`` as a dict; one :class:`UserError` line if it is not a JSON object."""
     path = Path(path)
     with os_errors("read", path):
-        raw = path.read_bytes()
+        raw = read_regular(path)
     try:
         config = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

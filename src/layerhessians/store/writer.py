@@ -49,7 +49,7 @@ import pandas as pd
 
 from layerhessians.errors import UserError
 from layerhessians.store import journal
-from layerhessians.store.atomic import fsync_dir, remove_temporaries
+from layerhessians.store.atomic import fsync_dir, read_regular, remove_temporaries
 from layerhessians.store.checkpoints import (
     COMMITTED_KEY,
     checkpoint_epoch,
@@ -426,7 +426,7 @@ class RunStore:
         for name in (METRICS, SPECTRA):
             path = self.path / name
             with os_errors("read", path):
-                raw = path.read_bytes() if path.exists() else b""
+                raw = read_regular(path) if path.exists() else b""
             if committed and name in committed:
                 size, digest = int(committed[name]["bytes"]), committed[name]["sha256"]
                 if len(raw) < size or hashlib.sha256(raw[:size]).hexdigest() != digest:
@@ -505,7 +505,7 @@ class RunStore:
         if name not in self._bytes:
             path = self.path / name
             with os_errors("read", path):
-                self._bytes[name] = path.read_bytes() if path.exists() else b""
+                self._bytes[name] = read_regular(path) if path.exists() else b""
         return self._bytes[name]
 
     def _write_table(self, name, frame: pd.DataFrame):
