@@ -52,9 +52,12 @@ def check_points(points) -> int:
     """``points`` (density grid points) if it is an integer in :data:`POINTS_RANGE`, else
     :class:`UserError`."""
     lo, hi = POINTS_RANGE
-    if isinstance(points, bool) or not isinstance(points, int) or not lo <= points <= hi:
-        raise UserError(f"--points {points} is not a density grid size; give {lo}..{hi} "
+    if isinstance(points, bool) or not isinstance(points, int):
+        raise UserError(f"--points {points!r} is not a density grid size; give {lo}..{hi} "
                         f"(default {compare.PAPER_POINTS})")
+    if not lo <= points <= hi:
+        raise UserError(f"--points {points} is too {'few' if points < lo else 'many'} for a "
+                        f"density curve; give {lo}..{hi} (default {compare.PAPER_POINTS})")
     return points
 
 

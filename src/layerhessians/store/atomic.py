@@ -51,21 +51,17 @@ def check_no_link(path) -> None:
 
 
 def read_regular(path) -> bytes:
-    """The bytes of the regular file ``path`` (opened without blocking, so that a named pipe
-    or a device at a store name cannot hang the reader).
+    """The bytes of the regular file ``path``; anything else (a named pipe, a device, a
+    folder) is refused before it is opened, so that it cannot hang the reader.
 
     Raises:
         UserError: ``path`` is not a regular file; OSError: it cannot be read.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UserError(f"{path} is not a regular file (a pipe, device or folder); the "
-                            "store reads only its own files: remove it and run again")
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            return fh.read()
-    finally:
-        os.close(fd)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserError(f"{path} is not a regular file (a pipe, device or folder); the "
+                        "store reads only its own files: remove it and run again")
+    with open(path, "rb") as fh:
+        return fh.read()
 
 
 def fsync_dir(folder) -> None:
