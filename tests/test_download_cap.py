@@ -69,3 +69,32 @@ def test_registry_bounds_every_file():
     for spec in REGISTRY.values():
         for remote in spec.downloads:
             assert 0 < remote.max_bytes <= 512 << 20
+
+
+class _Redirect(http.server.BaseHTTPRequestHandler):
+    """Redirects every request to an ftp:// URL (issue 22 item 9)."""
+
+    def do_GET(self):
+        self.send_response(302)
+        self.send_header("Location", "ftp://127.0.0.1:1/train-images-idx3-ubyte.gz")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_mirror_redirect_to_ftp_is_not_followed(tmp_path, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(DatasetMissingError, match="not an http.s. URL; not followed") as err:
+            load_dataset("MNIST", root=tmp_path / "datasets", download=True)
+        assert "\n" not in str(err.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert not files_under(tmp_path)

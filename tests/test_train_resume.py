@@ -114,7 +114,9 @@ def test_crash_between_metrics_and_checkpoint(mnist_root, tmp_path, monkeypatch)
         train(tmp_path / "crashed", argv)
     monkeypatch.setattr(writer, "save_torch", save_torch)
     crashed = load_run(tmp_path / "crashed")
-    assert list(crashed.metrics["epoch"]) == [0, 1, 2]  # written, not committed
+    # epoch 2's rows are written but not committed: readers show committed epochs only
+    assert b"\n2," in (tmp_path / "crashed" / "metrics.csv").read_bytes()
+    assert list(crashed.metrics["epoch"]) == [0, 1] and crashed.epochs == [0, 1]
     assert RunStore(tmp_path / "crashed").completed_epoch == 1
 
     assert train(tmp_path / "crashed", ["--resume"]) == 0

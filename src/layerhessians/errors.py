@@ -21,6 +21,11 @@ class UserError(LayerHessiansError, ValueError):
     """Bad input from the user (flag, name, path, data); the message says what to do."""
 
 
+class NonFiniteError(UserError):
+    """A curvature product (or a Lanczos step, or a loss the engine probes) came out with NaN
+    or infinite entries."""
+
+
 class DatasetMissingError(UserError):
     """A dataset's files are absent and could not be downloaded."""
 

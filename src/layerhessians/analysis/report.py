@@ -39,13 +39,33 @@ def check_dpi(dpi) -> int:
     return dpi
 
 
+#: the most bootstrap draws (``--replicates``) and density grid points (``--points``): the
+#: work and memory they ask for grow with them, so larger values are refused before it starts
+MAX_REPLICATES = 100_000
+POINTS_RANGE = (16, 1 << 16)
+
+
 def check_replicates(replicates) -> int:
     """``replicates`` (bootstrap draws behind each distance's spread) if it is an integer
-    >= 0, else :class:`UserError`."""
-    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 0:
-        raise UserError(f"--replicates {replicates} must be >= 0 (default "
+    in ``0..MAX_REPLICATES``, else :class:`UserError`."""
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or \
+            not 0 <= replicates <= MAX_REPLICATES:
+        raise UserError(f"--replicates {replicates} must be 0..{MAX_REPLICATES} (default "
                         f"{matching.REPLICATES}; 0: no spread, no verdicts)")
     return replicates
+
+
+def check_points(points) -> int:
+    """``points`` (density grid points) if it is an integer in :data:`POINTS_RANGE`, else
+    :class:`UserError`."""
+    lo, hi = POINTS_RANGE
+    if isinstance(points, bool) or not isinstance(points, int):
+        raise UserError(f"--points {points!r} is not a density grid size; give {lo}..{hi} "
+                        f"(default {PAPER_POINTS})")
+    if not lo <= points <= hi:
+        raise UserError(f"--points {points} is too {'few' if points < lo else 'many'} for a "
+                        f"density curve; give {lo}..{hi} (default {PAPER_POINTS})")
+    return points
 
 
 def parse_epochs_within(spec, available, where) -> list:
@@ -97,9 +117,7 @@ def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
     ``metric``: a registry name (:data:`~layerhessians.analysis.DISTANCES`) or
     ``"wasserstein"`` (W1 on the ``normalize`` axis) for the layer heat map and the best
     match; ``replicates``: bootstrap draws behind the verdict marks and bands."""
-    if points < 16:
-        raise UserError(f"--points {points} is too few for a density curve; use >= 16 "
-                        "(default 1024)")
+    check_points(points)
     if fmt not in plots.FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(plots.FORMATS)}")
     check_dpi(dpi)
@@ -353,6 +371,7 @@ def match_runs(runs, *, metrics=(DEFAULT_DISTANCE,), normalize=None, peaks=None,
     """
     check_dpi(dpi)
     check_replicates(replicates)
+    check_points(points)
     metrics = resolve_metrics(metrics, normalize or "maxabs")
     out = common_parent([r.path for r in runs]) if out is None else Path(out)
     _check_folder(out)

@@ -91,6 +91,7 @@ def run(args) -> int:
     from layerhessians.analysis.distances import resolve_metrics
     from layerhessians.analysis.report import (
         check_dpi,
+        check_points,
         check_replicates,
         find_seed_runs,
         match_runs,
@@ -101,8 +102,7 @@ def run(args) -> int:
     from layerhessians.cli.plot import run_paths
     from layerhessians.store.run import load_run
 
-    if args.points < 16:
-        raise UserError(f"--points {args.points} is too few for a density curve; use >= 16")
+    check_points(args.points)
     check_dpi(args.dpi)
     check_replicates(args.replicates)
     metrics = resolve_metrics(args.metric, args.normalize)

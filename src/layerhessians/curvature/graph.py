@@ -81,7 +81,7 @@ from layerhessians.curvature.loss_reduction import (
 from layerhessians.curvature.modes import engine_context, reseed
 from layerhessians.curvature.params import parameter_names
 from layerhessians.curvature.per_example import per_example_gradients
-from layerhessians.errors import UserError, check_choice
+from layerhessians.errors import NonFiniteError, UserError, check_choice
 from layerhessians.vocabulary import BN_MODES
 
 __all__ = [
@@ -104,10 +104,6 @@ OUTPUT_CURVATURE = "output_curvature"
 #: the per-example gradients ``grad l_n`` [n_b, *shape], no graph (empirical Fisher)
 PER_EXAMPLE_GRADIENTS = "per_example_gradients"
 NEEDS = (GRADIENT, OUTPUT_CURVATURE, PER_EXAMPLE_GRADIENTS)
-
-
-class NonFiniteError(UserError):
-    """A curvature product (or a Lanczos step) came out with NaN or infinite entries."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from layerhessians.curvature.batches import PROBE_ROWS, rows
-from layerhessians.errors import UserError
+from layerhessians.errors import NonFiniteError, UserError
 
 __all__ = ["LOSS_PROBE_ROWS", "LOSS_REDUCTIONS", "classify_reduction", "data_loss_reduction",
            "loss_reduction_of", "probe_examples"]
@@ -135,9 +135,15 @@ def loss_reduction_of(loss_fn, outputs, targets, count: int,
                 raise UserError(f"loss_fn cannot be evaluated on one example ({error}): the "
                                 "engine needs targets with one row per example, or wrap the "
                                 "loss in BatchLoss") from None
-            if not torch.is_tensor(batch) or batch.numel() != 1:
-                raise UserError("loss_fn must return a scalar tensor (the mean loss of the "
-                                "batch)")
+            if not torch.is_tensor(batch) or batch.numel() != 1 or \
+                    not batch.is_floating_point():
+                raise UserError("loss_fn must return a floating-point scalar tensor (the mean "
+                                f"loss of the batch); got {type(batch).__name__} "
+                                f"{getattr(batch, 'dtype', '')}".rstrip())
+            if not (torch.isfinite(batch).all() and torch.isfinite(each).all()):
+                raise NonFiniteError(f"the loss of the first {m} examples is NaN or infinite: "
+                                     "the inputs or the model's weights hold NaN or inf (or "
+                                     "the model diverged); check them before measuring")
             found = classify_reduction(batch, each, _loss_dtype(outputs))
             if found is not None:
                 return found

@@ -41,6 +41,21 @@ class _FailedDownload(Exception):
     """One URL did not give the expected file (internal; turned into DatasetMissingError)."""
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) URLs only (urllib's own also follows ``ftp://``)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        """The redirected request, or ``_FailedDownload`` for a target that is not http(s)."""
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise _FailedDownload(f"{req.full_url} redirects to {newurl[:80]!r}, which is not "
+                                  "an http(s) URL; not followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+#: the opener of every download (http(s) only, redirects included)
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
 def file_md5(path) -> str:
     """MD5 hex digest of a file, read in 1 MiB chunks."""
     digest = hashlib.md5(usedforsecurity=False)
@@ -139,7 +154,7 @@ def _stream(url, out, timeout, label, max_bytes=None) -> str:
         raise ValueError(f"unsupported URL {url!r}")
     print(f"downloading {url}", file=sys.stderr)
     digest = hashlib.md5(usedforsecurity=False)
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    with _OPENER.open(url, timeout=timeout) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         if max_bytes is not None and total is not None and total > max_bytes:
             raise _FailedDownload(f"{url} announces {total} bytes, more than the expected "

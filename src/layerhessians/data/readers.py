@@ -8,6 +8,7 @@ A malformed file raises :class:`UserError` naming the file and what to do.
 import gzip
 import importlib
 import pickle
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,27 +41,43 @@ def find_idx(folder, stem) -> Path:
     return None
 
 
+#: the largest IDX file read (uncompressed): EMNIST's largest is about 0.55 GB
+MAX_IDX_BYTES = 1 << 30
+
+
 def read_idx(path) -> np.ndarray:
     """Decode one IDX file (plain, or gzip when the name ends in ``.gz``) into a native-endian
-    array of the shape its header gives."""
+    array of the shape its header gives. The header is read first and the size it gives
+    bounds what is read (a compressed file is never inflated past it, nor past
+    :data:`MAX_IDX_BYTES`).
+
+    Raises:
+        UserError: a malformed, truncated or oversized file (naming it).
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+            data = handle.read(4)
+            if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+                raise _corrupt(path, "bad IDX magic number")
+            ndim = data[3]
+            header = 4 + 4 * ndim
+            data += handle.read(header - 4)
+            if len(data) < header:
+                raise _corrupt(path, "short header")
+            shape = tuple(int(s) for s in np.frombuffer(data, ">u4", count=ndim, offset=4))
+            dtype = np.dtype(_IDX_DTYPES[data[2]])
+            expected = header + int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if expected > MAX_IDX_BYTES:
+                raise _corrupt(path, f"its header gives {expected} bytes, more than the "
+                                     f"{MAX_IDX_BYTES} this reader accepts")
+            data += handle.read(expected - header + 1)  # one byte more: a longer file shows
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise _corrupt(path, err) from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise _corrupt(path, "bad IDX magic number")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise _corrupt(path, "short header")
-    shape = tuple(int(s) for s in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
-        raise _corrupt(path, f"{len(data)} bytes, header says {expected}")
+        raise _corrupt(path, f"{len(data)}{'+' * (len(data) > expected)} bytes, header says "
+                             f"{expected}")
     array = np.frombuffer(data, dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)
 

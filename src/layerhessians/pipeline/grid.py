@@ -72,6 +72,10 @@ class GridRun:
         return done is not None and done >= int(self.flags.get("num_epochs", 0))
 
 
+#: the largest grid file read (a grid of thousands of runs is a few hundred KiB)
+MAX_GRID_BYTES = 16 << 20
+
+
 def load_grid(name_or_path) -> list:
     """The runs of a shipped grid (``"seed"``, ``"quick"``) or of a grid JSON file.
 
@@ -88,10 +92,16 @@ def load_grid(name_or_path) -> list:
         if not path.is_file():
             raise UserError(f"grid file {path} not found; pass a JSON grid file or one of "
                             f"{', '.join(SHIPPED)}")
+        if path.stat().st_size > MAX_GRID_BYTES:
+            raise UserError(f"grid file {path} has {path.stat().st_size} bytes, more than the "
+                            f"{MAX_GRID_BYTES} a grid file may have; split it")
         text, source = path.read_text(), str(path)
     try:
         entries = json.loads(text)["runs"]
         runs = [GridRun(run=str(e["run"]), flags=dict(e.get("flags", {}))) for e in entries]
+    except RecursionError:
+        raise UserError(f"{source} is not a grid file (nested too deeply); expected "
+                        '{"runs": [{"run": NAME, "flags": {...}}, ...]}') from None
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{source} is not a grid file ({err}); expected "
                         '{"runs": [{"run": NAME, "flags": {...}}, ...]}') from None

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from layerhessians.errors import check_choice
+from layerhessians.errors import UserError, check_choice
 from layerhessians.settings import SpectraSettings
 from layerhessians.spectra.lanczos import lanczos
 from layerhessians.spectra.measure import SpectralMeasure
@@ -136,6 +136,9 @@ def slq(op, iterations: int = DEFAULT_ITERATIONS, vectors: int = DEFAULT_VECTORS
         UserError: bad arguments, or a non-symmetric operator.
         NonFiniteError: a product with NaN or infinite entries (names operator and step).
     """
+    if not (isinstance(getattr(op, "dim", None), int) and callable(getattr(op, "matvec", None))):
+        raise UserError(f"slq needs an operator with .dim and .matvec (e.g. from "
+                        f"hessian_operator); got {type(op).__name__}")
     name = getattr(op, "name", FULL)
     return slq_many([op], [name], iterations, vectors, seed, distribution, reorthogonalize,
                     progress, check_symmetry)[0]

@@ -1,7 +1,7 @@
 """The run store: the run directory (atomic writes, lock, journal, resume, reading runs back)
 and the original code's file layout (legacy export). One module per concept: names,
-oserrors, atomic, manifest, journal, readers, checkpoints, consistency, writer
-(:class:`RunStore`), reader (:class:`Run`, :func:`load_run`), legacy; ``runs`` re-exports
+oserrors, atomic, manifest, journal, readers, checkpoints, consistency, place, recovery,
+resume, writer (:class:`RunStore`), reader (:class:`Run`, :func:`load_run`), legacy; ``runs`` re-exports
 the public names.
 
 ``Run``, ``RunStore`` and ``load_run`` are imported on first use, so that modules needing

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from layerhessians.errors import UserError
+from layerhessians.store.atomic import read_regular
 from layerhessians.store.manifest import atomic_path
 from layerhessians.store.oserrors import os_errors
 
@@ -73,8 +74,7 @@ def load_torch(path):
     """
     path = Path(path)
     with os_errors("read", path):
-        with open(path, "rb") as fh:
-            data = fh.read()
+        data = read_regular(path)
     try:
         with warnings.catch_warnings():  # torch's advice on foreign pickles is not for users
             warnings.simplefilter("ignore")

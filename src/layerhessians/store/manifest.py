@@ -8,8 +8,10 @@ adopted with the names that version owned.
 """
 
 import errno
+import hashlib
 import json
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,15 +75,41 @@ def read_manifest(root: Path) -> dict:
         UserError: the manifest is unreadable or of the wrong shape.
     """
     try:
-        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        data = json.loads(atomic.read_regular(root / MANIFEST).decode("utf-8"))
         files, dirs = data["files"], data["dirs"]
-        if not all(isinstance(x, str) for x in [*files, *dirs]):
+        if not isinstance(files, list) or not isinstance(dirs, list) or \
+                not all(isinstance(x, str) for x in [*files, *dirs]):
             raise TypeError("non-string entry")
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise UserError(f"{root / MANIFEST} (the list of files this tool wrote) is damaged "
                         f"({type(err).__name__}); delete the run directory's contents by hand, "
                         "or choose another -r") from None
+    stray = next((x for x in [*files, *dirs] if not inside(x)), None)
+    if stray is not None:
+        raise UserError(f"{root / MANIFEST} (the list of files this tool wrote) names "
+                        f"{stray[:80]!r}, which is not a path inside the run; nothing was "
+                        "deleted: delete the run directory's contents by hand, or choose "
+                        "another -r")
     return {"files": list(files), "dirs": list(dirs)}
+
+
+def inside(rel: str) -> bool:
+    """Whether the manifest entry ``rel`` names a path strictly inside the run directory:
+    relative, not empty, without ``..``, ``.`` or empty components, backslashes or NUL."""
+    parts = rel.split("/")
+    return bool(rel) and not os.path.isabs(rel) and "\\" not in rel and "\0" not in rel \
+        and all(p not in ("", ".", "..") for p in parts)
+
+
+def manifest_digest(root: Path) -> str:
+    """SHA-256 of the manifest's bytes (``""`` without one): the journal of an overwrite
+    records it, so that only the manifest it was written over is acted on."""
+    try:
+        return hashlib.sha256(atomic.read_regular(Path(root) / MANIFEST)).hexdigest()
+    except FileNotFoundError:
+        return ""
 
 
 def write_manifest(root: Path, manifest: dict):
@@ -122,6 +150,17 @@ def no_links_below(root: Path, rel: str) -> bool:
     return True
 
 
+def owned_file(root: Path, rel: str) -> bool:
+    """Whether the manifest entry ``rel`` is a regular file (not a link) inside ``root``
+    reached without following a link: the only kind of file the store deletes."""
+    if not inside(rel) or not no_links_below(root, str(Path(rel).parent)):
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(root / rel).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 
 # ----------------------------------------------------------------------------- ownership
 def ensure_manifest(root: Path) -> dict:
@@ -156,19 +195,19 @@ def foreign_files(root: Path) -> list:
 
 def delete_owned(root: Path):
     """Delete the files and (if empty) folders the manifest of ``root`` lists, then the
-    manifest; files below a symbolic link are kept."""
+    manifest: only regular files inside ``root`` (:func:`owned_file`; links, and anything
+    below a link, are kept). A manifest naming a path outside the run is refused first,
+    before anything is deleted (:func:`read_manifest`)."""
     if not (root / MANIFEST).exists():
         return
     manifest = read_manifest(root)
     with os_errors("delete files in", root):
         for rel in manifest["files"]:
-            target = root / rel
-            if no_links_below(root, str(Path(rel).parent)) and \
-                    os.path.lexists(target) and not target.is_dir():
-                target.unlink()
+            if owned_file(root, rel):
+                (root / rel).unlink()
         for rel in sorted(manifest["dirs"], key=lambda r: -len(Path(r).parts)):
             target = root / rel
-            if target.is_dir() and not target.is_symlink():
+            if no_links_below(root, rel) and target.is_dir():
                 remove_temporaries(target)
                 try:
                     target.rmdir()

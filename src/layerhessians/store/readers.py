@@ -7,9 +7,11 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from layerhessians.errors import UserError
+from layerhessians.store.atomic import read_regular
 from layerhessians.store.oserrors import os_errors
 
 SPECTRA_COLUMNS = ["epoch", "block", "vector", "node", "weight"]
@@ -25,6 +27,13 @@ def problem(path, what: str) -> UserError:
     """The refusal of a damaged run file: ``PATH WHAT; restore it ... or start over``."""
     return UserError(f"{path} {what}; restore it from a backup, or start the run over with "
                      "--overwrite")
+
+
+def _where(frame, row) -> str:
+    """``, epoch E, block 'B'`` of data row ``row`` (as far as the columns exist)."""
+    return "".join(f", {c} {str(frame[c].iloc[row])[:40]!r}" if c == "block" else
+                   f", {c} {str(frame[c].iloc[row])[:20]}" for c in ("epoch", "block")
+                   if c in frame.columns)
 
 
 def read_table(path, columns, *, text_columns=("block",), nullable=(),
@@ -50,7 +59,7 @@ def read_table(path, columns, *, text_columns=("block",), nullable=(),
     """
     path = Path(path)
     with os_errors("read", path):
-        raw = path.read_bytes() if path.exists() else b""
+        raw = read_regular(path) if path.exists() else b""
     if not raw:
         return pd.DataFrame(columns=list(empty_columns or columns))
     try:
@@ -78,7 +87,7 @@ def read_table(path, columns, *, text_columns=("block",), nullable=(),
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
             raise problem(path, f"holds a non-number {str(frame[column].iloc[row])[:40]!r} in "
-                                 f"column {column} (data row {row + 1})")
+                                 f"column {column} (data row {row + 1}{_where(frame, row)})")
         frame[column] = values
     for column in columns:
         if column in nullable:
@@ -96,6 +105,55 @@ def read_table(path, columns, *, text_columns=("block",), nullable=(),
     return frame
 
 
+#: the characters a metric's name may not hold (they would split or quote a CSV field)
+_NAME_BREAKERS = (",", '"', "\n", "\r", "\0")
+#: the longest metric name
+MAX_NAME = 100
+
+
+def check_row(row, path="metrics.csv") -> dict:
+    """A metrics row as the store writes it: ``{name: float}``, checked so that the CSV
+    always reads back (:func:`read_metrics`).
+
+    Args:
+        row: a mapping of metric names (non-empty strings of at most :data:`MAX_NAME`
+            characters, without commas, quotes, line breaks or NUL, not ``epoch``, no
+            leading or trailing spaces) to real numbers (Python, NumPy or 0-d tensor
+            values; NaN is stored as an empty cell, "no value").
+        path: the file named in the refusals.
+
+    Returns:
+        The row with float values.
+
+    Raises:
+        UserError: a name or value that the CSV cannot hold: a non-string or malformed
+            name, a non-number, or an infinite value (one line; nothing is written).
+    """
+    if not isinstance(row, dict):
+        raise UserError(f"metrics for {path} must be a dict of name -> number; got "
+                        f"{type(row).__name__}")
+    checked = {}
+    for name, value in row.items():
+        if not isinstance(name, str) or not name.strip() or name != name.strip() or \
+                len(name) > MAX_NAME or any(c in name for c in _NAME_BREAKERS) or \
+                name == "epoch":
+            raise UserError(f"metric name {str(name)[:60]!r} cannot be a column of {path}: "
+                            f"use a non-empty name of at most {MAX_NAME} characters without "
+                            "commas, quotes or line breaks (and not 'epoch')")
+        try:
+            if isinstance(value, (str, bytes)) or getattr(value, "ndim", 0) != 0:
+                raise TypeError
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise UserError(f"metric {name!r} must be a number; got {str(value)[:40]!r}") \
+                from None
+        if number in (float("inf"), float("-inf")):
+            raise UserError(f"metric {name!r} is {number}: {path} keeps finite numbers only "
+                            "(NaN for no value)")
+        checked[name] = number
+    return checked
+
+
 def read_metrics(path) -> pd.DataFrame:
     """``metrics.csv`` read strictly (:func:`read_table`): an ``epoch`` column of integers,
     every other column numbers (possibly empty: an epoch without spectra has no
@@ -106,9 +164,21 @@ def read_metrics(path) -> pd.DataFrame:
 
 def read_spectra(path) -> pd.DataFrame:
     """``spectra.csv`` read strictly (:func:`read_table`): :data:`SPECTRA_COLUMNS`, all
-    filled, ``block`` a name, the others numbers; the optional :data:`METHOD` column is
-    text (empty in rows of older runs)."""
+    filled, ``block`` a name, the others numbers (nodes finite, weights finite and >= 0: a
+    bad one is refused naming the file, epoch and block); the optional :data:`METHOD`
+    column is text (empty in rows of older runs)."""
     frame = read_table(path, SPECTRA_COLUMNS, text_columns=("block", METHOD))
+    for column, bad in (("node", ~np.isfinite(frame["node"].to_numpy(float))),
+                        ("weight", ~(frame["weight"].to_numpy(float) >= 0)
+                         | ~np.isfinite(frame["weight"].to_numpy(float)))):
+        if bad.any():
+            row = int(bad.nonzero()[0][0])
+            raise problem(Path(path), f"holds a {'non-finite' if column == 'node' else 'bad'} "
+                                       f"{column} {frame[column].iloc[row]!r} at epoch "
+                                       f"{frame['epoch'].iloc[row]}, block "
+                                       f"{frame['block'].iloc[row]!r} (data row {row + 1}; "
+                                       f"{column}s must be finite"
+                                       f"{', weights >= 0' if column == 'weight' else ''})")
     if METHOD in frame.columns:
         bad = frame[METHOD].notna() & ~frame[METHOD].isin(METHODS)
         if bad.any():
@@ -123,7 +193,7 @@ def read_config(path) -> dict:
     """``config.json`` as a dict; one :class:`UserError` line if it is not a JSON object."""
     path = Path(path)
     with os_errors("read", path):
-        raw = path.read_bytes()
+        raw = read_regular(path)
     try:
         config = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

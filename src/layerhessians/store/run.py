@@ -8,7 +8,15 @@ import pandas as pd
 
 from layerhessians.errors import UserError
 from layerhessians.store import journal
-from layerhessians.store.names import CONFIG, METRICS, SPECTRA, run_path
+from layerhessians.store.names import (
+    CHECKPOINTS,
+    CONFIG,
+    LAST_CHECKPOINT,
+    MANIFEST,
+    METRICS,
+    SPECTRA,
+    run_path,
+)
 from layerhessians.store.oserrors import os_errors
 from layerhessians.store.readers import METHOD, read_config, read_metrics, read_spectra
 from layerhessians.vocabulary import FULL
@@ -76,7 +84,9 @@ class Run:
 
 
 def load_run(path) -> Run:
-    """Read the run directory ``path`` (written by ``layerhessians train``).
+    """Read the run directory ``path`` (written by ``layerhessians train``): committed
+    epochs only (rows after the checkpoint's epoch, written by a run killed before its
+    checkpoint, are left out; the next ``--resume`` cuts them off).
 
     Raises:
         UserError: one line when ``path`` is not a run directory, an operation on it was
@@ -91,6 +101,26 @@ def load_run(path) -> Run:
         if not (path / CONFIG).is_file():
             raise UserError(f"{path} is not a LayerHessians run directory (no {CONFIG}); "
                             "pass the -r directory of a `layerhessians train` run")
-    return Run(path=path, config=read_config(path / CONFIG),
-               metrics=read_metrics(path / METRICS), spectra=read_spectra(path / SPECTRA))
+    config = read_config(path / CONFIG)
+    metrics, spectra = read_metrics(path / METRICS), read_spectra(path / SPECTRA)
+    epoch = committed_epoch(path)
+    if epoch is not False:  # the checkpoint is the commit point: later rows are not shown
+        limit = -1 if epoch is None else epoch
+        metrics = metrics[metrics["epoch"] <= limit].reset_index(drop=True)
+        spectra = spectra[spectra["epoch"] <= limit].reset_index(drop=True)
+    return Run(path=path, config=config, metrics=metrics, spectra=spectra)
+
+
+def committed_epoch(path):
+    """The last committed epoch of the run directory ``path``: that of its checkpoint
+    (``checkpoints/last.pt``, read and digest-checked), ``None`` when the store wrote the
+    run (it has a manifest) but committed no epoch yet, ``False`` for a run made by other
+    means (no checkpoint, no manifest: every row counts)."""
+    from layerhessians.store.checkpoints import checkpoint_epoch, load_torch  # imports torch
+
+    last = Path(path) / CHECKPOINTS / LAST_CHECKPOINT
+    with os_errors("read", last):
+        if not last.is_file():
+            return None if (Path(path) / MANIFEST).is_file() else False
+    return checkpoint_epoch(load_torch(last), last)
 

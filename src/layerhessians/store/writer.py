@@ -21,11 +21,15 @@ Commit protocol.
   after the last. A writer that finds it finishes the operation deterministically: an
   interrupted overwrite finishes deleting the old run's files, an interrupted creation is
   undone unless its config.json was written (then it is completed), an interrupted rewind
-  is redone. Readers refuse such a directory.
-- The store only deletes files listed in its manifest (:mod:`layerhessians.store.manifest`,
+  is redone, but only when the journal is the store's own and fits the run
+  (:func:`~layerhessians.store.recovery.check_journal`); anything else is refused naming the journal, with every
+  file left in place. Readers refuse such a directory.
+- The store only deletes regular files inside the run that its manifest lists (:mod:`layerhessians.store.manifest`,
   written before each new file is created), so ``--overwrite`` never removes a user's own
   files; it refuses to write over a file it did not write (naming it).
-- The lock file is opened without following symbolic links.
+- The lock file is opened without following symbolic links; no write follows a link below
+  the run directory; every write first checks that the run directory is still the one
+  opened (:meth:`RunStore.check_place`).
 
 Damaged files give one :class:`~layerhessians.errors.UserError` line naming the file and the
 problem; operating-system errors (permissions, read-only or virtual file systems, a file
@@ -40,11 +44,12 @@ import re
 import stat
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from layerhessians.errors import UserError
 from layerhessians.store import journal
-from layerhessians.store.atomic import fsync_dir, remove_temporaries
+from layerhessians.store.atomic import fsync_dir, read_regular, remove_temporaries
 from layerhessians.store.checkpoints import (
     COMMITTED_KEY,
     checkpoint_epoch,
@@ -56,6 +61,8 @@ from layerhessians.store.manifest import (
     delete_owned,
     ensure_manifest,
     foreign_files,
+    manifest_digest,
+    owned_file,
     read_manifest,
     write_bytes,
     write_json,
@@ -66,7 +73,6 @@ from layerhessians.store.names import (
     CONFIG,
     FIXED_FILES,
     FOLDERS,
-    JOURNAL,
     LAST_CHECKPOINT,
     LOCK,
     MANIFEST,
@@ -75,16 +81,23 @@ from layerhessians.store.names import (
     run_path,
 )
 from layerhessians.store.oserrors import os_errors, os_message
+from layerhessians.store.place import OpenedFolder, refuse_link
 from layerhessians.store.readers import (
     METHOD,
     SPECTRA_COLUMNS,
+    check_row,
     problem,
     read_config,
     read_metrics,
     read_spectra,
 )
+from layerhessians.store.recovery import check_journal
+from layerhessians.store.resume import resume_source
 
-__all__ = ["RunStore", "resume_source"]
+__all__ = ["MAX_EPOCH", "RunStore", "resume_source"]
+
+#: the largest epoch (update index) a record holds: exact in the CSV's int64 and in float64
+MAX_EPOCH = 2**53
 
 
 class RunStore:
@@ -100,6 +113,7 @@ class RunStore:
         self._spectra = None
         self._bytes = {}
         self._state_cache = None
+        self._folder = None  # the run directory as opened (checked before each write)
         self.notes = []  # what opening repaired (an interrupted operation), for the log
 
     # -- opening -----------------------------------------------------------------------
@@ -235,21 +249,19 @@ class RunStore:
         journal.end(self.path)
 
     def _recover(self):
-        """Remove temporary files of killed writes; finish an interrupted operation."""
+        """Remove temporary files of killed writes; finish an interrupted operation, but
+        only one whose journal is the store's own and fits the run (:meth:`_check_journal`);
+        anything else is refused with every file left in place."""
         self._remove_temporaries()
         entry = journal.read(self.path)
         if entry is None:
             return
         op = entry["op"]
+        check_journal(self, entry)
         if op == "rewind":
-            try:
-                epoch, source = int(entry["epoch"]), Path(entry["source"])
-            except (KeyError, TypeError, ValueError):
-                raise UserError(f"{self.path / JOURNAL} (an interrupted rewind) is damaged; "
-                                "resume from the run directory after deleting it, or use "
-                                "--overwrite") from None
+            epoch = entry["epoch"]
             self.notes.append(f"finished an interrupted rewind to epoch {epoch}")
-            self._do_rewind(epoch, source)
+            self._do_rewind(epoch, self.path / CHECKPOINTS / entry["source"])
         elif op == "create" and (self.path / CONFIG).exists():
             self.notes.append("completed an interrupted creation")
             self._make_folders(self._ensure_manifest())
@@ -271,7 +283,8 @@ class RunStore:
         if (self.path / MANIFEST).exists() or (self.path / CONFIG).exists():
             if not (self.path / MANIFEST).exists():
                 self._adopt_or_refuse()
-            self._journal({"op": "overwrite"})
+            read_manifest(self.path)  # a damaged one is refused before the journal is begun
+            self._journal({"op": "overwrite", "manifest": manifest_digest(self.path)})
             self._delete_owned()
             self._end_journal()
         self._refuse_foreign()
@@ -319,9 +332,20 @@ class RunStore:
         pid = str(os.getpid()).encode()
         os.pwrite(fd, pid.ljust(max(len(pid), os.fstat(fd).st_size)), 0)  # no ftruncate: the
         self._lock_fd = fd  # holder's PID is overwritten in place (padded with spaces)
+        self._folder = OpenedFolder(self.path)
+
+    def check_place(self):
+        """Refuse to go on writing when ``self.path`` is no longer the directory this store
+        opened (:meth:`OpenedFolder.check`): a write would build a partial run at the old
+        path."""
+        if self._folder is not None:
+            self._folder.check()
 
     def close(self):
         """Release the run's lock (the store can be opened again)."""
+        if self._folder is not None:
+            self._folder.close()
+            self._folder = None
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -346,12 +370,18 @@ class RunStore:
 
     @property
     def log_path(self) -> Path:
-        """``RUN/logs/train.log``."""
-        return self.path / "logs" / "train.log"
+        """``RUN/logs/train.log`` (appended to: refused when it, or ``logs/``, is a symbolic
+        link or not a regular file, so that no write follows a link out of the run)."""
+        self.check_place()
+        path = self.path / "logs" / "train.log"
+        refuse_link(path.parent, path)
+        return path
 
     @property
     def images(self) -> Path:
-        """``RUN/images``, the figures folder."""
+        """``RUN/images``, the figures folder (refused when it is a symbolic link)."""
+        self.check_place()
+        refuse_link(self.path / "images")
         return self.path / "images"
 
     @property
@@ -396,7 +426,7 @@ class RunStore:
         for name in (METRICS, SPECTRA):
             path = self.path / name
             with os_errors("read", path):
-                raw = path.read_bytes() if path.exists() else b""
+                raw = read_regular(path) if path.exists() else b""
             if committed and name in committed:
                 size, digest = int(committed[name]["bytes"]), committed[name]["sha256"]
                 if len(raw) < size or hashlib.sha256(raw[:size]).hexdigest() != digest:
@@ -425,6 +455,7 @@ class RunStore:
             UserError: the file is not in this run's checkpoints folder, is not a
                 readable checkpoint, holds only weights, or is newer than ``last.pt``.
         """
+        self.check_place()
         source = Path(checkpoint)
         if not str(checkpoint).strip():
             raise UserError('the checkpoint path is empty; pass RUN/checkpoints/FILE.pt')
@@ -445,7 +476,7 @@ class RunStore:
         if last is not None and epoch > last:
             raise UserError(f"{source} is of epoch {epoch}, after the run's last checkpoint "
                             f"(epoch {last}); resume with --resume {self.path}")
-        self._journal({"op": "rewind", "epoch": epoch, "source": str(source)})
+        self._journal({"op": "rewind", "epoch": epoch, "source": source.name})
         self._do_rewind(epoch, source)
         self._end_journal()
         self.notes.append(f"rewound to epoch {epoch} ({source.name})")
@@ -456,9 +487,13 @@ class RunStore:
         self._bytes = {}
         self._metrics = self._spectra = None
         self.truncate_after(epoch)
+        owned = set(read_manifest(self.path)["files"]) if (self.path / MANIFEST).exists() \
+            else set()
         for path in (self.path / CHECKPOINTS).glob("epoch_*.pt"):
             match = re.fullmatch(r"epoch_(\d+)\.pt", path.name)
-            if match and int(match.group(1)) > epoch:
+            rel = f"{CHECKPOINTS}/{path.name}"
+            if match and int(match.group(1)) > epoch and rel in owned and \
+                    owned_file(self.path, rel):
                 with os_errors("delete", path):
                     path.unlink()
         state.pop(COMMITTED_KEY, None)
@@ -470,7 +505,7 @@ class RunStore:
         if name not in self._bytes:
             path = self.path / name
             with os_errors("read", path):
-                self._bytes[name] = path.read_bytes() if path.exists() else b""
+                self._bytes[name] = read_regular(path) if path.exists() else b""
         return self._bytes[name]
 
     def _write_table(self, name, frame: pd.DataFrame):
@@ -521,7 +556,19 @@ class RunStore:
         :data:`METHOD` column) or ``None``. ``checkpoint``: a dict of tensors and
         plain containers (saved with ``"epoch"``, the committed CSV lengths and digests,
         and its own digest added) or ``None``.
+
+        Raises:
+            UserError: the run directory was moved or deleted (:meth:`check_place`); a
+                metric name or value the CSV cannot hold (:func:`check_row`); nothing of
+                the epoch is written then.
         """
+        self.check_place()
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or \
+                not 0 <= epoch <= MAX_EPOCH:
+            raise UserError(f"epoch (update index) {str(epoch)[:40]} cannot be recorded in "
+                            f"{METRICS}: use an integer from 0 to {MAX_EPOCH}")
+        epoch = int(epoch)
+        metrics_row = check_row(metrics_row, METRICS)
         if spectra:
             frames = [m.to_frame().assign(epoch=epoch, block=block,
                                           method=getattr(m, "method", None) or "slq")
@@ -536,40 +583,5 @@ class RunStore:
 
     def save_weights(self, epoch: int, state_dict: dict):
         """Keep the model weights of ``epoch`` (``checkpoints/epoch_EEEE.pt``)."""
+        self.check_place()
         save_torch(self.path / CHECKPOINTS / f"epoch_{epoch:04d}.pt", state_dict)
-
-
-
-def resume_source(value):
-    """What ``--resume PATH`` names: ``(run directory, checkpoint or None)``.
-
-    ``PATH`` is a run directory or ``RUN/checkpoints/last.pt`` (checkpoint ``None``: the last
-    committed epoch), or another ``RUN/checkpoints/*.pt`` holding a full training state
-    (returned, to be passed to :meth:`RunStore.create` as ``checkpoint``).
-
-    Raises:
-        UserError: empty or missing path, a file outside a run's checkpoints folder, an
-            unreadable checkpoint, or one holding only weights (``epoch_EEEE.pt``).
-    """
-    if value is None or not str(value).strip():
-        raise UserError('--resume "" names nothing; pass a run directory or its '
-                        "checkpoints/last.pt")
-    path = Path(value)
-    with os_errors("read", path):
-        if not path.exists():
-            raise UserError(f"--resume {value}: no such file or directory; pass a run directory "
-                            "or its checkpoints/last.pt")
-        if path.is_dir():
-            return path, None
-        run = path.parent.parent
-        if path.parent.name != CHECKPOINTS or not (run / CONFIG).is_file():
-            raise UserError(f"--resume {value} is not inside a run directory "
-                            "(RUN/checkpoints/*.pt); pass the run directory instead")
-    if path.name == LAST_CHECKPOINT:
-        return run, None
-    state = load_torch(path)
-    if not (isinstance(state, dict) and {"epoch", "model", "optimizer"} <= set(state)):
-        raise UserError(f"--resume {value}: the file holds only model weights (no optimizer, "
-                        "schedule or random state), so training cannot continue exactly from "
-                        f"it; resume the run from its last checkpoint (--resume {run})")
-    return run, path

@@ -40,9 +40,9 @@ from layerhessians.settings import SpectraSettings
 from layerhessians.spectra import measure_layer_spectra
 from layerhessians.store.checkpoints import save_torch
 from layerhessians.store.consistency import TRACKER_SOURCE, VOLATILE_KEYS, config_differences
-from layerhessians.store.names import CHECKPOINTS, CONFIG, METRICS
+from layerhessians.store.names import CHECKPOINTS, CONFIG, METRICS, run_path
 from layerhessians.store.oserrors import os_errors
-from layerhessians.store.readers import read_config, read_metrics
+from layerhessians.store.readers import check_row, read_config, read_metrics
 from layerhessians.store.writer import RunStore
 from layerhessians.tracking.scalars import full_scalars, spectra_scalars
 from layerhessians.training.seeding import derive_seed
@@ -272,7 +272,7 @@ class SpectraTracker:
         self.store = None
         if run_dir is not None:
             self._config = self._describe(model_name, dataset, settings)
-            self.store = self._open(Path(run_dir), self._config, resume, overwrite)
+            self.store = self._open(run_path(run_dir), self._config, resume, overwrite)
 
     # -- the record --------------------------------------------------------------------
     def _describe(self, model_name, dataset, settings) -> dict:
@@ -460,14 +460,14 @@ class SpectraTracker:
 
     @staticmethod
     def _metrics_row(metrics) -> dict:
-        row = {}
-        for key, value in (metrics or {}).items():
-            if key == "epoch":
-                raise UserError("metrics must not hold 'epoch': it is the update's index")
-            try:
-                row[str(key)] = float(value)
-            except (TypeError, ValueError):
-                raise UserError(f"metric {key!r} must be a number; got {value!r}") from None
+        if isinstance(metrics, Mapping) and "epoch" in metrics:
+            raise UserError("metrics must not hold 'epoch': it is the update's index")
+        row = check_row(dict(metrics) if isinstance(metrics, Mapping) else
+                        ({} if metrics is None else metrics))  # what the record can hold
+        missing = [k for k, v in row.items() if v != v]  # NaN: not a measurement
+        if missing:
+            raise UserError(f"metric {missing[0]!r} is NaN (the model may have diverged); "
+                            "pass finite numbers, or leave the metric out of this update")
         return row
 
     # -- closing -----------------------------------------------------------------------

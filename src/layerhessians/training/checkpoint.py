@@ -5,6 +5,7 @@ from collections import Counter
 
 import torch
 
+from layerhessians.errors import UserError
 from layerhessians.store.consistency import VOLATILE_KEYS
 
 #: config.json keys that may change when a run is resumed (besides consistency.VOLATILE_KEYS).
@@ -30,7 +31,23 @@ def checkpoint_state(setup) -> dict:
 
 
 def restore_state(setup, state: dict) -> int:
-    """Load a checkpoint written by :func:`checkpoint_state` into ``setup``; returns its epoch."""
+    """Load a checkpoint written by :func:`checkpoint_state` into ``setup``; returns its epoch.
+
+    Raises:
+        UserError: the state does not fit ``setup`` (another architecture's weights, another
+            optimizer's state: torch's load errors), in one line.
+    """
+    try:
+        return _restore(setup, state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
+        detail = " ".join(str(err).split())[:160]
+        raise UserError(f"the run's checkpoint does not fit its model, optimizer or schedule "
+                        f"({type(err).__name__}: {detail}); it was written for another "
+                        "network: restore the run's own checkpoints/last.pt, or start over with "
+                        "--overwrite") from None
+
+
+def _restore(setup, state: dict) -> int:
     setup.model.load_state_dict(state["model"])
     setup.optimizer.load_state_dict(state["optimizer"])
     scheduler = dict(state["scheduler"])

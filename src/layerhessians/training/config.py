@@ -36,12 +36,31 @@ SGD_MOMENTUM = 0.9  # the seed's SGD momentum (fixed, recorded in config.json)
 
 
 # ----------------------------------------------------------------------------- checks
-def _int(label, value, minimum=1, allow_none=False):
+#: the largest count a setting takes (sizes, epochs, threads: a bound checked before work)
+MAX_COUNT = 2**31 - 1
+#: the largest learning rate a schedule may reach (float32 parameters overflow far above)
+MAX_LR = 1e30
+
+
+def _int(label, value, minimum=1, allow_none=False, maximum=MAX_COUNT):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise UserError(f"{label} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Integral) or \
+            not minimum <= value <= maximum:
+        raise UserError(f"{label} must be an integer >= {minimum} and <= {maximum}, got "
+                        f"{value!r}")
     return int(value)
+
+
+def _check_schedule(config):
+    """Refuse a learning rate that the schedule lifts past :data:`MAX_LR` (``--step_gamma``
+    above 1 at each of the ``--milestones``)."""
+    gamma, steps = max(1.0, config.step_gamma), len(config.milestones)
+    if math.log10(config.learning_rate) + steps * math.log10(gamma) > math.log10(MAX_LR):
+        raise UserError(f"--learning_rate {config.learning_rate:g} times --step_gamma "
+                        f"{config.step_gamma:g} at {steps} milestone(s) exceeds {MAX_LR:g} "
+                        "(the parameters' float32 overflows); use a smaller --step_gamma")
+    return config
 
 
 def _real(label, value, minimum=0.0, strict=False):
@@ -232,7 +251,7 @@ class TrainConfig:
         hessian = self.hessian
         if isinstance(hessian, dict):
             hessian = HessianConfig(**{k: v for k, v in hessian.items() if k in _names(HessianConfig)})
-        seed = _int("--seed", self.seed, minimum=0)
+        seed = _int("--seed", self.seed, minimum=0, maximum=2**63 - 1)
         spectra = _settings_of(replace(self, seed=seed, hessian=hessian),
                                self.__dict__.get("_spectra"))
         config = replace(
@@ -263,11 +282,11 @@ class TrainConfig:
             memory_budget=spectra.memory_budget,
             dist_backend=_choice("--dist-backend", self.dist_backend, BACKENDS),
             sync_bn=_bool("--sync-bn", self.sync_bn),
-            threads=_int("--threads", self.threads, allow_none=True),
+            threads=_int("--threads", self.threads, allow_none=True, maximum=4096),
             hessian=hessian.validated(spectra),
         )
         object.__setattr__(config, "_spectra", spectra)  # not a field: made from the fields
-        return config
+        return _check_schedule(config)
 
     def spectra_settings(self) -> SpectraSettings:
         """The run's :class:`SpectraSettings` (through :data:`~layerhessians.settings.SETTINGS`;
@@ -287,7 +306,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        """The settings stored in ``data`` (e.g. a run's ``config.json``); other keys ignored."""
+        """The settings stored in ``data`` (e.g. a run's ``config.json``); other keys ignored.
+
+        Raises:
+            UserError: ``data`` is not a JSON object (a dict).
+        """
+        if not isinstance(data, dict):
+            raise UserError(f"the stored settings are a JSON {type(data).__name__}, not an "
+                            "object; restore the run's config.json or use --overwrite")
         kwargs = {k: v for k, v in data.items() if k in _names(cls)}
         if isinstance(kwargs.get("hessian"), dict):
             hessian = {**LEGACY_HESSIAN, **kwargs["hessian"]}

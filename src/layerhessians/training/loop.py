@@ -96,8 +96,14 @@ CRASH_ENV = "LAYERHESSIANS_CRASH_AT"
 FIDELITY = "slq_fidelity.csv"
 
 
+#: a loss this many times that of a uniform guess (log C nats) marks a diverged run: its
+#: epoch is not committed and no spectra of that model are measured
+DIVERGED = 1e4
+
+
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; nothing of that epoch is committed."""
+    """The loss became NaN or infinite, or :data:`DIVERGED` times that of a uniform guess;
+    nothing of that epoch is committed."""
 
     def __init__(self, epoch: int, loss: float, where: str = "training", message=None):
         self.epoch, self.loss, self.where = epoch, loss, where
@@ -216,8 +222,8 @@ def run_epoch(setup: Setup, store: RunStore, epoch: int, disable_progress=None) 
     test_loss, test_acc = evaluate(setup.model, data.test_x, data.test_y, config.batch_size,
                                    setup.dist)
     for name, value in (("test", test_loss), ("training", row["train_loss"])):
-        if not math.isfinite(value):
-            raise TrainingDiverged(epoch, value, where=name)
+        if not math.isfinite(value) or value > DIVERGED * max(math.log(data.num_classes), 1.0):
+            raise TrainingDiverged(epoch, value, where=name)  # before any spectra are taken
     _sync(device)
     eval_seconds = time.perf_counter() - start - train_seconds
     spectra, spectra_start, fidelity = None, time.perf_counter(), None
