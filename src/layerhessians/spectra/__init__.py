@@ -7,6 +7,8 @@ estimators, and the full plus layer-wise spectra of a model in one pass.
 - :func:`exact_spectrum` (float64 ``eigvalsh`` of a small operator)
 - :func:`top_eigenvalues`, :func:`hessian_trace`
 - :func:`layer_spectra` -> ``{"full": measure, layer: measure, ...}``
+- :func:`exact_layer_spectra`, :func:`exact_ggn_spectrum`, :func:`slq_fidelity`: the exact
+  (Gram) route for layer blocks, and SLQ's error against it
 """
 
 from layerhessians.spectra.estimators import (
@@ -15,6 +17,11 @@ from layerhessians.spectra.estimators import (
     top_eigenvalues,
 )
 from layerhessians.spectra.exact import exact_spectrum
+from layerhessians.spectra.exact_layers import (
+    exact_ggn_spectrum,
+    exact_layer_spectra,
+    slq_fidelity,
+)
 from layerhessians.spectra.lanczos import LanczosRecurrence, LanczosRun, lanczos
 from layerhessians.spectra.layers import layer_operators, layer_spectra, operator_dims
 from layerhessians.spectra.measure import (
@@ -38,6 +45,8 @@ __all__ = [
     "SpectralMeasure",
     "TraceEstimate",
     "concatenate_rows",
+    "exact_ggn_spectrum",
+    "exact_layer_spectra",
     "exact_spectrum",
     "hessian_trace",
     "lanczos",
@@ -46,6 +55,7 @@ __all__ = [
     "operator_dims",
     "papyan_sigma",
     "slq",
+    "slq_fidelity",
     "slq_many",
     "start_vector",
     "top_eigenvalues",

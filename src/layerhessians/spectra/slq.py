@@ -84,7 +84,8 @@ def slq_many(operators: Sequence, names: Sequence[str], iterations: int = DEFAUL
             node, weight = run.quadrature()
             nodes[k].append(node)
             weights[k].append(weight)
-    return [SpectralMeasure(n, w, dim=op.dim) for n, w, op in zip(nodes, weights, operators)]
+    return [SpectralMeasure(n, w, dim=op.dim, method="slq")
+            for n, w, op in zip(nodes, weights, operators)]
 
 
 def slq(op, iterations: int = DEFAULT_ITERATIONS, vectors: int = DEFAULT_VECTORS, seed: int = 0,

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from layerhessians.errors import UserError
+from layerhessians.errors import SettingError, UserError
 from layerhessians.store import journal
 from layerhessians.store.atomic import fsync_dir, remove_temporaries
 from layerhessians.store.checkpoints import (
@@ -85,6 +85,16 @@ from layerhessians.store.readers import (
 )
 
 __all__ = ["RunStore", "resume_source"]
+
+
+#: The run-directory options as the Python API (SpectraTracker) and the CLI spell them.
+RUN_OPTIONS = {"run": ("another run_dir", "another -r"), "resume": ("resume=True", "--resume"),
+               "overwrite": ("overwrite=True", "--overwrite")}
+
+
+def _options_error(fact: str, advice: str) -> SettingError:
+    """``fact`` (literal text) then ``advice`` naming :data:`RUN_OPTIONS` as ``{resume}``..."""
+    return SettingError(fact.replace("{", "{{").replace("}", "}}") + advice, RUN_OPTIONS)
 
 
 class RunStore:
@@ -131,11 +141,11 @@ class RunStore:
         store = cls(path)
         with os_errors("create the run directory", store.path):
             if store.path.exists() and not store.path.is_dir():
-                raise UserError(f"run path {store.path} exists and is not a directory; "
-                                "choose another -r")
+                raise _options_error(f"run path {store.path} exists and is not a directory; ",
+                                     "choose {run}")
             if resume is True and not store.path.exists():  # refuse before creating anything
-                raise UserError(f"{store.path} does not exist: it holds no run to resume; "
-                                "drop --resume to start a new run there")
+                raise _options_error(f"{store.path} does not exist: it holds no run to resume; ",
+                                     "drop {resume} to start a new run there")
             store.path.mkdir(parents=True, exist_ok=True)
         store._lock()
         try:
@@ -160,12 +170,12 @@ class RunStore:
             leftovers = [n for n in (METRICS, SPECTRA, f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
                          if (self.path / n).exists()]
             if leftovers:
-                raise UserError(f"{self.path} holds {', '.join(leftovers)} but no {CONFIG} "
-                                "(not a complete run); restore its config.json to resume it, "
-                                "or use --overwrite or another -r to start a new run")
+                raise _options_error(f"{self.path} holds {', '.join(leftovers)} but no {CONFIG} "
+                                     "(not a complete run); ", "restore its config.json to "
+                                     "resume it, or use {overwrite} or {run} to start a new run")
             if resume is True:
-                raise UserError(f"{self.path} holds no run to resume (no {CONFIG}); drop "
-                                "--resume to start a new run there")
+                raise _options_error(f"{self.path} holds no run to resume (no {CONFIG}); ",
+                                     "drop {resume} to start a new run there")
             self._create(config)
             return
         if not (self.path / MANIFEST).exists():
@@ -176,14 +186,14 @@ class RunStore:
         diffs = config_differences(old, config, ignore)
         started = done is not None or self.metrics.shape[0] > 0
         if diffs:
-            raise UserError(
+            raise _options_error(
                 f"{self.path} holds a run with different settings ({'; '.join(diffs[:4])}"
-                f"{'; ...' if len(diffs) > 4 else ''}); use --overwrite to replace it, "
-                "or another run directory")
+                f"{'; ...' if len(diffs) > 4 else ''}); ", "use {overwrite} to replace it, "
+                "or {run}")
         if started and not resume:
-            raise UserError(
-                f"{self.path} already holds this run (completed epoch {done}); use "
-                "--resume to continue it or --overwrite to start over")
+            raise _options_error(
+                f"{self.path} already holds this run (completed epoch {done}); ",
+                "use {resume} to continue it or {overwrite} to start over")
         merged = {**old, **{k: v for k, v in config.items() if k in ignore}}
         merged["start_time"] = old.get("start_time")
         merged["resumed_at"] = [*old.get("resumed_at", []), config.get("start_time")]
@@ -208,8 +218,9 @@ class RunStore:
             for sub in FOLDERS:
                 folder = self.path / sub
                 if folder.is_symlink():
-                    raise UserError(f"{folder} is a symbolic link; the store writes only into "
-                                    "its own folders: remove the link or choose another -r")
+                    raise _options_error(f"{folder} is a symbolic link; the store writes only "
+                                         "into its own folders: ", "remove the link or choose "
+                                         "{run}")
                 if not folder.is_dir():
                     folder.mkdir()
                     fsync_dir(self.path)
@@ -218,9 +229,9 @@ class RunStore:
         """Refuse to write over files at the store's names that it did not write."""
         foreign = foreign_files(self.path)
         if foreign:
-            raise UserError(f"{self.path} holds {', '.join(foreign)}, which this tool did not "
-                            "write; move them away or choose another -r (the store never "
-                            "replaces or deletes files it did not write)")
+            raise _options_error(f"{self.path} holds {', '.join(foreign)}, which this tool did "
+                                 "not write; ", "move them away or choose {run} (the store "
+                                 "never replaces or deletes files it did not write)")
 
     def _ensure_manifest(self) -> dict:
         """The run's manifest (adopting a run of an earlier version, see

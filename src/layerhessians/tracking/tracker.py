@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import logging
 import platform
+import re
 import socket
 import time
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from layerhessians import __version__
 from layerhessians.curvature.blocks import layer_blocks, select_blocks
 from layerhessians.errors import UserError, check_choice
 from layerhessians.spectra import layer_spectra
+from layerhessians.spectra.layers import log as _engine_log
 from layerhessians.store.checkpoints import save_torch
 from layerhessians.store.consistency import TRACKER_SOURCE, VOLATILE_KEYS, config_differences
 from layerhessians.store.names import CHECKPOINTS, CONFIG, METRICS
@@ -58,6 +60,39 @@ from layerhessians.vocabulary import (
 __all__ = ["SpectraTracker", "UNITS"]
 
 log = logging.getLogger(__name__)
+
+#: the engine's logger, whose notes (an exact-route fallback, a re-orthogonalisation
+#: choice) repeat at every update with the same text: a tracker passes each text on once
+_REPEATING_LOGGERS = (_engine_log.name,)
+
+
+class _LogOnce(logging.Filter):
+    """A context in which each message of :data:`_REPEATING_LOGGERS` passes once (per
+    instance: the first update logs why a block falls back to SLQ, later ones do not;
+    details in brackets are ignored when comparing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # the same note with other numbers in its brackets ("relative residual 0.8") is
+        # the same note
+        message = re.sub(r"\([^()]*\)", "(...)", record.getMessage())
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+    def __enter__(self):
+        for name in _REPEATING_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in _REPEATING_LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+        return False
 
 #: what the index of an update counts (recorded as config.json's ``unit``; the run's
 #: ``epoch`` column holds it)
@@ -195,9 +230,10 @@ class SpectraTracker:
         bn_mode: batch norm in ``"eval"`` (running statistics, default) or ``"train"`` mode.
         unit: what the update index counts, ``"epoch"`` (default) or ``"step"``; recorded
             in config.json, the run's ``epoch`` column holds the index either way.
-        resume: continue the record in ``run_dir`` (same settings, blocks and Hessian data,
-            by SHA-256 checksum, required); updates after the last committed one are
-            appended.
+        resume: continue the record in ``run_dir`` if it holds one (same settings, blocks
+            and Hessian data, by SHA-256 checksum, required; updates after the last
+            committed one are appended), else start it there: the same code serves a loop's
+            first start and every restart (:attr:`completed` says where to continue).
         overwrite: replace whatever run is in ``run_dir``.
         model_name, dataset: recorded in config.json (titles of ``plot``, labels of
             ``match``); default the model's class name and ``None``.
@@ -249,6 +285,7 @@ class SpectraTracker:
                          **options}
         self.block_names = _parameter_names(model, blocks)
         self._device_data = (None, None)
+        self._once = _LogOnce()  # the engine's fallback notes: once per tracker
         self.store = None
         if run_dir is not None:
             self._config = self._describe(model_name, dataset, settings)
@@ -296,7 +333,8 @@ class SpectraTracker:
             if len(read_metrics(path / METRICS)) and not resume:
                 raise UserError(f"{path} already holds this run; pass resume=True to continue "
                                 "its record, or overwrite=True to start over")
-        return RunStore.create(path, config, resume=resume, overwrite=overwrite,
+        return RunStore.create(path, config, resume="allow" if resume else False,
+                               overwrite=overwrite,
                                ignore=RESUME_IGNORES)
 
     @property
@@ -337,9 +375,10 @@ class SpectraTracker:
         Returns:
             ``OrderedDict`` ``{"full": SpectralMeasure, block: SpectralMeasure, ...}``.
         """
-        return layer_spectra(self.model, self.loss_fn, self._data(),
-                             layers=self.blocks() or False, seed=self.seed_for(index),
-                             progress=self.progress, **self.settings)
+        with self._once:
+            return layer_spectra(self.model, self.loss_fn, self._data(),
+                                 layers=self.blocks() or False, seed=self.seed_for(index),
+                                 progress=self.progress, **self.settings)
 
     def update(self, epoch: int | None = None, *, step: int | None = None,
                metrics: dict | None = None) -> "OrderedDict":
