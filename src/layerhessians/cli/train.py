@@ -89,9 +89,10 @@ def add_arguments(parser):
          help=f"training epochs; raise it with --resume to extend a run (default {d.num_epochs})")
     _add(g, "-o", "--optimizer", metavar="{sgd,adam}",
          help=f"SGD (momentum {d.momentum}) or Adam (default {d.optimizer}; the seed required it)")
-    _add(g, "-d", "--dataset", metavar="NAME",
+    _add(g, "-d", "--dataset", metavar="NAME|PATH",
          help="Digits, MNIST5k (both bundled, offline), MNIST, FashionMNIST, SVHN, CIFAR10, CIFAR100; "
-              f"case-insensitive (default {d.dataset})")
+              f"case-insensitive (default {d.dataset}); or your own data: an image folder (one "
+              "sub-folder per class) or a .npz/.pt file (keys train_x, train_y, test_x, test_y)")
     _add(g, "-m", "--model", metavar="NAME",
          help=f"LeNet, VGG11, VGG11_bn, ResNet18; case-insensitive (default {d.model})")
     _add(g, "-b", "--batch_size", type=int, metavar="B", help=f"batch size (default {d.batch_size})")

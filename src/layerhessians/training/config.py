@@ -222,6 +222,7 @@ class TrainConfig:
 
     def validated(self) -> "TrainConfig":
         """A copy with names canonicalised and every value checked (:class:`UserError`)."""
+        from layerhessians.data.own import check_dataset_path, is_dataset_path
         from layerhessians.data.registry import get_spec
         from layerhessians.models import canonical_model_name
 
@@ -236,7 +237,8 @@ class TrainConfig:
         return replace(
             self,
             model=canonical_model_name(self.model),
-            dataset=get_spec(self.dataset).name,
+            dataset=(check_dataset_path(self.dataset) if is_dataset_path(self.dataset)
+                     else get_spec(self.dataset).name),
             optimizer=_choice("optimizer", self.optimizer, OPTIMIZERS),
             learning_rate=_real("--learning_rate", self.learning_rate, strict=True),
             weight_decay=_real("--weight_decay", self.weight_decay),
@@ -283,7 +285,9 @@ class TrainConfig:
 
     def run_name(self) -> str:
         """The default run directory name (under ``runs/``): ``model=M,dataset=D,...``."""
-        return (f"model={self.model},dataset={self.dataset},opt={self.optimizer},"
+        from layerhessians.data.own import dataset_label
+
+        return (f"model={self.model},dataset={dataset_label(self.dataset)},opt={self.optimizer},"
                 f"lr={self.learning_rate:g},l2={self.weight_decay:g},b={self.batch_size},"
                 f"seed={self.seed}")
 
