@@ -76,3 +76,31 @@ def test_a_tracker_logs_a_fallback_reason_once(caplog):
 
 def test_user_error_is_exported():
     assert issubclass(lh.UserError, UserError)
+
+
+# ----------------------------------------------------------------------------- plot (item 24)
+def test_plot_shows_progress_and_says_what_it_replaced(tmp_path, capsys, monkeypatch):
+    from layerhessians.analysis import report
+    from layerhessians.cli.main import main
+    from runfactory import write_run
+
+    run = write_run(tmp_path / "run")
+    monkeypatch.setattr(report, "PLOT_PROGRESS_S", 0.01)  # a slow plot, made quick
+    slow = report.plots.save_figure
+
+    def save_slowly(*args, **kwargs):
+        import time
+        time.sleep(0.05)
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(report.plots, "save_figure", save_slowly)
+    assert main(["plot", str(run), "--points", "64", "--dpi", "20"]) == 0
+    first = capsys.readouterr()
+    assert "replaced" not in first.out + first.err
+    progress = [line for line in first.err.splitlines() if line.startswith("plot run:")]
+    assert progress and "figures" in progress[-1] and "done" in progress[-1]
+    assert main(["plot", str(run), "--points", "64", "--dpi", "20"]) == 0
+    second = capsys.readouterr()
+    saved = [line for line in second.out.splitlines() if line.startswith("image saved at:")]
+    assert saved and all(line.endswith("(replaced the earlier one)") for line in saved)
+    assert f"replaced {len(saved)} figure(s)" in second.err
