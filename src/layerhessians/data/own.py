@@ -48,11 +48,17 @@ def is_dataset_path(value) -> bool:
     a registry name and it contains a path separator, ends in ``.npz``/``.pt``, or exists."""
     from layerhessians.data.registry import REGISTRY
 
+    if not isinstance(value, (str, os.PathLike)):  # a DatasetSpec, None, ...
+        return False
     text = str(value).strip()
     if text.lower() in {name.lower() for name in REGISTRY}:
         return False
-    return ("/" in text or os.sep in text or text.lower().endswith(TENSOR_SUFFIXES)
-            or Path(text).exists())
+    if "/" in text or os.sep in text or text.lower().endswith(TENSOR_SUFFIXES):
+        return True
+    try:
+        return bool(text) and Path(text).exists()
+    except OSError:  # a name too long for a path, ...
+        return False
 
 
 def check_dataset_path(value) -> str:
