@@ -2,6 +2,7 @@
 naming the file (issue 21, item 19)."""
 
 import json
+import re
 
 import pytest
 
@@ -25,11 +26,9 @@ GOOD_RUN = {"run": "a", "flags": {"num_epochs": 1}}
     (json.dumps({"runs": [{"run": ["a"]}]}), "run must be a folder name"),
     (json.dumps({"runs": [{"run": "a", "flags": [["num_epochs", 1]]}]}), "flags must be an object"),
     (json.dumps({"runs": [{"run": "a", "flags": {"num_epoch": 1}}]}),
-     "'num_epoch' is not a `layerhessians train` setting"),
+     "grid flag 'num_epoch' of run 'a' .* is not a `layerhessians train` setting "
+     "\\(did you mean 'num_epochs'\\?\\)"),
     (json.dumps({"runs": [{"run": "a", "flags": {"num_epochs": "3"}}]}), "num_epochs must be"),
-    (json.dumps({"runs": [{"run": "a", "flags": {"learning_rate": -1.0}}]}), "learning"),
-    (json.dumps({"runs": [{"run": "a", "flags": {"model": "LeNett"}}]}), "LeNet"),
-    (json.dumps({"runs": [{"run": "a", "flags": {"hessian_iterations": 1}}]}), "iterations"),
 ])
 def test_bad_grid_fields_are_refused_in_one_line_naming_the_file(tmp_path, capsys, grid,
                                                                  message):
@@ -41,6 +40,26 @@ def test_bad_grid_fields_are_refused_in_one_line_naming_the_file(tmp_path, capsy
     assert main(["sweep", str(path), "--root", str(tmp_path / "runs"), "--dry-run"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"learning_rate": -1.0}, "learning_rate"),
+    ({"model": "LeNett"}, "did you mean 'LeNet'"),
+    ({"hessian_iterations": 1}, "hessian-iterations"),
+    ({"dataset": "Digitz"}, "did you mean 'Digits'"),
+])
+def test_bad_grid_values_are_refused_per_run_before_anything_trains(tmp_path, capsys, flags,
+                                                                   message):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"runs": [{"run": "bad", "flags": {"num_epochs": 1, **flags}},
+                                         {"run": "good", "flags": {"num_epochs": 1}}]}))
+    assert main(["sweep", str(path), "--root", str(tmp_path / "runs"), "--dry-run"]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("bad: error:"), captured.err
+    assert re.search(message, errors[0]), errors[0]
+    assert "1 of 2 runs to train" in captured.out
     assert not (tmp_path / "runs").exists()
 
 

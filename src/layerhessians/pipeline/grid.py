@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from layerhessians.errors import UserError
+from layerhessians.errors import UserError, suggest
 from layerhessians.store.names import safe_child
 from layerhessians.store.writer import RunStore
 from layerhessians.training.config import (
@@ -78,8 +78,11 @@ def load_grid(name_or_path) -> list:
     Raises:
         UserError: a missing or malformed file (every field is checked, see
             :func:`parse_grid`), a repeated run name, a setting name that ``layerhessians
-            train`` does not have, or a value of the wrong type (``"num_epochs": [1, 2]``)
-            or out of range (``"learning_rate": -1``), in one line naming the file and run.
+            train`` does not have, or a value of the wrong type (``"num_epochs": [1, 2]``),
+            in one line naming the file and run. Values themselves (``"learning_rate": -1``)
+            are checked per run before anything trains
+            (:func:`~layerhessians.pipeline.run_grid.check_settings`): a refused run is
+            reported and the others go on.
     """
     if str(name_or_path) in SHIPPED:
         text = resources.files("layerhessians.configs").joinpath(f"{name_or_path}.json").read_text()
@@ -99,13 +102,11 @@ def load_grid(name_or_path) -> list:
         where = f"grid run {r.run!r} in {source}: "
         unknown = [k for k in r.flags if k not in valid]
         if unknown:
-            raise UserError(f"{where}{unknown[0]!r} is not a `layerhessians train` setting; "
-                            f"use one of {', '.join(valid)}")
+            close = suggest(unknown[0], valid)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"grid flag {unknown[0]!r} of run {r.run!r} in {source} is not a "
+                            f"`layerhessians train` setting{hint}; use one of {', '.join(valid)}")
         check_types(r.flags, where=where)
-        try:  # values too, before anything runs
-            flags_to_config(r.flags)
-        except UserError as err:
-            raise UserError(f"{where}{err}") from None
     return runs
 
 
