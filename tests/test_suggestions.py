@@ -11,7 +11,7 @@ import pytest
 
 import layerhessians as lh
 from layerhessians.cli.main import COMMANDS, build_parser, main
-from layerhessians.errors import SettingError, UserError
+from layerhessians.errors import UserError
 from problems import PROBLEMS
 
 SRC = Path(lh.__file__).parent
@@ -138,7 +138,7 @@ def test_store_refusal_followed_through_the_api(tmp_path):
     with lh.SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=4) as tracker:
         tracker.update(0)
     (tmp_path / "run" / "config.json").unlink()
-    with pytest.raises(SettingError) as caught:
+    with pytest.raises(UserError) as caught:
         lh.SpectraTracker(model, loss_fn, data, tmp_path / "run", iterations=4)
     message = str(caught.value)
     assert "overwrite=True" in message and not FLAG.search(message)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import layerhessians as lh
-from layerhessians.errors import SettingError, UserError
+from layerhessians.errors import UserError
+from layerhessians.store.writer import RunStore
 from problems import PROBLEMS
 
 
@@ -40,11 +41,13 @@ def test_store_refusals_through_the_api_name_the_api_arguments(tmp_path):
     loss_fn = PROBLEMS["mlp"].loss_fn
     (tmp_path / "half" / "checkpoints").mkdir(parents=True)
     (tmp_path / "half" / "metrics.csv").write_text("epoch\n0\n")
-    with pytest.raises(SettingError) as caught:
+    with pytest.raises(UserError) as caught:
         lh.SpectraTracker(model, loss_fn, data, tmp_path / "half", iterations=4, resume=True)
     assert "overwrite=True" in str(caught.value) and "run_dir" in str(caught.value)
     assert "--" not in str(caught.value) and "-r" not in str(caught.value).split()
-    assert "--overwrite" in caught.value.spelled("cli")
+    with pytest.raises(UserError) as caught:  # the same refusal for the command line
+        RunStore.create(tmp_path / "half", {"model": "x"}, resume=True)
+    assert "--overwrite" in str(caught.value) and "another -r" in str(caught.value)
 
 
 class _Smooth(nn.Module):

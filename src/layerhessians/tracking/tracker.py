@@ -334,8 +334,7 @@ class SpectraTracker:
                 raise UserError(f"{path} already holds this run; pass resume=True to continue "
                                 "its record, or overwrite=True to start over")
         return RunStore.create(path, config, resume="allow" if resume else False,
-                               overwrite=overwrite,
-                               ignore=RESUME_IGNORES)
+                               overwrite=overwrite, ignore=RESUME_IGNORES, spelling="api")
 
     @property
     def run_dir(self) -> Path | None:
