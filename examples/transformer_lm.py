@@ -32,6 +32,7 @@ from torch.nn import functional as F
 import layerhessians as lh
 from layerhessians.analysis.report import make_figures
 from layerhessians.store.runs import save_torch  # atomic torch.save
+from layerhessians.training.threads import set_threads
 
 # Blocks by parameter-name pattern (fnmatch), input to output.
 BLOCK_PATTERNS = OrderedDict([
@@ -111,7 +112,7 @@ def parse_args(argv=None, default_run="runs/transformer_lm"):
                         help="torch CPU threads (default 1: right on a shared machine; "
                              "0 keeps torch's default of one per core)")
     args = parser.parse_args(argv)
-    lh.set_threads(args.threads or None)
+    set_threads(args.threads or None)  # torch.set_num_threads, checked
     return args
 
 

@@ -9,7 +9,6 @@ The public API is imported lazily so that ``layerhessians --version`` stays fast
 - run store: :func:`load_run`
 - your own loop: :class:`SpectraTracker`
 - analysis: :data:`DISTANCES` (named distances between spectra), :func:`spectrum_distance`
-- threads: :func:`set_threads` (torch's CPU threads; 1 on a shared machine)
 """
 
 from importlib import import_module
@@ -34,7 +33,6 @@ _API = {
     "DISTANCES": "layerhessians.analysis.distances",
     "spectrum_distance": "layerhessians.analysis.distances",
     "UserError": "layerhessians.errors",
-    "set_threads": "layerhessians.training.threads",
 }
 
 __all__ = ["__version__", *_API]
