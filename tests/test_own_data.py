@@ -211,3 +211,16 @@ def test_resume_with_changed_data_is_refused(tmp_path, capsys):
     assert main(["train", "-r", str(run), "--resume", "-n", "2"]) == 2
     err = capsys.readouterr().err
     assert "checksum" in err or "different settings" in err
+
+
+def test_names_and_paths_are_told_apart(tmp_path, monkeypatch):
+    from layerhessians.data import get_spec, is_dataset_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Digits").mkdir()  # a folder named like a built-in dataset: the name wins
+    assert not is_dataset_path("Digits") and not is_dataset_path("mnist5k")
+    assert not is_dataset_path(get_spec("Digits")) and not is_dataset_path("x" * 5000)
+    assert not is_dataset_path("Digitz")  # a typo stays a name (did-you-mean)
+    assert is_dataset_path("./Digits") and is_dataset_path("mine.npz")
+    with pytest.raises(UserError, match="did you mean 'Digits'"):
+        load_dataset("Digitz")
