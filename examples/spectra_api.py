@@ -1,11 +1,21 @@
 """The spectra engine on its own: a LeNet at initialisation, the MNIST5k Hessian subset.
 
-Run: python examples/spectra_api.py (about 10 s on 2 CPU cores).
+Run: python examples/spectra_api.py [--threads N] (timings:
+``python benchmarks/bench_examples.py``; one torch thread unless ``--threads N``).
 """
+import argparse
+
 import torch
 
 import layerhessians as lh
 from layerhessians.data import hessian_subset, load_dataset
+from layerhessians.training.threads import set_threads
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: right on a shared machine; 0 keeps "
+                         "torch's default of one per core)")
+set_threads(parser.parse_args().threads or None)  # torch.set_num_threads, checked
 
 data = load_dataset("MNIST5k")                                   # offline, real MNIST
 idx = hessian_subset(data.train_y, examples_per_class=10, seed=0)

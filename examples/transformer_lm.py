@@ -7,7 +7,8 @@ spectrum of the full loss Hessian and of its diagonal blocks (embeddings, each l
 attention and MLP, the output head) on a fixed set of sequences, and appends them to a run
 directory that ``layerhessians plot`` and ``layerhessians match`` read.
 
-Run (about 2 minutes on 2 CPU cores; ``--quick``: a few seconds)::
+Run (timings: ``python benchmarks/bench_examples.py``; ``--quick``: a few seconds; one torch
+thread unless ``--threads N``)::
 
     python examples/transformer_lm.py --run runs/transformer_lm
     python examples/transformer_lm.py --run runs/transformer_lm --epochs 8 --resume
@@ -31,6 +32,7 @@ from torch.nn import functional as F
 import layerhessians as lh
 from layerhessians.analysis.report import make_figures
 from layerhessians.store.checkpoints import save_torch  # atomic torch.save
+from layerhessians.training.threads import set_threads
 
 # Blocks by parameter-name pattern (fnmatch), input to output.
 BLOCK_PATTERNS = OrderedDict([
@@ -106,7 +108,12 @@ def parse_args(argv=None, default_run="runs/transformer_lm"):
     parser.add_argument("--quick", action="store_true", help="a few seconds: smaller everything")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: right on a shared machine; "
+                             "0 keeps torch's default of one per core)")
+    args = parser.parse_args(argv)
+    set_threads(args.threads or None)  # torch.set_num_threads, checked
+    return args
 
 
 def main(argv=None):

@@ -4,8 +4,9 @@ a :class:`layerhessians.integrations.lightning.SpectraCallback` records the Hess
 :class:`~layerhessians.integrations.tensorboard.TensorBoardLogger` writes their top
 eigenvalues, traces and densities to TensorBoard.
 
-Needs ``pip install 'layerhessians[lightning,tensorboard]'``. Run (about 2 minutes on 2 CPU
-cores; ``--quick``: a few seconds)::
+Needs ``pip install 'layerhessians[lightning,tensorboard]'``. Run (timings:
+``python benchmarks/bench_examples.py``; ``--quick``: a few seconds; one torch thread unless
+``--threads N``)::
 
     python examples/transformer_lm_lightning.py --run runs/transformer_lm_lightning
     tensorboard --logdir runs/transformer_lm_lightning_tensorboard

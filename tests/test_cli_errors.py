@@ -209,6 +209,7 @@ def test_plot_takes_runs_positionally_or_with_r(tmp_path, capsys):
     assert main(["plot", str(a), "-r", str(b), *args]) == 0
     assert (a / "images" / "overview_full.png").exists()
     assert (b / "images" / "overview_full.png").exists()
+    capsys.readouterr()  # the plots' own output (progress and replacement notes on stderr)
     assert main(["plot"]) == 2
     one_line_error(capsys, "give a run directory")
 

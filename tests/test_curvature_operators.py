@@ -63,17 +63,42 @@ def test_hessian_minus_ggn_is_the_residual_in_one_pass(problem):
     assert graph.forward_passes == before  # kept graph: no forward pass for combinations
 
 
-def test_combinations_refuse_other_graphs_or_blocks():
+def test_combinations_refuse_other_problems_or_blocks():
     model, data, graph, names = shared_graph("mlp", ["hessian", "ggn"])
     h = HessianOperator(graph, range(len(names)), names)
-    other = hessian_operator(model, CE, data)
-    with pytest.raises(UserError, match="same graph"):
-        h - other
+    other_data = [(x + 1.0, y) for x, y in data]
+    with pytest.raises(UserError, match="differ in the data.*kind='residual'"):
+        h - hessian_operator(model, CE, other_data)
+    with pytest.raises(UserError, match="differ in the model"):
+        h - hessian_operator(PROBLEMS["mlp"].make_model(), CE, data)
+    with pytest.raises(UserError, match="differ in the loss"):
+        h - hessian_operator(model, torch.nn.CrossEntropyLoss(label_smoothing=0.1), data)
     block = HessianOperator(graph, [0], names[:1])
-    with pytest.raises(UserError, match="same graph"):
+    with pytest.raises(UserError, match="one parameter block"):
         h + block
     with pytest.raises(TypeError):
         h * torch.ones(3)
+
+
+@pytest.mark.parametrize("problem", ["mlp", "conv"])
+def test_separately_built_operators_combine_on_equal_problems(problem):
+    # the README's H - G: two hessian_operator calls on the same model, loss and (equal,
+    # separately built) data give the residual, checked against its dense reference
+    model, data = PROBLEMS[problem].build()
+    h = hessian_operator(model, CE, data)
+    g = hessian_operator(model, torch.nn.CrossEntropyLoss(), [(x.clone(), y.clone())
+                                                             for x, y in data], kind="ggn")
+    difference = h - g
+    assert len({id(op.graph) for _, op in difference.terms}) == 1
+    expected = reference_matrix(model, CE, data, kind="residual")
+    assert rel_error(dense_matrix(difference), expected) < RTOL
+    assert rel_error(dense_matrix(h), reference_matrix(model, CE, data)) < RTOL  # h unchanged
+    block = dict(model.named_parameters())
+    first = next(iter(block))
+    hb = hessian_operator(model, CE, data, params={first: block[first]})
+    gb = hessian_operator(model, CE, data, params={first: block[first]}, kind="ggn")
+    expected = reference_matrix(model, CE, data, params=[block[first]], kind="residual")
+    assert rel_error(dense_matrix(hb - gb), expected) < RTOL
 
 
 def test_a_graph_for_one_kind_refuses_another():

@@ -151,6 +151,7 @@ def test_experiment_scripts_run_from_any_directory(tmp_path, monkeypatch, capsys
                                       "spectrum_conv1.weight", "spectrum_full",
                                       "training_curves"]
     assert all(p.read_bytes()[:5] == b"%PDF-" and p.stat().st_size > 1000 for p in pdfs)
+    capsys.readouterr()  # the plot's own output (its progress lines on stderr)
     # the match script in a folder without runs: the one-line error, exit status 2
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -22,12 +22,16 @@ from layerhessians.analysis.distances import (
 )
 from layerhessians.analysis.matching import block_dimensions
 from layerhessians.errors import UserError
+from layerhessians.progress import Progress
 from layerhessians.store.manifest import write_csv
 from layerhessians.vocabulary import FULL
 
 # ----------------------------------------------------------------------------- one run
 #: accepted image resolutions (dots per inch)
 DPI_RANGE = (10, 2400)
+#: Seconds between progress lines of ``plot`` when the output is not a terminal (a plot
+#: takes seconds to minutes: a line every 30 s would leave it silent).
+PLOT_PROGRESS_S = 5.0
 
 
 def check_dpi(dpi) -> int:
@@ -110,13 +114,22 @@ def _title(run):
 
 def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
                  metric=DEFAULT_DISTANCE, normalize="maxabs", out=None,
-                 replicates=matching.REPLICATES) -> list:
+                 replicates=matching.REPLICATES, progress: bool = False) -> list:
     """Write every figure of ``run`` (a :class:`~layerhessians.store.run.Run`) into ``out``
     (default ``RUN/images``); returns the written paths.
 
     ``metric``: a registry name (:data:`~layerhessians.analysis.DISTANCES`) or
     ``"wasserstein"`` (W1 on the ``normalize`` axis) for the layer heat map and the best
-    match; ``replicates``: bootstrap draws behind the verdict marks and bands."""
+    match; ``replicates``: bootstrap draws behind the verdict marks and bands;
+    ``progress``: the figures written so far (a bar on a terminal, else a line every
+    :data:`PLOT_PROGRESS_S` seconds, also during one slow figure)."""
+    with Progress(desc=f"plot {run.path.name}", unit="figure", disable=not progress,
+                  interval=PLOT_PROGRESS_S) as bar:
+        return _figures(run, points, fmt, dpi, epochs, metric, normalize, out, replicates,
+                        saved=bar.update)
+
+
+def _figures(run, points, fmt, dpi, epochs, metric, normalize, out, replicates, saved) -> list:
     check_points(points)
     if fmt not in plots.FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(plots.FORMATS)}")
@@ -131,6 +144,7 @@ def make_figures(run, *, points=1024, fmt="png", dpi=200, epochs=None,
 
     def save(fig, name):
         written.append(plots.save_figure(fig, out / f"{name}.{fmt}", dpi=dpi))
+        saved()
 
     present = set(zip(run.spectra["block"], run.spectra["epoch"].astype(int)))
     lookup = matching.measure_lookup(run)

@@ -9,7 +9,13 @@ into ``RUN/images/``.
 - ``best_match.<fmt>``: the full spectrum overlaid with its best-matching layer's at the
   peak epoch (see :mod:`layerhessians.analysis.matching`);
 - ``training_curves.<fmt>``: loss and accuracy per epoch.
+
+It shows its progress (a bar on a terminal, else a line every few seconds on stderr) and
+says which figures of an earlier plot it replaced.
 """
+
+import sys
+from pathlib import Path
 
 from layerhessians.errors import UserError
 
@@ -84,8 +90,25 @@ def run(args) -> int:
     for run_ in runs:
         _check_identity(run_, args)
     for run_ in runs:
+        before = _existing(run_.path / "images")
         written = make_figures(run_, points=args.points, fmt=args.format, dpi=args.dpi,
-                               epochs=args.epochs, metric=args.metric, normalize=args.normalize)
+                               epochs=args.epochs, metric=args.metric, normalize=args.normalize,
+                               progress=True)
+        replaced = [path for path in written if _resolved(path) in before]
         for path in written:
-            print(f"image saved at: {path}")
+            note = " (replaced the earlier one)" if _resolved(path) in before else ""
+            print(f"image saved at: {path}{note}")
+        if replaced:
+            print(f"plot: replaced {len(replaced)} figure(s) of an earlier plot in "
+                  f"{run_.path / 'images'}", file=sys.stderr)
     return 0
+
+
+def _resolved(path) -> str:
+    return str(Path(path).resolve())
+
+
+def _existing(folder) -> set:
+    """The files in ``folder`` now (resolved paths), to say which a plot replaces."""
+    folder = Path(folder)
+    return {_resolved(p) for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()

@@ -93,9 +93,10 @@ def add_arguments(parser):
          help=f"SGD (momentum {d.momentum}) or Adam (default {d.optimizer}; the seed required it)")
     bundled = [spec.name for spec in REGISTRY.values() if spec.bundled]
     others = [spec.name for spec in REGISTRY.values() if not spec.bundled]
-    _add(g, "-d", "--dataset", metavar="NAME",
+    _add(g, "-d", "--dataset", metavar="NAME|PATH",
          help=f"{', '.join(bundled)} (bundled, offline), {', '.join(others)}; "
-              f"case-insensitive (default {d.dataset})")
+              f"case-insensitive (default {d.dataset}); or your own data: an image folder (one "
+              "sub-folder per class) or a .npz/.pt file (keys train_x, train_y, test_x, test_y)")
     _add(g, "-m", "--model", metavar="NAME",
          help=f"{', '.join(MODELS)}; case-insensitive (default {d.model})")
     _add(g, "-b", "--batch_size", type=int, metavar="B", help=f"batch size (default {d.batch_size})")

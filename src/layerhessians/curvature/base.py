@@ -267,8 +267,13 @@ class LinearCombination(CurvatureOperator):
         terms: ``[(c_k, A_k)]`` with real ``c_k``; every ``A_k`` on the same graph and block.
         name: defaults to the first operator's name.
 
+    Operators built separately (``hessian_operator(..., kind="ggn")`` next to
+    ``hessian_operator(...)``) are moved onto one new graph when they are of the same
+    model, parameter block, loss, data (equal tensors) and settings; otherwise refused.
+
     Raises:
-        UserError: no terms, or operators on different graphs or blocks.
+        UserError: no terms, or operators of different blocks, models, losses, data or
+            settings.
     """
 
     kind: ClassVar[str] = "combination"
@@ -278,11 +283,8 @@ class LinearCombination(CurvatureOperator):
         terms = [(float(c), op) for c, op in terms]
         if not terms:
             raise UserError("a linear combination needs at least one operator")
+        terms = _on_one_graph(terms)
         first = terms[0][1]
-        for _, op in terms:
-            if op.graph is not first.graph or op.indices != first.indices:
-                raise UserError("operators combine only on the same graph and parameter "
-                                "block (build them with layer_operators or one graph)")
         self.terms = terms
         self.needs = frozenset().union(*(op.needs for _, op in terms))
         super().__init__(first.graph, first.indices, first.names,
@@ -329,3 +331,79 @@ class LinearCombination(CurvatureOperator):
         terms = " ".join(f"{c:+g}*{op.kind}" for c, op in self.terms)
         return f"{type(self).__name__}({terms}, name={self.name!r}, dim={self.dim})"
 
+
+
+# -- combining operators that were built separately ---------------------------------------
+_GRAPH_SETTINGS = ("bn_mode", "loss_reduction", "conv_double_backward")
+
+
+def _equal_values(a, b) -> bool:
+    """Equal data: tensors of equal shape, dtype and entries; containers item by item."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_equal_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal_values(a[k], b[k]) for k in a)
+    return a is b or (type(a) is type(b) and isinstance(a, (str, int, float, bool))
+                      and a == b)
+
+
+def _same_loss(a, b) -> bool:
+    if a is b:
+        return True
+    if not (isinstance(a, torch.nn.Module) and type(a) is type(b)) or repr(a) != repr(b):
+        return False
+    return _equal_values(dict(a.state_dict()), dict(b.state_dict())) and all(
+        getattr(a, k, None) == getattr(b, k, None)
+        for k in ("reduction", "ignore_index", "label_smoothing"))
+
+
+def _graph_difference(a: CurvatureGraph, b: CurvatureGraph) -> str | None:
+    """What makes two graphs' operators different problems, or ``None``."""
+    if a.model is not b.model:
+        return "the model"
+    if [id(p) for p in a.params] != [id(p) for p in b.params]:
+        return "the parameters the graphs were built on (pass params= to both)"
+    if not _same_loss(a.loss_fn, b.loss_fn):
+        return "the loss function"
+    for setting in _GRAPH_SETTINGS:
+        if getattr(a, setting) != getattr(b, setting):
+            return f"{setting} ({getattr(a, setting)!r} vs {getattr(b, setting)!r})"
+    if a.reduction is not b.reduction:
+        return "the distributed reduction"
+    if not _equal_values(list(a._data), list(b._data)):
+        return "the data"
+    return None
+
+
+def _on_one_graph(terms: list) -> list:
+    """``terms`` with every operator on the first one's graph, or on one new graph keeping
+    what they all need when they were built separately on the same problem.
+
+    Raises:
+        UserError: operators of different parameter blocks, or of different problems.
+    """
+    first = terms[0][1]
+    graphs = list({id(op.graph): op.graph for _, op in terms}.values())
+    for graph in graphs[1:]:
+        reason = _graph_difference(graphs[0], graph)
+        if reason is not None:
+            raise UserError(f"operators built separately combine only on the same model, "
+                            f"parameters, loss, data and settings; these differ in {reason}. "
+                            "Build both with the same arguments, or use "
+                            "hessian_operator(..., kind='residual') for H - G")
+    block = [id(p) for p in first.params]
+    for _, op in terms:
+        if [id(p) for p in op.params] != block:
+            raise UserError(f"operators combine only on one parameter block; {op.name!r} and "
+                            f"{first.name!r} differ: build both with the same params=")
+    if len(graphs) == 1:
+        return terms
+    base = graphs[0]
+    shared = type(base)(base.model, base.loss_fn, list(base._data), base.params,
+                        frozenset().union(*(g.needs for g in graphs)), base.bn_mode,
+                        base.reuse_graph, base.reduction, base.conv_double_backward,
+                        base.loss_reduction)
+    return [(c, type(op)(shared, op.indices, op.names, name=op.name)) for c, op in terms]

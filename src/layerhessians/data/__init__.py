@@ -4,6 +4,7 @@ iterator and the Hessian subset.
 
 - :data:`DATASETS`, :func:`load_dataset` -> :class:`TensorData`, :func:`dataset_table`
 - :func:`batches`, :func:`augment_batch`, :func:`hessian_subset`
+- your own data (:mod:`.own`): an image folder or a ``.npz``/``.pt`` file, by path
 
 Names are imported on first use, so that the registry (:mod:`layerhessians.data.registry`)
 and the CLI's ``--help`` do not import torch.
@@ -32,6 +33,8 @@ _WHERE = {
     "is_present": "download",
     "missing_files": "download",
     "load_dataset": "loading",
+    "is_dataset_path": "own",
+    "read_own_dataset": "own",
     "read_dataset": "loading",
     "dataset_table": "loading",
     "download_dataset": "loading",

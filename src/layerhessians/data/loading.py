@@ -12,6 +12,7 @@ from layerhessians.data.download import (
     verify_downloads,
 )
 from layerhessians.data.mnist5k import load_mnist5k_raw, mnist5k_path
+from layerhessians.data.own import is_dataset_path, read_own_dataset
 from layerhessians.data.readers import RawSplits, read_cifar, read_mnist, read_svhn
 from layerhessians.data.registry import (
     REGISTRY,
@@ -42,7 +43,11 @@ BUNDLED_READERS = {
 def read_dataset(name, root="datasets", download=False) -> tuple[RawSplits, str, object]:
     """``(arrays, checksum, folder)``: the decoded source arrays (uint8 ``[N, C, H, W]``, or
     float in [0, 1] for Digits; int64 labels), their checksum, and the folder read (``None``
-    for the bundled datasets)."""
+    for the bundled datasets and your own data's path otherwise, see
+    :mod:`~layerhessians.data.own`)."""
+    if is_dataset_path(name):
+        raw, checksum, spec = read_own_dataset(name)
+        return raw, checksum, spec.description
     spec = get_spec(name)
     if spec.reader in BUNDLED_READERS:
         source, raw = BUNDLED_READERS[spec.reader]()
@@ -54,12 +59,17 @@ def read_dataset(name, root="datasets", download=False) -> tuple[RawSplits, str,
 
 def load_dataset(name, root="datasets", download=False) -> TensorData:
     """Load ``name`` (case-insensitive, one of :data:`DATASETS`) from ``<root>/<Name>/`` as
-    normalised float32 tensors ``[N, C, 32, 32]``, downloading missing files if ``download``.
+    normalised float32 tensors ``[N, C, 32, 32]``, downloading missing files if ``download``;
+    or your own data: an image folder or a ``.npz``/``.pt`` file at the path ``name``
+    (:mod:`~layerhessians.data.own`: the same checks, normalisation and checksum).
 
     Raises :class:`~layerhessians.errors.UserError` for an unknown name and
     :class:`~layerhessians.errors.DatasetMissingError` when the files are absent and cannot
     be downloaded.
     """
+    if is_dataset_path(name):
+        raw, checksum, spec = read_own_dataset(name)
+        return build_tensor_data(spec, raw, checksum, spec.description)
     spec = get_spec(name)
     raw, checksum, folder = read_dataset(spec, root, download)
     return build_tensor_data(spec, raw, checksum, folder)

@@ -30,6 +30,9 @@ class RawSplits(NamedTuple):
 
 
 def _corrupt(path, reason) -> UserError:
+    reason = " ".join(str(reason).split())  # one line, whatever the cause says
+    if len(reason) > 200:
+        reason = reason[:197] + "..."
     return UserError(f"{path} is corrupt or truncated ({reason}): delete it and download it again")
 
 
@@ -130,7 +133,7 @@ def read_cifar_batch(path, label_key) -> tuple[np.ndarray, np.ndarray]:
             entry = _NumpyOnlyUnpickler(handle, encoding="latin1").load()
         data = np.asarray(entry["data"])
         labels = np.asarray(entry[label_key], dtype=np.int64)
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a hostile or damaged pickle fails in many ways
         raise _corrupt(path, f"{type(err).__name__}: {err}") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise _corrupt(path, f"data {data.shape} {data.dtype}, {len(labels)} labels")

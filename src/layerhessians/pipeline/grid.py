@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from layerhessians.errors import UserError
+from layerhessians.errors import UserError, suggest
 from layerhessians.store.names import safe_child
 from layerhessians.store.writer import RunStore
 from layerhessians.training.config import (
@@ -80,9 +80,13 @@ def load_grid(name_or_path) -> list:
     """The runs of a shipped grid (``"seed"``, ``"quick"``) or of a grid JSON file.
 
     Raises:
-        UserError: a missing or malformed file, a repeated run name, a setting name that
-            ``layerhessians train`` does not have, or a value of the wrong type
-            (``"num_epochs": [1, 2]``; values themselves are checked per run).
+        UserError: a missing or malformed file (every field is checked, see
+            :func:`parse_grid`), a repeated run name, a setting name that ``layerhessians
+            train`` does not have, or a value of the wrong type (``"num_epochs": [1, 2]``),
+            in one line naming the file and run. Values themselves (``"learning_rate": -1``)
+            are checked per run before anything trains
+            (:func:`~layerhessians.pipeline.run_grid.check_settings`): a refused run is
+            reported and the others go on.
     """
     if str(name_or_path) in SHIPPED:
         text = resources.files("layerhessians.configs").joinpath(f"{name_or_path}.json").read_text()
@@ -96,26 +100,74 @@ def load_grid(name_or_path) -> list:
             raise UserError(f"grid file {path} has {path.stat().st_size} bytes, more than the "
                             f"{MAX_GRID_BYTES} a grid file may have; split it")
         text, source = path.read_text(), str(path)
-    try:
-        entries = json.loads(text)["runs"]
-        runs = [GridRun(run=str(e["run"]), flags=dict(e.get("flags", {}))) for e in entries]
-    except RecursionError:
-        raise UserError(f"{source} is not a grid file (nested too deeply); expected "
-                        '{"runs": [{"run": NAME, "flags": {...}}, ...]}') from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{source} is not a grid file ({err}); expected "
-                        '{"runs": [{"run": NAME, "flags": {...}}, ...]}') from None
+    runs = parse_grid(text, source)
     names = [r.run for r in runs]
     if len(set(names)) != len(names):
         raise UserError(f"{source} names a run directory twice; run names must be unique")
     valid = setting_flags()
     for r in runs:
-        safe_child(".", r.run)  # a run stays under --root: no '..', '/', absolute names
+        where = f"grid run {r.run!r} in {source}: "
         unknown = [k for k in r.flags if k not in valid]
         if unknown:
+            close = suggest(unknown[0], valid)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"grid flag {unknown[0]!r} of run {r.run!r} in {source} is not a "
-                            f"`layerhessians train` setting; use one of {', '.join(valid)}")
-        check_types(r.flags, where=f"grid run {r.run!r} in {source}: ")
+                            f"`layerhessians train` setting{hint}; use one of {', '.join(valid)}")
+        check_types(r.flags, where=where)
+    return runs
+
+
+#: The keys of a grid file and of each of its runs.
+GRID_KEYS, RUN_KEYS = ("description", "runs"), ("run", "flags")
+_GRID_FORM = '{"runs": [{"run": NAME, "flags": {SETTING: VALUE, ...}}, ...]}'
+
+
+def parse_grid(text: str, source: str) -> list:
+    """The :class:`GridRun` s of a grid file's JSON ``text``, every field checked for its
+    type (an object with a list ``runs``, an optional string ``description``; each run an
+    object with a string ``run`` naming a plain folder and an optional object ``flags``).
+
+    Raises:
+        UserError: one line naming ``source``, the field and what is expected.
+    """
+    try:
+        grid = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{source} is not a grid file (nested too deeply); a grid file is "
+                        f"{_GRID_FORM}") from None
+    except ValueError as err:
+        raise UserError(f"{source} is not JSON ({err}); a grid file is {_GRID_FORM}") from None
+    if not isinstance(grid, dict):
+        raise UserError(f"{source}: a grid file is a JSON object, {_GRID_FORM}; "
+                        f"got a {type(grid).__name__}")
+    unknown = [k for k in grid if k not in GRID_KEYS]
+    if unknown:
+        raise UserError(f"{source}: unknown key {unknown[0]!r}; a grid file has "
+                        f"{' and '.join(GRID_KEYS)}")
+    if not isinstance(grid.get("description", ""), str):
+        raise UserError(f"{source}: description must be a string")
+    entries = grid.get("runs")
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{source}: runs must be a non-empty list of runs, {_GRID_FORM}")
+    runs = []
+    for index, entry in enumerate(entries):
+        where = f"{source}: run {index + 1}"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where} must be an object {{\"run\": NAME, \"flags\": {{...}}}}; "
+                            f"got {entry!r}")
+        unknown = [k for k in entry if k not in RUN_KEYS]
+        if unknown:
+            raise UserError(f"{where}: unknown key {unknown[0]!r}; a run has "
+                            f"{' and '.join(RUN_KEYS)}")
+        name, flags = entry.get("run"), entry.get("flags", {})
+        if not isinstance(name, str):
+            raise UserError(f"{where}: run must be a folder name (a string); got {name!r}")
+        safe_child(".", name)  # a run stays under --root: no '..', '/', absolute names
+        if not isinstance(flags, dict):
+            raise UserError(f"{where} ({name!r}): flags must be an object "
+                            f"{{SETTING: VALUE}}; got {flags!r}")
+        runs.append(GridRun(run=name, flags=dict(flags)))
+    return runs
     return runs
 
 

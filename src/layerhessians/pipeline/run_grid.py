@@ -8,7 +8,7 @@ from pathlib import Path
 
 from layerhessians.analysis.matching import NO_VERDICT
 from layerhessians.analysis.report import make_figures, match_runs
-from layerhessians.data import ensure_files, get_spec, is_present
+from layerhessians.data import ensure_files, get_spec, is_dataset_path, is_present
 from layerhessians.errors import DatasetMissingError, UserError
 from layerhessians.pipeline import launchers
 from layerhessians.store.run import load_run
@@ -40,6 +40,8 @@ def check_datasets(configs) -> None:
     """
     needed = {}
     for config in configs:
+        if is_dataset_path(config.dataset):  # your own data: read when its run starts
+            continue
         key = (get_spec(config.dataset).name, str(config.dataset_root))
         needed[key] = needed.get(key, False) or config.download
     missing = {}

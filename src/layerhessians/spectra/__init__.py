@@ -10,6 +10,8 @@ estimators, and the full plus layer-wise spectra of a model in one pass.
   :func:`measure_layer_spectra` (the same from a :class:`~layerhessians.settings.SpectraSettings`)
 - :func:`plan_memory` -> :class:`MemoryPlan` (Lanczos bases and graphs in one budget)
 - :func:`slq_fidelity` (SLQ's error on the exact layer blocks)
+- :func:`exact_layer_spectra`, :func:`exact_ggn_spectrum`: the exact (Gram) route for
+  layer blocks
 """
 
 from layerhessians.spectra.estimators import (

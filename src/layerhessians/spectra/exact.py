@@ -34,4 +34,5 @@ def exact_spectrum(op, max_dim: int = MAX_DENSE_DIM,
     matrix = dense_matrix(op, max_dim=max_dim, symmetry_rtol=rtol)
     eigenvalues = torch.linalg.eigvalsh(matrix).cpu().numpy()
     dim = eigenvalues.size
-    return SpectralMeasure(eigenvalues[None, :], np.full((1, dim), 1.0 / dim), dim=dim)
+    return SpectralMeasure(eigenvalues[None, :], np.full((1, dim), 1.0 / dim), dim=dim,
+                            method="exact")

@@ -58,9 +58,7 @@ def gram_measure(eigenvalues, dim: int, method: str = "exact") -> SpectralMeasur
     if rank < dim:
         values = np.append(values, 0.0)
         weights = np.append(weights, (dim - rank) / dim)
-    measure = SpectralMeasure(values[None, :], weights[None, :], dim=dim)
-    measure.method = method
-    return measure
+    return SpectralMeasure(values[None, :], weights[None, :], dim=dim, method=method)
 
 
 def _eigenvalues(matrix: torch.Tensor) -> np.ndarray:

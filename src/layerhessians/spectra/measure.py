@@ -54,6 +54,7 @@ class SpectralMeasure:
             renormalised exactly). NaN nodes are allowed only with weight 0 (padding) and
             are dropped.
         dim: size of the operator (optional; gives :meth:`trace`).
+        method: how it was computed (``"slq"``, ``"exact"``), or ``None`` when unknown.
 
     Attributes:
         nodes, weights: flattened float64 arrays of the averaged measure (row weights / V,
@@ -65,7 +66,7 @@ class SpectralMeasure:
 
     method: str | None = None
 
-    def __init__(self, nodes, weights, dim: int | None = None):
+    def __init__(self, nodes, weights, dim: int | None = None, method: str | None = None):
         node_rows, weight_rows = _rows(nodes, "nodes"), _rows(weights, "weights")
         if not node_rows or len(node_rows) != len(weight_rows):
             raise UserError("nodes and weights must have the same, non-zero number of rows")
@@ -86,6 +87,7 @@ class SpectralMeasure:
             per_vector.append((node.copy(), weight / total))
         self.per_vector = per_vector
         self.dim = None if dim is None else int(dim)
+        self.method = None if method is None else str(method)
         count = len(per_vector)
         self.nodes = np.concatenate([n for n, _ in per_vector])
         self.weights = np.concatenate([w for _, w in per_vector]) / count
@@ -222,8 +224,10 @@ def concatenate_rows(measures: Sequence[SpectralMeasure]) -> SpectralMeasure:
     """One measure with the vector rows of all ``measures`` (e.g. runs with more vectors)."""
     rows = [row for m in measures for row in m.per_vector]
     dims = {m.dim for m in measures}
+    methods = {m.method for m in measures}
     return SpectralMeasure([n for n, _ in rows], [w for _, w in rows],
-                           dim=dims.pop() if len(dims) == 1 else None)
+                           dim=dims.pop() if len(dims) == 1 else None,
+                           method=methods.pop() if len(methods) == 1 else None)
 
 
 def w1(nodes_a, weights_a, nodes_b, weights_b) -> float:

@@ -106,7 +106,8 @@ def run_slq(operators: Sequence, names: Sequence[str], settings: SpectraSettings
             node, weight = run.quadrature()
             nodes[k].append(node)
             weights[k].append(weight)
-    return [SpectralMeasure(n, w, dim=op.dim) for n, w, op in zip(nodes, weights, operators)]
+    return [SpectralMeasure(n, w, dim=op.dim, method="slq")
+            for n, w, op in zip(nodes, weights, operators)]
 
 
 def slq(op, iterations: int = DEFAULT_ITERATIONS, vectors: int = DEFAULT_VECTORS, seed: int = 0,

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from layerhessians.errors import UserError
+from layerhessians.errors import SettingError, UserError
 from layerhessians.store import journal
 from layerhessians.store.atomic import fsync_dir, read_regular, remove_temporaries
 from layerhessians.store.checkpoints import (
@@ -100,6 +100,18 @@ __all__ = ["MAX_EPOCH", "RunStore", "resume_source"]
 MAX_EPOCH = 2**53
 
 
+#: The run-directory options as the Python API (SpectraTracker) and the CLI spell them.
+RUN_OPTIONS = {"run": ("another run_dir", "another -r"), "resume": ("resume=True", "--resume"),
+               "overwrite": ("overwrite=True", "--overwrite")}
+
+
+def _options_error(fact: str, advice: str, spelling: str = "cli") -> UserError:
+    """``fact`` (literal text) then ``advice`` naming :data:`RUN_OPTIONS` as ``{resume}``...,
+    spelled for the caller's interface (``"cli"`` or ``"api"``)."""
+    template = fact.replace("{", "{{").replace("}", "}}") + advice
+    return UserError(SettingError(template, RUN_OPTIONS).spelled(spelling))
+
+
 class RunStore:
     """Writes one run directory; holds an exclusive lock on it while open.
 
@@ -108,6 +120,7 @@ class RunStore:
 
     def __init__(self, path):
         self.path = run_path(path)
+        self.spelling = "cli"  # how refusals name the run options (create's `spelling`)
         self._lock_fd = None
         self._metrics = None
         self._spectra = None
@@ -117,9 +130,12 @@ class RunStore:
         self.notes = []  # what opening repaired (an interrupted operation), for the log
 
     # -- opening -----------------------------------------------------------------------
+    def _refusal(self, fact: str, advice: str) -> UserError:
+        return _options_error(fact, advice, self.spelling)
+
     @classmethod
     def create(cls, path, config: dict, *, resume=False, overwrite=False,
-               ignore=VOLATILE_KEYS, checkpoint=None) -> "RunStore":
+               ignore=VOLATILE_KEYS, checkpoint=None, spelling: str = "cli") -> "RunStore":
         """Open ``path`` for writing the run described by ``config``.
 
         Args:
@@ -134,6 +150,8 @@ class RunStore:
             checkpoint: with ``resume``, a checkpoint file of this run to resume from
                 (``RUN/checkpoints/*.pt`` holding a full training state); later epochs are
                 dropped (see :meth:`rewind`).
+            spelling: how refusals name the run options: ``"cli"`` (``--resume``, ``-r``)
+                or ``"api"`` (``resume=True``, ``run_dir``, for :class:`SpectraTracker`).
 
         Returns:
             The open store (locked).
@@ -143,13 +161,14 @@ class RunStore:
                 OS errors (one line each).
         """
         store = cls(path)
+        store.spelling = spelling
         with os_errors("create the run directory", store.path):
             if store.path.exists() and not store.path.is_dir():
-                raise UserError(f"run path {store.path} exists and is not a directory; "
-                                "choose another -r")
+                raise store._refusal(f"run path {store.path} exists and is not a directory; ",
+                                     "choose {run}")
             if resume is True and not store.path.exists():  # refuse before creating anything
-                raise UserError(f"{store.path} does not exist: it holds no run to resume; "
-                                "drop --resume to start a new run there")
+                raise store._refusal(f"{store.path} does not exist: it holds no run to resume; ",
+                                     "drop {resume} to start a new run there")
             store.path.mkdir(parents=True, exist_ok=True)
         store._lock()
         try:
@@ -174,12 +193,12 @@ class RunStore:
             leftovers = [n for n in (METRICS, SPECTRA, f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
                          if (self.path / n).exists()]
             if leftovers:
-                raise UserError(f"{self.path} holds {', '.join(leftovers)} but no {CONFIG} "
-                                "(not a complete run); restore its config.json to resume it, "
-                                "or use --overwrite or another -r to start a new run")
+                raise self._refusal(f"{self.path} holds {', '.join(leftovers)} but no {CONFIG} "
+                                     "(not a complete run); ", "restore its config.json to "
+                                     "resume it, or use {overwrite} or {run} to start a new run")
             if resume is True:
-                raise UserError(f"{self.path} holds no run to resume (no {CONFIG}); drop "
-                                "--resume to start a new run there")
+                raise self._refusal(f"{self.path} holds no run to resume (no {CONFIG}); ",
+                                     "drop {resume} to start a new run there")
             self._create(config)
             return
         if not (self.path / MANIFEST).exists():
@@ -190,14 +209,14 @@ class RunStore:
         diffs = config_differences(old, config, ignore)
         started = done is not None or self.metrics.shape[0] > 0
         if diffs:
-            raise UserError(
+            raise self._refusal(
                 f"{self.path} holds a run with different settings ({'; '.join(diffs[:4])}"
-                f"{'; ...' if len(diffs) > 4 else ''}); use --overwrite to replace it, "
-                "or another run directory")
+                f"{'; ...' if len(diffs) > 4 else ''}); ", "use {overwrite} to replace it, "
+                "or {run}")
         if started and not resume:
-            raise UserError(
-                f"{self.path} already holds this run (completed epoch {done}); use "
-                "--resume to continue it or --overwrite to start over")
+            raise self._refusal(
+                f"{self.path} already holds this run (completed epoch {done}); ",
+                "use {resume} to continue it or {overwrite} to start over")
         merged = {**old, **{k: v for k, v in config.items() if k in ignore}}
         merged["start_time"] = old.get("start_time")
         merged["resumed_at"] = [*old.get("resumed_at", []), config.get("start_time")]
@@ -222,8 +241,9 @@ class RunStore:
             for sub in FOLDERS:
                 folder = self.path / sub
                 if folder.is_symlink():
-                    raise UserError(f"{folder} is a symbolic link; the store writes only into "
-                                    "its own folders: remove the link or choose another -r")
+                    raise self._refusal(f"{folder} is a symbolic link; the store writes only "
+                                         "into its own folders: ", "remove the link or choose "
+                                         "{run}")
                 if not folder.is_dir():
                     folder.mkdir()
                     fsync_dir(self.path)
@@ -232,9 +252,9 @@ class RunStore:
         """Refuse to write over files at the store's names that it did not write."""
         foreign = foreign_files(self.path)
         if foreign:
-            raise UserError(f"{self.path} holds {', '.join(foreign)}, which this tool did not "
-                            "write; move them away or choose another -r (the store never "
-                            "replaces or deletes files it did not write)")
+            raise self._refusal(f"{self.path} holds {', '.join(foreign)}, which this tool did "
+                                 "not write; ", "move them away or choose {run} (the store "
+                                 "never replaces or deletes files it did not write)")
 
     def _ensure_manifest(self) -> dict:
         """The run's manifest (adopting a run of an earlier version, see

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import re
 import socket
 import time
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from layerhessians.curvature.blocks import layer_blocks, select_blocks
 from layerhessians.errors import UserError, check_choice
 from layerhessians.settings import SpectraSettings
 from layerhessians.spectra import measure_layer_spectra
+from layerhessians.spectra.layers import log as _engine_log
 from layerhessians.store.checkpoints import save_torch
 from layerhessians.store.consistency import TRACKER_SOURCE, VOLATILE_KEYS, config_differences
 from layerhessians.store.names import CHECKPOINTS, CONFIG, METRICS, run_path
@@ -56,6 +58,39 @@ from layerhessians.vocabulary import (
 __all__ = ["SpectraTracker", "UNITS"]
 
 log = logging.getLogger(__name__)
+
+#: the engine's logger, whose notes (an exact-route fallback, a re-orthogonalisation
+#: choice) repeat at every update with the same text: a tracker passes each text on once
+_REPEATING_LOGGERS = (_engine_log.name,)
+
+
+class _LogOnce(logging.Filter):
+    """A context in which each message of :data:`_REPEATING_LOGGERS` passes once (per
+    instance: the first update logs why a block falls back to SLQ, later ones do not;
+    details in brackets are ignored when comparing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # the same note with other numbers in its brackets ("relative residual 0.8") is
+        # the same note
+        message = re.sub(r"\([^()]*\)", "(...)", record.getMessage())
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+    def __enter__(self):
+        for name in _REPEATING_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in _REPEATING_LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+        return False
 
 #: what the index of an update counts (recorded as config.json's ``unit``; the run's
 #: ``epoch`` column holds it)
@@ -213,9 +248,10 @@ class SpectraTracker:
         bn_mode: batch norm in ``"eval"`` (running statistics, default) or ``"train"`` mode.
         unit: what the update index counts, ``"epoch"`` (default) or ``"step"``; recorded
             in config.json, the run's ``epoch`` column holds the index either way.
-        resume: continue the record in ``run_dir`` (same settings, blocks and Hessian data,
-            by SHA-256 checksum, required); updates after the last committed one are
-            appended.
+        resume: continue the record in ``run_dir`` if it holds one (same settings, blocks
+            and Hessian data, by SHA-256 checksum, required; updates after the last
+            committed one are appended), else start it there: the same code serves a loop's
+            first start and every restart (:attr:`completed` says where to continue).
         overwrite: replace whatever run is in ``run_dir``.
         model_name, dataset: recorded in config.json (titles of ``plot``, labels of
             ``match``); default the model's class name and ``None``.
@@ -269,6 +305,7 @@ class SpectraTracker:
         self.block_names = _parameter_names(model, blocks)
         self._dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._device_data = (None, None)
+        self._once = _LogOnce()  # the engine's fallback notes: once per tracker
         self.store = None
         if run_dir is not None:
             self._config = self._describe(model_name, dataset, settings)
@@ -316,8 +353,8 @@ class SpectraTracker:
             if len(read_metrics(path / METRICS)) and not resume:
                 raise UserError(f"{path} already holds this run; pass resume=True to continue "
                                 "its record, or overwrite=True to start over")
-        return RunStore.create(path, config, resume=resume, overwrite=overwrite,
-                               ignore=RESUME_IGNORES)
+        return RunStore.create(path, config, resume="allow" if resume else False,
+                               overwrite=overwrite, ignore=RESUME_IGNORES, spelling="api")
 
     @property
     def run_dir(self) -> Path | None:
@@ -366,10 +403,11 @@ class SpectraTracker:
         Returns:
             ``OrderedDict`` ``{"full": SpectralMeasure, block: SpectralMeasure, ...}``.
         """
-        return measure_layer_spectra(self.model, self.loss_fn, self._data(),
-                                     self.spectra.with_seed(self.seed_for(index)),
-                                     layers=self.blocks() or False, progress=self.progress,
-                                     **self._runtime)
+        with self._once:
+            return measure_layer_spectra(self.model, self.loss_fn, self._data(),
+                                         self.spectra.with_seed(self.seed_for(index)),
+                                         layers=self.blocks() or False, progress=self.progress,
+                                         **self._runtime)
 
     def update(self, epoch: int | None = None, *, step: int | None = None,
                metrics: dict | None = None) -> "OrderedDict":

@@ -240,6 +240,7 @@ class TrainConfig:
     def validated(self) -> "TrainConfig":
         """A copy with names canonicalised and every value checked (:class:`UserError`); the
         spectra's settings are made (and so checked) once, kept for :meth:`spectra_settings`."""
+        from layerhessians.data.own import check_dataset_path, is_dataset_path
         from layerhessians.data.registry import get_spec
         from layerhessians.models import canonical_model_name
 
@@ -257,7 +258,8 @@ class TrainConfig:
         config = replace(
             self,
             model=canonical_model_name(self.model),
-            dataset=get_spec(self.dataset).name,
+            dataset=(check_dataset_path(self.dataset) if is_dataset_path(self.dataset)
+                     else get_spec(self.dataset).name),
             optimizer=_choice("optimizer", self.optimizer, OPTIMIZERS),
             learning_rate=_real("--learning_rate", self.learning_rate, strict=True),
             weight_decay=_real("--weight_decay", self.weight_decay),
@@ -323,7 +325,9 @@ class TrainConfig:
 
     def run_name(self) -> str:
         """The default run directory name (under ``runs/``): ``model=M,dataset=D,...``."""
-        return (f"model={self.model},dataset={self.dataset},opt={self.optimizer},"
+        from layerhessians.data.own import dataset_label
+
+        return (f"model={self.model},dataset={dataset_label(self.dataset)},opt={self.optimizer},"
                 f"lr={self.learning_rate:g},l2={self.weight_decay:g},b={self.batch_size},"
                 f"seed={self.seed}")
 
