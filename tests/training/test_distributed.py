@@ -51,8 +51,8 @@ from layerhessians.training.distributed import (
 from layerhessians.training.loop import CRASH_ENV, evaluate, train_epoch
 from layerhessians.training.setup import Setup, make_optimizer
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]
 CE = nn.CrossEntropyLoss()
 TIMEOUT = 180  # seconds for a whole multi-process launch
 SECONDS = ["train_seconds", "spectra_seconds", "eval_seconds"]

@@ -17,7 +17,7 @@ from layerhessians.store.run import load_run
 from layerhessians.tracking import SpectraTracker, spectra_scalars
 from problems import PROBLEMS, mlp_data
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 OPTIONAL = ("lightning", "pytorch_lightning", "tensorboard", "torch.utils.tensorboard")
 
 

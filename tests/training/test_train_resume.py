@@ -20,7 +20,7 @@ from layerhessians.store import checkpoints, writer
 from layerhessians.store.writer import RunStore
 from layerhessians.training.loop import CRASH_ENV
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SECONDS = ["train_seconds", "spectra_seconds", "eval_seconds"]
 
 

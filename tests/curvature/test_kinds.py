@@ -22,7 +22,7 @@ from layerhessians.curvature import (
 )
 from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError
-from problems import CE, PROBLEMS, rel_error
+from problems import CE, DEVICES, DTYPES, PROBLEMS, rel_error
 
 RTOL = 1e-10
 
@@ -41,6 +41,19 @@ def test_every_kind_matches_its_dense_reference(problem, kind):
     assert isinstance(op, KIND_CLASSES[kind]) and op.kind == kind
     reference = reference_matrix(model, CE, data, kind=kind)
     assert rel_error(dense_matrix(op), reference) < RTOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_on_every_device_and_dtype(kind, device, dtype):
+    # the float64 CPU reference; float32 carries its own rounding (about 1e-7 per operation)
+    model, data = PROBLEMS["conv"].build()
+    reference = reference_matrix(model, CE, data, kind=kind)
+    model, data = PROBLEMS["conv"].build(device=device, dtype=dtype)
+    op = hessian_operator(model, CE, data, kind=kind)
+    tolerance = RTOL if dtype == torch.float64 else 1e-4
+    assert rel_error(dense_matrix(op).to("cpu", torch.float64), reference) < tolerance
 
 
 @pytest.mark.parametrize("problem", ["mlp", "conv"])

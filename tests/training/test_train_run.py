@@ -22,7 +22,7 @@ from layerhessians.training.seeding import derive_seed
 from layerhessians.training.setup import Setup, build
 from layerhessians.training.spectra_hook import compute_spectra
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LENET_BLOCKS = ["full", "conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"]
 
 

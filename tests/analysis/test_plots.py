@@ -19,7 +19,7 @@ from layerhessians.cli.plot import _check_identity
 from layerhessians.store.run import load_run
 from runfactory import LENET_LAYERS, write_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def assert_png_with_content(path):

@@ -17,7 +17,7 @@ from layerhessians.training import loop
 from layerhessians.training.config import HessianConfig, TrainConfig, check_types
 from runfactory import write_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["-d", "Digits", "-m", "LeNet", "-n", "1", "-b", "64", "--no-progress",
         "--hessian-iterations", "4"]
 

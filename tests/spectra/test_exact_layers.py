@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from exact_problems import TinyLeNet, counter_examples, zoo
 from layerhessians.curvature import gram as gram_module
 from layerhessians.curvature import layer_blocks, reference_matrix
 from layerhessians.curvature.certify import certify_blocks, probe_tolerance
@@ -20,6 +19,7 @@ from layerhessians.spectra.exact_layers import (
     gram_measure,
 )
 from layerhessians.spectra.fidelity import relative_w1, slq_fidelity
+from problems import TinyLeNet, counter_examples, zoo
 
 CE = nn.CrossEntropyLoss()
 ZOO = zoo()
