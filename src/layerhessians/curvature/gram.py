@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from layerhessians.curvature.batches import as_batches
 from layerhessians.curvature.blocks import is_transposed_linear
 from layerhessians.curvature.loss_reduction import data_loss_reduction
-from layerhessians.curvature.modes import engine_context, engine_forward
+from layerhessians.curvature.modes import call_model, engine_context, engine_forward
 from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError, check_choice
 
@@ -511,7 +511,7 @@ def gram_factors(model: nn.Module, loss_fn, data, blocks, micro_batch_size: int 
                 and None)
                 for name, module in owners.items()]
             try:
-                outputs = model(x)
+                outputs = call_model(model, x)
             finally:
                 for hook in hooks:
                     hook.remove()

@@ -78,7 +78,7 @@ from layerhessians.curvature.loss_reduction import (
     classify_reduction,
     data_loss_reduction,
 )
-from layerhessians.curvature.modes import engine_context, reseed
+from layerhessians.curvature.modes import call_model, engine_context, reseed
 from layerhessians.curvature.params import parameter_names
 from layerhessians.curvature.per_example import per_example_gradients
 from layerhessians.errors import NonFiniteError, UserError, check_choice
@@ -340,7 +340,7 @@ class CurvatureGraph:
         self.forward_passes += 1
         reseed()
         with conv_double_backward(self.conv_double_backward):
-            return self.model(x)
+            return call_model(self.model, x)
 
     def _batch_loss_term(self, batch) -> tuple[Tensor, int]:
         """``count * loss`` of a :class:`BatchLoss` batch (inside the engine's context:

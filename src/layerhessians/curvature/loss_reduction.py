@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from layerhessians.curvature.batches import PROBE_ROWS, rows
+from layerhessians.curvature.modes import call_model
 from layerhessians.errors import NonFiniteError, UserError
 
 __all__ = ["LOSS_PROBE_ROWS", "LOSS_REDUCTIONS", "classify_reduction", "data_loss_reduction",
@@ -89,7 +90,7 @@ def data_loss_reduction(loss_fn, forward, pairs) -> str | None:
         if count < 2:
             continue
         with torch.no_grad():
-            outputs = forward(x)
+            outputs = call_model(forward, x)
         this = loss_reduction_of(loss_fn, outputs, y, count, rows_limit=LOSS_PROBE_ROWS)
         if found is None:
             found = this

@@ -31,7 +31,7 @@ from torch import nn
 from layerhessians.curvature.attention import math_attention
 from layerhessians.errors import UserError
 
-__all__ = ["ENGINE_SEED", "engine_context", "engine_forward", "engine_modes", "reseed"]
+__all__ = ["ENGINE_SEED", "call_model", "engine_context", "engine_forward", "engine_modes", "reseed"]
 
 #: the seed of the random number generators inside the engine's passes
 ENGINE_SEED = 0
@@ -147,8 +147,27 @@ def engine_context(model: nn.Module, bn_mode: str, seed: int = ENGINE_SEED):
         yield
 
 
+def call_model(model: nn.Module, x):
+    """``model(x)``: every forward pass the engine runs goes through here, so that a forward
+    that fails on the data (inputs of the wrong shape or dtype for the model) is one line
+    naming the model and the inputs, not a traceback from inside the user's layers.
+
+    Raises:
+        UserError: the model's forward raised on ``x`` (its error is quoted).
+    """
+    try:
+        return model(x)
+    except UserError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"the model's forward pass fails on the data (inputs {shape}): "
+                        f"{first}; pass inputs the model takes (shape, dtype, device)") from None
+
+
 def engine_forward(model: nn.Module, bn_mode: str, x, grad: bool = False,
                    seed: int = ENGINE_SEED):
     """``model(x)`` inside :func:`engine_context` (no gradients unless ``grad``)."""
     with engine_context(model, bn_mode, seed), torch.set_grad_enabled(grad):
-        return model(x)
+        return call_model(model, x)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from layerhessians.curvature.modes import call_model
 from layerhessians.errors import UserError
 
 __all__ = ["per_example_gradients"]
@@ -53,7 +54,7 @@ def per_example_gradients(model: nn.Module, loss_fn, params: Sequence[nn.Paramet
     except Exception:  # noqa: BLE001 - vmap cannot run this model: loop over the examples
         grads, losses = _looped(model, loss_fn, params, x, y)
     with torch.no_grad():
-        batch_loss = loss_fn(model(x), y)
+        batch_loss = loss_fn(call_model(model, x), y)
     if not torch.is_tensor(batch_loss) or batch_loss.numel() != 1:
         raise UserError("loss_fn must return a scalar tensor (the mean loss of the batch)")
     return grads, losses, batch_loss
