@@ -32,7 +32,8 @@ from torch import nn  # noqa: E402
 
 from layerhessians.curvature import MatrixOperator, dense_matrix, hessian_operator  # noqa: E402
 from layerhessians.spectra import top_eigenvalues  # noqa: E402
-from layerhessians.spectra.lanczos import start_vector, tridiagonal_eigh  # noqa: E402
+from layerhessians.spectra.lanczos import tridiagonal_eigh  # noqa: E402
+from layerhessians.spectra.slq import start_vector  # noqa: E402
 
 
 class Counted(MatrixOperator):

@@ -1189,7 +1189,7 @@ def test_grid_file_nested_too_deeply_is_one_line(tmp_path):
 
 
 def test_integer_loss_at_the_reduction_probe_is_refused():
-    from layerhessians.curvature.graph import loss_reduction_of
+    from layerhessians.curvature.loss_reduction import loss_reduction_of
     outputs, targets = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
     with pytest.raises(UserError, match="floating-point scalar"):
         loss_reduction_of(lambda o, t: o.sum().long(), outputs, targets, 4)
