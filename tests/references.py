@@ -1,5 +1,5 @@
 """Dense float64 curvature references for the tests, written from the definitions with
-``torch.func`` and plain torch only: this module imports NOTHING from ``layerhessians``, so a
+``torch.func.functional_call`` and plain ``torch.autograd`` only: this module imports NOTHING from ``layerhessians``, so a
 bug in one of the engine's helpers (loss-reduction detection, batching, parameter selection,
 its forward modes) cannot be on both sides of a comparison.
 
@@ -18,17 +18,20 @@ stay at their values.
 
 - Hessian ``H = d^2 L / dtheta^2``: row ``i`` is the gradient of ``dL/dtheta_i`` (plain double
   backward, one row at a time, no vmap).
-- GGN ``G = sum_b (c_b / N) J_b^T H_b J_b``: ``J_b = jacrev`` of the batch's floating outputs
-  (flattened and concatenated), ``H_b`` the Hessian (as above) of ``loss_fn`` in them.
+- GGN ``G = sum_b (c_b / N) J_b^T H_b J_b``: ``J_b`` the Jacobian (one backward per row) of
+  the batch's floating outputs (flattened and concatenated), ``H_b`` the Hessian (as above) of
+  ``loss_fn`` in them.
 - Residual ``R = H - G``.
-- Empirical Fisher ``EF = (1/N) sum_n g_n g_n^T`` with ``g_n = grad`` of the per-example loss
+- Empirical Fisher ``EF = (1/N) sum_n g_n g_n^T`` with ``g_n`` the gradient of the per-example loss
   ``loss_fn(model(x[n:n+1]), y[n:n+1])`` (the model run on that example alone; undefined when
   batch norm uses batch statistics: refused).
 
 Why not ``torch.func.hessian``: in torch 2.13 it (``jacfwd(jacrev(.))``), and
 ``jacrev(jacrev(.))``, are wrong through batch norm using batch statistics and through an
 affine ``LayerNorm`` (relative errors 0.02-0.09 on the tiny problems), and ``jacfwd(grad(.))``
-fails through ``nn.MSELoss`` ("ZeroTensors are immutable"). The row-by-row double backward is
+fails through ``nn.MSELoss`` ("ZeroTensors are immutable"); none of the ``torch.func``
+transforms runs through ``torch.utils.checkpoint`` (saved tensor hooks). The plain backward
+passes run everywhere the engine does. The row-by-row double backward is
 checked against forward over reverse (``jacfwd(grad(.))``, a different AD mode) in
 tests/curvature/test_dense_references.py.
 """
@@ -38,7 +41,7 @@ import copy
 import torch
 import torch.nn.attention
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev
+from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 REFERENCE_KINDS = ("hessian", "ggn", "residual", "ef")
@@ -86,6 +89,9 @@ class Setup:
                     # plain torch's batch-statistics path, with nothing written to buffers
                     m.track_running_stats = False
                     m.running_mean = m.running_var = m.num_batches_tracked = None
+        for m in self.model.modules():
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+                m.sparse = False  # the same function; dense gradients for the double backward
         copied = dict(self.model.named_parameters())
         self.shapes = [copied[n].shape for n in self.names]
         self.sizes = [copied[n].numel() for n in self.names]
@@ -122,18 +128,29 @@ def _unflat(flat: Tensor, like):
     return tree_unflatten(rebuilt, spec)
 
 
+def jacobian_of(f, z: Tensor) -> Tensor:
+    """The Jacobian [m, n] of the vector function ``f`` [m] at ``z`` [n]: row ``i`` is the
+    gradient of ``f_i`` (one backward per row, no vmap)."""
+    z = z.detach().requires_grad_(True)
+    values = f(z)
+    rows = []
+    for i in range(values.numel()):
+        row = None
+        if values.requires_grad:
+            (row,) = torch.autograd.grad(values[i], z, retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(z) if row is None else row)
+    return torch.stack(rows).detach()
+
+
 def hessian_of(f, z: Tensor) -> Tensor:
     """The Hessian [n, n] of the scalar ``f`` at the vector ``z`` [n]: row ``i`` is the
     gradient of ``df/dz_i`` (double backward, one row at a time)."""
-    z = z.detach().requires_grad_(True)
-    (gradient,) = torch.autograd.grad(f(z), z, create_graph=True)
-    rows = []
-    for i in range(z.numel()):
-        row = None
-        if gradient.requires_grad:
-            (row,) = torch.autograd.grad(gradient[i], z, retain_graph=True, allow_unused=True)
-        rows.append(torch.zeros_like(z) if row is None else row)
-    return torch.stack(rows).detach()
+    def gradient(w):
+        (g,) = torch.autograd.grad(f(w), w, create_graph=True, allow_unused=True,
+                                   materialize_grads=True)
+        return g
+
+    return jacobian_of(gradient, z)
 
 
 def mean_loss(setup: "Setup", loss_fn):
@@ -155,7 +172,7 @@ def _ggn(setup: Setup, loss_fn) -> Tensor:
     for c, (x, y) in zip(setup.weights, setup.batches):
         out0 = setup.outputs(setup.flat0, x)
         flat_out0 = _flat(out0).detach()
-        jac = jacrev(lambda flat, x=x: _flat(setup.outputs(flat, x)))(setup.flat0)
+        jac = jacobian_of(lambda flat, x=x: _flat(setup.outputs(flat, x)), setup.flat0)
         h_out = hessian_of(lambda o, y=y, out0=out0: loss_fn(_unflat(o, out0), y), flat_out0)
         result += (c / setup.total) * (jac.T @ h_out @ jac)
     return result
@@ -171,7 +188,8 @@ def _empirical_fisher(setup: Setup, loss_fn) -> Tensor:
             def example_loss(flat, n=n, x=x, y=y):
                 return loss_fn(setup.outputs(flat, x[n:n + 1]), y[n:n + 1])
 
-            rows.append(grad(example_loss)(setup.flat0))
+            rows.append(jacobian_of(lambda flat, f=example_loss: f(flat).reshape(1),
+                                    setup.flat0)[0])
     g = torch.stack(rows)  # [N, dim]
     return g.T @ g / setup.total
 
