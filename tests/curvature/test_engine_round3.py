@@ -68,6 +68,8 @@ def test_a_kept_operator_refuses_after_any_parameter_change(change, reuse_graph)
     new = reference_matrix(model, CE, data)
     assert not torch.allclose(op @ v, before)
     assert np.isclose(top_eigenvalues(op, 1)[0], _top(new), rtol=1e-8)
+    independent = dense_reference(model, CE, data, reduction="mean")  # frozen bias: excluded
+    assert np.isclose(top_eigenvalues(op, 1)[0], _top(independent), rtol=1e-8)
 
 
 # ----------------------------------------------------------------------------- item 2
@@ -119,6 +121,8 @@ def test_class_weighted_mean_is_refused_however_split_or_ordered():
         m = layer_spectra(model, CE, (x, y), iterations=39, micro_batch_size=size,
                           layers=False, reorthogonalize=True)["full"]
         assert np.isclose(float(np.max(m.nodes)), _top(reference), rtol=1e-6)
+        assert np.isclose(float(np.max(m.nodes)),
+                          _top(dense_reference(model, CE, (x, y), reduction="mean")), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- item 5

@@ -137,6 +137,9 @@ def test_zero_eigenvalue_carries_the_missing_mass():
     assert measure.weights[-1] == pytest.approx((param.numel() - 4) / param.numel())
     reference = dense_measure(reference_matrix(model, CE, data, params=[param]))
     assert relative_w1(measure, reference) < 1e-10
+    independent = dense_measure(dense_reference(model, CE, data, params=[param],
+                                                reduction="mean"))
+    assert relative_w1(measure, independent) < 1e-10
 
 
 def test_micro_batches_and_general_loss_route_agree():
