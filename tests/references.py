@@ -14,7 +14,9 @@ mode; batch norm uses its running statistics (``bn_mode="eval"``) or each batch'
 (``"train"``, then ``L`` is the per-batch-weighted sum above, each batch normalised by its own
 statistics, as the engine defines it for one batch). The block ``theta`` is a list of the
 model's parameters (default: every trainable one), flattened in the order given; the others
-stay at their values.
+stay at their values. Targets are indexed by example along their first dimension (the
+empirical Fisher slices them ``y[n:n+1]``); forwards that draw random numbers are not
+supported (the engine's seeded draw is its own).
 
 - Hessian ``H = d^2 L / dtheta^2``: row ``i`` is the gradient of ``dL/dtheta_i`` (plain double
   backward, one row at a time, no vmap).
