@@ -110,6 +110,21 @@ PROBLEMS = {
 }
 
 
+def state_of(model):
+    """The model's buffers (copied) and modes, to check that measuring changed neither."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    modes = [m.training for m in model.modules()]
+    return buffers, modes
+
+
+def assert_state_equal(model, state):
+    """The model's buffers and modes equal ``state`` (from :func:`state_of`)."""
+    buffers, modes = state
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    assert [m.training for m in model.modules()] == modes
+
+
 def rel_error(a, b):
     """``||a - b|| / ||b||`` (Frobenius)."""
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))

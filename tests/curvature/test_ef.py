@@ -19,6 +19,7 @@ from layerhessians.curvature import (
 from layerhessians.errors import UserError
 from layerhessians.spectra import layer_operators
 from problems import CE, PROBLEMS, TwoIdenticalRanks, rel_error
+from references import dense_reference
 
 RTOL = 1e-10
 SIZES = (5, 3, 4)  # several unequal batches
@@ -64,6 +65,10 @@ def test_ef_matches_dense_reference(problem):
     assert rel_error(dense_matrix(op), expected) < RTOL
     # the library's own reference (jacrev of the per-example losses) agrees
     assert rel_error(reference_matrix(model, CE, data, kind="ef"), expected) < RTOL
+    # and the independent one of tests/references.py (nothing from layerhessians)
+    independent = dense_reference(model, CE, data, "ef", reduction="mean")
+    assert rel_error(dense_matrix(op), independent) < RTOL
+    assert rel_error(independent, expected) < RTOL
     # the batches are weighted as one mean over all examples
     one = (torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))
     assert rel_error(dense_matrix(hessian_operator(model, CE, one, kind="ef")), expected) < RTOL
@@ -99,6 +104,9 @@ def test_ef_with_mse_loss():
     mse = nn.MSELoss()
     expected = empirical_fisher(model, mse, data)
     assert rel_error(dense_matrix(hessian_operator(model, mse, data, kind="ef")), expected) < RTOL
+    independent = dense_reference(model, mse, data, "ef", reduction="mean")
+    assert rel_error(dense_matrix(hessian_operator(model, mse, data, kind="ef")),
+                     independent) < RTOL
 
 
 def test_ef_refuses_what_it_cannot_define():
@@ -110,6 +118,9 @@ def test_ef_refuses_what_it_cannot_define():
     # a summed loss has the same per-example losses: the same EF (the reduction is detected)
     summed = hessian_operator(model, nn.CrossEntropyLoss(reduction="sum"), data, kind="ef")
     assert rel_error(dense_matrix(summed), empirical_fisher(model, CE, data)) < RTOL
+    independent = dense_reference(model, nn.CrossEntropyLoss(reduction="sum"), data, "ef",
+                                  reduction="sum")
+    assert rel_error(dense_matrix(summed), independent) < RTOL
     # class weights with reduction="mean" are neither a mean nor a sum: refused
     weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     op = hessian_operator(model, weighted, data, kind="ef")

@@ -35,6 +35,7 @@ from layerhessians.spectra import (
 from layerhessians.spectra.lanczos import check_symmetric, symmetry_defects
 from layerhessians.spectra.plan import plan_memory
 from problems import CE, mlp_data, rel_error, tiny_mlp
+from references import dense_reference
 
 RTOL = 1e-10
 
@@ -239,6 +240,9 @@ def test_structured_outputs_for_every_kind(kind, as_dict):
     assert rel_error(reference_matrix(model, loss, data, kind=kind), expected) < RTOL
     op = hessian_operator(model, loss, data, kind=kind)
     assert rel_error(dense_matrix(op), expected) < RTOL
+    independent = dense_reference(model, loss, data, kind, reduction="mean")
+    assert rel_error(independent, dense_reference(plain, CE, data, kind, reduction="mean")) < RTOL
+    assert rel_error(dense_matrix(op), independent) < RTOL
 
 
 def test_structured_outputs_the_loss_uses_all_of():
@@ -255,6 +259,9 @@ def test_structured_outputs_the_loss_uses_all_of():
         expected = reference_matrix(model, loss, data, kind=kind)
         assert rel_error(dense_matrix(hessian_operator(model, loss, data, kind=kind)),
                          expected) < RTOL
+        independent = dense_reference(model, loss, data, kind, reduction="mean")
+        assert rel_error(dense_matrix(hessian_operator(model, loss, data, kind=kind)),
+                         independent) < RTOL
 
 
 def test_outputs_without_a_tensor_are_refused():
@@ -294,6 +301,8 @@ def test_sum_reduced_loss_over_uneven_batches_is_the_mean_operator():
     # the dense reference follows the same definition
     assert rel_error(reference_matrix(model, nn.MSELoss(reduction="sum"), data),
                      total / 13) < RTOL
+    assert rel_error(dense_reference(model, nn.MSELoss(reduction="sum"), data,
+                                     reduction="sum"), total / 13) < RTOL
 
 
 def test_a_loss_that_is_neither_mean_nor_sum_is_refused():

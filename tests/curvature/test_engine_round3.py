@@ -21,6 +21,7 @@ from layerhessians.spectra import (
     top_eigenvalues,
 )
 from problems import CE, mlp_data, tiny_mlp
+from references import dense_reference
 
 
 def _top(matrix):
@@ -67,6 +68,8 @@ def test_a_kept_operator_refuses_after_any_parameter_change(change, reuse_graph)
     new = reference_matrix(model, CE, data)
     assert not torch.allclose(op @ v, before)
     assert np.isclose(top_eigenvalues(op, 1)[0], _top(new), rtol=1e-8)
+    independent = dense_reference(model, CE, data, reduction="mean")  # frozen bias: excluded
+    assert np.isclose(top_eigenvalues(op, 1)[0], _top(independent), rtol=1e-8)
 
 
 # ----------------------------------------------------------------------------- item 2
@@ -94,6 +97,8 @@ def test_reentrant_checkpoint_is_refused_and_non_reentrant_is_right():
         op = hessian_operator(model, CE, data, kind=kind)
         assert torch.allclose(_dense(op), reference_matrix(model, CE, data, kind=kind),
                               atol=1e-10)
+        assert torch.allclose(_dense(op), dense_reference(model, CE, data, kind,
+                                                          reduction="mean"), atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- item 3
@@ -116,6 +121,8 @@ def test_class_weighted_mean_is_refused_however_split_or_ordered():
         m = layer_spectra(model, CE, (x, y), iterations=39, micro_batch_size=size,
                           layers=False, reorthogonalize=True)["full"]
         assert np.isclose(float(np.max(m.nodes)), _top(reference), rtol=1e-6)
+        assert np.isclose(float(np.max(m.nodes)),
+                          _top(dense_reference(model, CE, (x, y), reduction="mean")), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- item 5
@@ -198,6 +205,9 @@ def test_exact_route_with_a_sum_reduced_loss_is_scaled():
             block = reference_matrix(model, loss, data, params=[param])
             assert spectra.methods[name] == "exact"
             assert np.isclose(float(np.max(spectra[name].nodes)), _top(block), rtol=1e-8)
+            independent = dense_reference(model, loss, data, params=[param], reduction="sum")
+            assert np.isclose(float(np.max(spectra[name].nodes)), _top(independent),
+                              rtol=1e-8)
 
 
 # ----------------------------------------------------------------------------- items 4, 10
@@ -231,6 +241,8 @@ def test_tracker_fixes_an_augmenting_loader_and_records_a_real_checksum(tmp_path
     data = tracker.data  # the batches read once: the spectra are those of these data
     reference = reference_matrix(model, CE, data)
     assert np.isclose(float(np.max(first["full"].nodes)), _top(reference), rtol=1e-6)
+    independent = dense_reference(model, CE, data, reduction="mean")
+    assert np.isclose(float(np.max(first["full"].nodes)), _top(independent), rtol=1e-6)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["hessian_checksum"] != hashlib.sha256().hexdigest()
     tracker.close()
@@ -286,6 +298,8 @@ def test_empirical_fisher_on_recurrent_networks(cell):
         op = hessian_operator(model, CE, data, kind=kind)
         assert torch.allclose(_dense(op), reference_matrix(model, CE, data, kind=kind),
                               atol=1e-10)
+        assert torch.allclose(_dense(op), dense_reference(model, CE, data, kind,
+                                                          reduction="mean"), atol=1e-10)
 
 
 class SparseBag(nn.Module):
@@ -307,6 +321,8 @@ def test_sparse_embeddings_are_measured_with_dense_gradients():
         op = hessian_operator(model, CE, data, kind=kind)
         assert torch.allclose(_dense(op), reference_matrix(model, CE, data, kind=kind),
                               atol=1e-10)
+        assert torch.allclose(_dense(op), dense_reference(model, CE, data, kind,
+                                                          reduction="mean"), atol=1e-10)
     assert model.emb.sparse  # the user's setting is back
 
 
@@ -314,27 +330,32 @@ def test_sparse_embeddings_are_measured_with_dense_gradients():
 def test_calls_under_inference_mode_or_no_grad_work():
     model, data = tiny_mlp(), mlp_data()
     reference = reference_matrix(model, CE, data)
+    independent = dense_reference(model, CE, data, reduction="mean")
     with torch.inference_mode():
         x, y = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
         op = hessian_operator(model, CE, (x, y))
         inside = _dense(op)
     assert torch.allclose(inside, reference, atol=1e-10)
+    assert torch.allclose(inside, independent, atol=1e-10)
     for context in (torch.no_grad, torch.inference_mode):
         with context():
             top = top_eigenvalues(hessian_operator(model, CE, data), 1)[0]
             spectra = layer_spectra(model, CE, data, iterations=39, layers=False)
         assert np.isclose(top, _top(reference), rtol=1e-8)
         assert np.isclose(float(np.max(spectra["full"].nodes)), _top(reference), rtol=1e-6)
+        assert np.isclose(top, _top(independent), rtol=1e-8)
 
 
 def test_a_dataset_is_taken_as_one_batch():
     model, data = tiny_mlp(), mlp_data()
     x, y = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
     reference = reference_matrix(model, CE, (x, y))
+    independent = dense_reference(model, CE, data, reduction="mean")  # the batches as given
     for dataset in (torch.utils.data.TensorDataset(x, y),
                     torch.utils.data.Subset(torch.utils.data.TensorDataset(x, y),
                                             list(range(12)))):
         op = hessian_operator(model, CE, dataset)
         assert torch.allclose(_dense(op), reference, atol=1e-10)
+        assert torch.allclose(_dense(op), independent, atol=1e-10)
     with pytest.raises(UserError, match="examples are not \\(input, target\\) pairs"):
         hessian_operator(model, CE, torch.utils.data.Subset(x, list(range(12))))

@@ -23,6 +23,7 @@ from layerhessians.curvature import (
 from layerhessians.curvature.params import resolve_params
 from layerhessians.errors import UserError
 from problems import CE, DEVICES, DTYPES, PROBLEMS, rel_error
+from references import dense_reference
 
 RTOL = 1e-10
 
@@ -41,6 +42,8 @@ def test_every_kind_matches_its_dense_reference(problem, kind):
     assert isinstance(op, KIND_CLASSES[kind]) and op.kind == kind
     reference = reference_matrix(model, CE, data, kind=kind)
     assert rel_error(dense_matrix(op), reference) < RTOL
+    independent = dense_reference(model, CE, data, kind, reduction="mean")
+    assert rel_error(dense_matrix(op), independent) < RTOL
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -50,10 +53,12 @@ def test_every_kind_on_every_device_and_dtype(kind, device, dtype):
     # the float64 CPU reference; float32 carries its own rounding (about 1e-7 per operation)
     model, data = PROBLEMS["conv"].build()
     reference = reference_matrix(model, CE, data, kind=kind)
+    independent = dense_reference(model, CE, data, kind, reduction="mean")
     model, data = PROBLEMS["conv"].build(device=device, dtype=dtype)
     op = hessian_operator(model, CE, data, kind=kind)
     tolerance = RTOL if dtype == torch.float64 else 1e-4
     assert rel_error(dense_matrix(op).to("cpu", torch.float64), reference) < tolerance
+    assert rel_error(dense_matrix(op).to("cpu", torch.float64), independent) < tolerance
 
 
 @pytest.mark.parametrize("problem", ["mlp", "conv"])
@@ -67,6 +72,8 @@ def test_hessian_minus_ggn_is_the_residual_in_one_pass(problem):
     assert torch.equal(dense_matrix(difference), dense_matrix(residual))
     expected = reference_matrix(model, CE, data, kind="residual")
     assert rel_error(dense_matrix(difference), expected) < RTOL
+    independent = dense_reference(model, CE, data, "residual", reduction="mean")
+    assert rel_error(dense_matrix(difference), independent) < RTOL
     before = graph.forward_passes
     v = torch.randn(h.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     hv, gv = h.matvec(v), g.matvec(v)
@@ -105,13 +112,18 @@ def test_separately_built_operators_combine_on_equal_problems(problem):
     assert len({id(op.graph) for _, op in difference.terms}) == 1
     expected = reference_matrix(model, CE, data, kind="residual")
     assert rel_error(dense_matrix(difference), expected) < RTOL
+    independent = dense_reference(model, CE, data, "residual", reduction="mean")
+    assert rel_error(dense_matrix(difference), independent) < RTOL
     assert rel_error(dense_matrix(h), reference_matrix(model, CE, data)) < RTOL  # h unchanged
+    assert rel_error(dense_matrix(h), dense_reference(model, CE, data, reduction="mean")) < RTOL
     block = dict(model.named_parameters())
     first = next(iter(block))
     hb = hessian_operator(model, CE, data, params={first: block[first]})
     gb = hessian_operator(model, CE, data, params={first: block[first]}, kind="ggn")
     expected = reference_matrix(model, CE, data, params=[block[first]], kind="residual")
     assert rel_error(dense_matrix(hb - gb), expected) < RTOL
+    independent = dense_reference(model, CE, data, "residual", [block[first]], reduction="mean")
+    assert rel_error(dense_matrix(hb - gb), independent) < RTOL
 
 
 def test_a_graph_for_one_kind_refuses_another():

@@ -14,27 +14,17 @@ from layerhessians.spectra import layer_operators
 from problems import (
     CE,
     TwoIdenticalRanks,
+    assert_state_equal,
     conv_data,
     mlp_data,
     rel_error,
+    state_of,
     tiny_convnet,
     tiny_mlp,
 )
+from references import dense_reference
 
 RTOL = 1e-10
-
-
-def state_of(model):
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    modes = [m.training for m in model.modules()]
-    return buffers, modes
-
-
-def assert_state_equal(model, state):
-    buffers, modes = state
-    for k, v in model.named_buffers():
-        assert torch.equal(v, buffers[k]), k
-    assert [m.training for m in model.modules()] == modes
 
 
 CASES = [
@@ -55,10 +45,12 @@ def test_full_and_block_products_match_torch_func(name, make_model, make_data, b
     state = state_of(model)
     reference = reference_matrix(model, CE, data, kind=kind, bn_mode=bn_mode)
     assert torch.linalg.norm(reference) > 0
+    independent = dense_reference(model, CE, data, kind, reduction="mean", bn_mode=bn_mode)
     # full operator
     op = hessian_operator(model, CE, data, kind=kind, bn_mode=bn_mode)
     assert op.name == "full" and op.dim == reference.shape[0]
     assert rel_error(dense_matrix(op), reference) < RTOL
+    assert rel_error(dense_matrix(op), independent) < RTOL
     # every parameter as its own block, and one two-parameter block, all on one graph
     ops = layer_operators(model, CE, data, kind=kind, bn_mode=bn_mode,
                           layers={n: p for n, p in model.named_parameters()})
@@ -75,6 +67,10 @@ def test_full_and_block_products_match_torch_func(name, make_model, make_data, b
         # relative error, or roundoff level for blocks that vanish (residual of the last layer)
         tolerance = RTOL * torch.linalg.norm(block_ref) + 1e-14 * torch.linalg.norm(reference)
         assert torch.linalg.norm(got - block_ref) <= tolerance, n
+        block_independent = independent[s, s]
+        tolerance = (RTOL * torch.linalg.norm(block_independent)
+                     + 1e-14 * torch.linalg.norm(independent))
+        assert torch.linalg.norm(got - block_independent) <= tolerance, n
     assert ops["full"].graph.forward_passes == len(data)  # one shared graph, built once
     named = dict(model.named_parameters())
     names = [list(named)[-2], list(named)[0]]  # two weights, out of model order
@@ -83,6 +79,10 @@ def test_full_and_block_products_match_torch_func(name, make_model, make_data, b
     assert pair.name == "+".join(names)
     idx = torch.cat([torch.arange(offsets[n].start, offsets[n].stop) for n in names])
     assert rel_error(dense_matrix(pair), reference[idx][:, idx]) < RTOL
+    assert rel_error(dense_matrix(pair), independent[idx][:, idx]) < RTOL
+    pair_independent = dense_reference(model, CE, data, kind, [named[n] for n in names],
+                                       reduction="mean", bn_mode=bn_mode)
+    assert rel_error(dense_matrix(pair), pair_independent) < RTOL
     assert_state_equal(model, state)
 
 
@@ -109,6 +109,8 @@ def test_ggn_exact_for_mse_loss():
     for kind in ("ggn", "residual", "hessian"):
         op = hessian_operator(model, mse, data, kind=kind)
         assert rel_error(dense_matrix(op), reference_matrix(model, mse, data, kind=kind)) < RTOL
+        independent = dense_reference(model, mse, data, kind, reduction="mean")
+        assert rel_error(dense_matrix(op), independent) < RTOL
 
 
 def test_matvec_contract_dtype_shape_and_no_grad():
@@ -133,6 +135,7 @@ def test_float32_model_close_to_float64_reference():
     op = hessian_operator(model32, CE, data)  # float64 inputs are cast to float32
     assert op.dtype == torch.float32
     assert rel_error(dense_matrix(op), reference) < 1e-5
+    assert rel_error(dense_matrix(op), dense_reference(model64, CE, data, reduction="mean")) < 1e-5
 
 
 def test_reuse_graph_off_gives_same_products_and_more_forwards():

@@ -15,6 +15,7 @@ from layerhessians.curvature import (
 )
 from layerhessians.errors import UserError
 from layerhessians.spectra import layer_spectra
+from references import dense_reference
 
 transformers = pytest.importorskip("transformers")
 V, T = 11, 6
@@ -110,6 +111,9 @@ def test_exact_route_treats_conv1d_as_a_transposed_linear():
                                                            kind="ggn"))
         nodes = np.sort(np.asarray(spectra[name].nodes).reshape(-1))
         assert np.allclose(nodes, reference.numpy(), atol=1e-10)
+        independent = torch.linalg.eigvalsh(dense_reference(model, lm_loss, data, "ggn",
+                                                            [param], reduction="mean"))
+        assert np.allclose(nodes, independent.numpy(), atol=1e-10)
 
 
 @pytest.mark.parametrize("make", [gpt2, bert, llama])
@@ -122,6 +126,8 @@ def test_transformer_products_match_dense_references(make):
         op = hessian_operator(model, lm_loss, data, params=params, kind=kind)
         assert torch.allclose(_dense(op), reference_matrix(model, lm_loss, data, params,
                                                            kind=kind), atol=1e-10)
+        assert torch.allclose(_dense(op), dense_reference(model, lm_loss, data, kind, params,
+                                                          reduction="mean"), atol=1e-10)
 
 
 class TokenRows(nn.Module):
@@ -149,6 +155,12 @@ def test_token_position_loss_rows_map_to_their_examples():
                        reference.numpy(), atol=1e-10)
     op = hessian_operator(model, ce, data, params=[param])
     assert torch.allclose(_dense(op), reference_matrix(model, ce, data, [param]), atol=1e-10)
+    assert torch.allclose(_dense(op), dense_reference(model, ce, data, params=[param],
+                                                      reduction="mean"), atol=1e-10)
+    independent = torch.linalg.eigvalsh(dense_reference(model, ce, data, "ggn", [param],
+                                                        reduction="mean"))
+    assert np.allclose(np.sort(np.asarray(spectra["proj"].nodes).reshape(-1)),
+                       independent.numpy(), atol=1e-10)
 
 
 def test_outputs_without_whole_rows_per_example_are_refused():

@@ -20,6 +20,7 @@ from layerhessians.spectra.exact_layers import (
 )
 from layerhessians.spectra.fidelity import relative_w1, slq_fidelity
 from problems import TinyLeNet, counter_examples, zoo
+from references import dense_reference
 
 CE = nn.CrossEntropyLoss()
 ZOO = zoo()
@@ -44,6 +45,10 @@ def test_hessian_block_equals_ggn_block_on_the_tiny_zoo(name):
         hessian = reference_matrix(model, CE, data, params=[param], kind="hessian")
         ggn = reference_matrix(model, CE, data, params=[param], kind="ggn")
         assert rel(hessian, ggn) < 1e-10, block
+        independent = dense_reference(model, CE, data, "hessian", [param], reduction="mean")
+        assert rel(hessian, independent) < 1e-10, block
+        assert rel(dense_reference(model, CE, data, "ggn", [param], reduction="mean"),
+                   independent) < 1e-10, block
 
 
 @pytest.mark.parametrize("name", list(COUNTER))
@@ -54,6 +59,9 @@ def test_the_identity_fails_on_the_counter_examples(name):
         hessian = reference_matrix(model, CE, data, params=[param], bn_mode=bn_mode)
         ggn = reference_matrix(model, CE, data, params=[param], kind="ggn", bn_mode=bn_mode)
         residuals.append(rel(hessian, ggn))
+        independent = [dense_reference(model, CE, data, kind, [param], reduction="mean",
+                                       bn_mode=bn_mode) for kind in ("hessian", "ggn")]
+        assert rel(hessian, independent[0]) < 1e-10 and rel(ggn, independent[1]) < 1e-10
     assert max(residuals) > 0.1
     assert residuals[-1] < 1e-10  # the output layer: the outputs are linear in its weight
 
@@ -68,7 +76,11 @@ def test_gram_factors_give_the_dense_ggn_block_and_its_spectrum(name):
     for block, (param,) in blocks.items():
         ggn = reference_matrix(model, CE, data, params=[param], kind="ggn")
         assert rel(factors[block].dense_block(), ggn) < 1e-10
+        assert rel(factors[block].dense_block(),
+                   dense_reference(model, CE, data, "ggn", [param], reduction="mean")) < 1e-10
         reference = dense_measure(reference_matrix(model, CE, data, params=[param]))
+        independent = dense_measure(dense_reference(model, CE, data, "hessian", [param],
+                                                    reduction="mean"))
         for method in ("factorised", "materialised"):  # the Gram matrix by both routes
             values = torch.linalg.eigvalsh(factors[block].gram(method)).numpy()
             values = np.sort(values)[-min(values.size, param.numel()):]
@@ -77,6 +89,7 @@ def test_gram_factors_give_the_dense_ggn_block_and_its_spectrum(name):
         assert measure.method == "exact" and measure.dim == param.numel()
         assert measure.num_vectors == 1
         assert relative_w1(measure, reference) < 1e-10
+        assert relative_w1(measure, independent) < 1e-10
         assert measure.trace() == pytest.approx(float(torch.trace(ggn.detach())), rel=1e-10)
         assert certificates[block].certified
         assert certificates[block].hessian_residual < probe_tolerance(torch.float64)
@@ -124,6 +137,9 @@ def test_zero_eigenvalue_carries_the_missing_mass():
     assert measure.weights[-1] == pytest.approx((param.numel() - 4) / param.numel())
     reference = dense_measure(reference_matrix(model, CE, data, params=[param]))
     assert relative_w1(measure, reference) < 1e-10
+    independent = dense_measure(dense_reference(model, CE, data, params=[param],
+                                                reduction="mean"))
+    assert relative_w1(measure, independent) < 1e-10
 
 
 def test_micro_batches_and_general_loss_route_agree():
@@ -147,6 +163,9 @@ def test_micro_batches_and_general_loss_route_agree():
     for block, (param,) in blocks.items():
         ggn = reference_matrix(model, mse, (x, targets), params=[param], kind="ggn")
         assert rel(factors[block].dense_block(), ggn) < 1e-10
+        independent = dense_reference(model, mse, (x, targets), "ggn", [param],
+                                      reduction="mean")
+        assert rel(factors[block].dense_block(), independent) < 1e-10
 
 
 def test_output_hessian_square_root_of_cross_entropy():
@@ -244,6 +263,9 @@ def test_auto_falls_back_to_slq_and_says_so_once(caplog):
     np.testing.assert_allclose(spectra["full"].nodes, slq_only["full"].nodes)
     reference = dense_measure(reference_matrix(model, CE, data, params=[model.fc3.weight]))
     assert relative_w1(spectra["fc3.weight"], reference) < 1e-10
+    independent = dense_measure(dense_reference(model, CE, data, params=[model.fc3.weight],
+                                                reduction="mean"))
+    assert relative_w1(spectra["fc3.weight"], independent) < 1e-10
 
 
 def test_auto_is_exact_on_the_zoo_and_reuses_certificates():
@@ -271,6 +293,8 @@ def test_exact_full_ggn_spectrum_equals_dense_eigenvalues():
     reference = dense_measure(reference_matrix(model, CE, data, kind="ggn"))
     assert measure.dim == sum(p.numel() for p in model.parameters())
     assert relative_w1(measure, reference) < 1e-10
+    independent = dense_measure(dense_reference(model, CE, data, "ggn", reduction="mean"))
+    assert relative_w1(measure, independent) < 1e-10
     with pytest.raises(UserError, match="Conv2d/Linear"):
         exact_ggn_spectrum(*ZOO["ResNet18"], CE)  # batch-norm parameters
 

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from test_hessian_operators import assert_state_equal, state_of
 
 from layerhessians.curvature import dense_matrix, hessian_operator
 from layerhessians.errors import UserError
 from layerhessians.spectra import SpectralMeasure, layer_spectra, slq, start_vector
-from problems import CE, conv_data, tiny_convnet
+from problems import CE, assert_state_equal, conv_data, state_of, tiny_convnet
 
 
 def test_layer_spectra_equal_separate_slq_runs_and_share_one_forward():

@@ -23,6 +23,7 @@ from layerhessians.store.run import load_run
 from layerhessians.tracking import SpectraTracker, spectra_scalars
 from layerhessians.training.seeding import derive_seed
 from problems import PROBLEMS
+from references import dense_reference
 
 ITERATIONS = 12
 
@@ -127,6 +128,10 @@ def test_transformer_blocks_by_mapping_against_dense_block_hessians():
     # the SLQ trace estimate is dim * v^T A v for the unit start vector v
     v = start_vector(80, seed=tracker.seed_for(0), block="attention")
     assert exact.trace() == pytest.approx(80 * float(v @ dense @ v), rel=1e-8)
+    independent = dense_reference(model, lm_loss, data, params=blocks["attention"],
+                                  reduction="mean")
+    assert float(torch.linalg.norm(independent - dense) / torch.linalg.norm(dense)) < 1e-10
+    assert exact.trace() == pytest.approx(80 * float(v @ independent @ v), rel=1e-8)
 
 
 def test_a_stock_float32_transformer_works_on_the_cpu():
@@ -182,6 +187,11 @@ def test_loggers_get_the_scalars_of_the_spectra():
     assert scalars["top_eigenvalue/full"] == pytest.approx(float(eigenvalues.max()), rel=1e-8)
     v = start_vector(dense.shape[0], seed=tracker.seed_for(2))
     assert scalars["trace/full"] == pytest.approx(dense.shape[0] * float(v @ dense @ v),
+                                                  rel=1e-8)
+    independent = dense_reference(model, PROBLEMS["mlp"].loss_fn, data, reduction="mean")
+    assert scalars["top_eigenvalue/full"] == pytest.approx(
+        float(torch.linalg.eigvalsh(independent).max()), rel=1e-8)
+    assert scalars["trace/full"] == pytest.approx(dense.shape[0] * float(v @ independent @ v),
                                                   rel=1e-8)
     weight = dict(model.named_parameters())["2.weight"]
     assert scalars["trace/2.weight"] == pytest.approx(spectra["2.weight"].trace())
