@@ -133,7 +133,13 @@ def _flag(name: str) -> str:
     return SETTINGS[name].flag or name
 
 
-def _count(name: str, value, minimum: int) -> int:
+#: the largest count a setting takes (steps, vectors, micro-batch size): a bound checked
+#: before any work, so a mistyped size is refused rather than run; seeds go up to 2**63 - 1
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**63 - 1
+
+
+def _count(name: str, value, minimum: int, maximum: int = MAX_COUNT) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         if minimum > 1 and isinstance(value, Integral) and not isinstance(value, bool) \
@@ -141,6 +147,9 @@ def _count(name: str, value, minimum: int) -> int:
             what = f"a positive integer (at least {minimum})"
         raise _refuse(f"{name} must be {what}; got {value!r}",
                       f"{_flag(name)} must be an integer >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise _refuse(f"{name} must be at most {maximum}; got {value!r}",
+                      f"{_flag(name)} must be an integer <= {maximum}, got {value!r}")
     return int(value)
 
 
@@ -248,7 +257,7 @@ class SpectraSettings:
         canonical = {
             "iterations": _count("iterations", self.iterations, MIN_ITERATIONS),
             "vectors": _count("vectors", self.vectors, 1),
-            "seed": _count("seed", self.seed, 0),
+            "seed": _count("seed", self.seed, 0, MAX_SEED),
             "distribution": _choice("distribution", self.distribution, DISTRIBUTIONS),
             "reorthogonalize": _reorthogonalize(self.reorthogonalize),
             "kind": _choice("kind", self.kind, KINDS),

@@ -52,7 +52,8 @@ from layerhessians.training.loop import CRASH_ENV, evaluate, train_epoch
 from layerhessians.training.setup import Setup, make_optimizer
 
 REPO = Path(__file__).resolve().parents[2]
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the shared problem registry
+HERE = Path(__file__).resolve().parent  # this module, imported by the worker processes
 CE = nn.CrossEntropyLoss()
 TIMEOUT = 180  # seconds for a whole multi-process launch
 SECONDS = ["train_seconds", "spectra_seconds", "eval_seconds"]
@@ -72,7 +73,7 @@ def free_port() -> int:
 
 def _env(**extra) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(TESTS),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(TESTS), str(HERE),
                                           os.environ.get("PYTHONPATH", "")]),
            "TQDM_DISABLE": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", CRASH_ENV):
@@ -286,7 +287,7 @@ def audit(tmp_path_factory):
     (hook / "sitecustomize.py").write_text(AUDIT)
     logs = tmp_path_factory.mktemp("audit")
     runs = tmp_path_factory.mktemp("runs")
-    path = os.pathsep.join([str(hook), str(REPO / "src"), str(TESTS)])
+    path = os.pathsep.join([str(hook), str(REPO / "src"), str(TESTS), str(HERE)])
     return {"PYTHONPATH": path, "LH_AUDIT_DIR": str(runs), "LH_AUDIT_LOG": str(logs)}, logs, runs
 
 
