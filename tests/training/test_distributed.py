@@ -475,7 +475,8 @@ def test_trainer_records_reorthogonalize_used_and_plan(mnist_root, tmp_path):
     run = tmp_path / "tiny-budget"
     assert main(["train", "-r", str(run), *flags(mnist_root), "-n", "1",
                  "--memory-budget", "100KB", "--hessian-batch-size", "4"]) == 0
-    config = load_run(run).config
+    record = load_run(run).record
+    config = {**record.training_settings(), **record.facts}
     assert config["hessian"]["reorthogonalize"] is False  # bases do not fit 100 kB
     assert config["micro_batch_size"] == 4 and config["reuse_graph"] is False
     assert config["memory_budget"] == "100KB" and config["memory_budget_bytes"] == 100_000

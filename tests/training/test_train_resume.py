@@ -76,7 +76,7 @@ def test_sigkilled_run_resumes_to_identical_results(straight, mnist_root, tmp_pa
 
     assert train(run, ["--resume"]) == 0  # every setting from config.json
     assert_same_results(straight, run)
-    config = load_run(run).config
+    config = load_run(run).record.facts
     assert len(config["resumed_at"]) == 1 and "--resume" in config["command"]
 
     # a finished run is extended by raising -n; nothing is recomputed

@@ -217,7 +217,7 @@ def distance_table(run, metrics=(DEFAULT_DISTANCE,), epochs=None, points: int = 
 
     Args:
         run: a :class:`~layerhessians.store.run.Run` (``.blocks``, ``.epochs``,
-            ``.measure``, ``.config``).
+            ``.measure``, ``.record``).
         metrics: registry names (:data:`METRICS`).
         epochs: epochs to use (default :func:`default_epochs`).
         points: density grid of the ``"paper"`` metric.
