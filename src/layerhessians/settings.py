@@ -281,6 +281,29 @@ class SpectraSettings:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
+    def from_dict(cls, data: dict) -> SpectraSettings:
+        """The settings of :meth:`to_dict`'s ``dict`` (e.g. a run record's ``spectra``
+        section); keys that are not fields are ignored, missing ones take the defaults.
+
+        Raises:
+            SettingError: a bad value.
+        """
+        return cls(**{k: v for k, v in data.items() if k in SETTINGS})
+
+    @staticmethod
+    def config_values(values: dict) -> dict:
+        """``{TrainConfig path: value}`` of the settings in ``values`` (a field -> value
+        ``dict``) that :data:`SETTINGS` maps to a ``TrainConfig`` path, the inverse of
+        :meth:`from_config` (``micro_batch_size="auto"`` is an unset ``hessian_batch_size``)."""
+        out = {}
+        for name, value in values.items():
+            row = SETTINGS.get(name)
+            if row is None or row.config is None:
+                continue
+            out[row.config] = None if name == "micro_batch_size" and value == "auto" else value
+        return out
+
+    @classmethod
     def field_names(cls) -> tuple:
         """The fields, in order (also ``layer_spectra``'s and the tracker's keywords)."""
         return tuple(f.name for f in fields(cls))

@@ -359,7 +359,7 @@ def test_distance_table_spread_mixture_and_shares(tmp_path):
     assert (d["distance_low"] < d["distance_high"]).all()
     assert all(len(x) == 40 for x in d["draws"])
     assert (d["spread"] == "dirichlet/dirichlet").all()
-    dims = run.config["block_dims"]
+    dims = run.record.block_dims
     np.testing.assert_allclose(d.loc[d["epoch"] == 1, "share"],
                                [dims[b] / dims["full"] for b in LENET_LAYERS])
     assert (d["mixture_blocks"] == "layers only").all()
@@ -411,7 +411,7 @@ def test_summary_verdicts_and_peak_epoch_care(tmp_path):
     assert s["peak_significant"] and s["peak_verdict"] == "conv2.weight"
     assert s["peak_low"] <= s["peak_high"] and 0 <= s["peak_support"] <= 1
     assert "3" in s["peak_epochs_within_spread"].split(",")
-    assert s["best_share"] == pytest.approx(2000 / run.config["block_dims"]["full"])
+    assert s["best_share"] == pytest.approx(2000 / run.record.block_dims["full"])
     per_epoch = matching.epoch_verdicts(d)
     assert list(per_epoch["epoch"]) == [1, 2, 3, 4, 5]
     assert (per_epoch["layer"] == "conv2.weight").all()

@@ -244,7 +244,7 @@ def test_tracker_fixes_an_augmenting_loader_and_records_a_real_checksum(tmp_path
     independent = dense_reference(model, CE, data, reduction="mean")
     assert np.isclose(float(np.max(first["full"].nodes)), _top(independent), rtol=1e-6)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["hessian_checksum"] != hashlib.sha256().hexdigest()
+    assert config["facts"]["hessian_checksum"] != hashlib.sha256().hexdigest()
     tracker.close()
     with pytest.raises(UserError, match="different settings"):  # resume with other data
         SpectraTracker(model, CE, torch.utils.data.DataLoader(Augmenting(), batch_size=6),

@@ -188,9 +188,9 @@ def test_train_on_an_image_folder_records_path_and_checksum(tmp_path, capsys):
     assert main(["train", "-d", str(root), "-r", str(run), *TRAIN]) == 0
     config = json.loads((run / "config.json").read_text())
     data = load_dataset(str(root))
-    assert config["dataset"] == str(root.resolve())
-    assert config["dataset_checksum"] == data.checksum
-    assert config["num_classes"] == 3 and config["in_channels"] == 1
+    assert config["facts"]["dataset"] == str(root.resolve())
+    assert config["facts"]["dataset_checksum"] == data.checksum
+    assert config["facts"]["num_classes"] == 3 and config["facts"]["in_channels"] == 1
     capsys.readouterr()
     # a bad file: one line, exit 2, nothing trained
     (root / "cat" / "x.png").write_bytes(b"broken")

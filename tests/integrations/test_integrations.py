@@ -110,7 +110,7 @@ def test_lightning_callback_writes_a_loadable_run_and_leaves_training_alone(tmp_
     run = load_run(tmp_path / "run")
     assert run.epochs == [0, 1, 2] and calls == [0, 1, 2]
     assert run.blocks == ["full", "last"]
-    assert run.config["block_params"] == {"last": ["net.2.weight"]}
+    assert run.record.tracker["block_params"] == {"last": ["net.2.weight"]}
     np.testing.assert_allclose(run.measure("last", 2).nodes, callback.last["last"].nodes,
                                rtol=1e-15)
     assert run.metrics["train_loss"].notna().tolist() == [False, True, True]

@@ -39,7 +39,7 @@ def test_commit_and_load_roundtrip(tmp_path):
             commit(store, epoch)
         assert store.completed_epoch == 2
     run = load_run(tmp_path / "r")
-    assert run.config["model"] == "LeNet"
+    assert run.record.model == "LeNet"
     assert list(run.metrics["epoch"]) == [0, 1, 2]
     assert run.epochs == [0, 1, 2]
     assert run.blocks == ["full", "conv1.weight"]
@@ -71,8 +71,9 @@ def test_refuses_other_settings_and_unflagged_restart(tmp_path):
     with RunStore.create(tmp_path / "r", {**CONFIG, "num_epochs": 5, "start_time": "t1"},
                          resume=True) as store:
         assert store.completed_epoch == 1
-        assert store.config["num_epochs"] == 5 and store.config["start_time"] == "t0"
-        assert store.config["resumed_at"] == ["t1"]
+        assert store.record.training["num_epochs"] == 5
+        assert store.record.facts["start_time"] == "t0"
+        assert store.record.facts["resumed_at"] == ["t1"]
 
 
 def test_overwrite_clears_owned_files_only(tmp_path):
@@ -82,7 +83,7 @@ def test_overwrite_clears_owned_files_only(tmp_path):
     with RunStore.create(tmp_path / "r", {**CONFIG, "learning_rate": 0.1}, overwrite=True) as s:
         assert s.completed_epoch is None and s.metrics.empty
     assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["learning_rate"] == 0.1
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["training"]["learning_rate"] == 0.1
 
 
 def test_resume_drops_rows_after_last_checkpoint(tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 from layerhessians.cli.main import main
 from layerhessians.errors import UserError
-from layerhessians.store import checkpoints, consistency, legacy, manifest, writer
+from layerhessians.store import checkpoints, legacy, manifest, record, writer
 from layerhessians.store.checkpoints import COMMITTED_KEY
 from layerhessians.store.names import JOURNAL, MANIFEST, run_path, safe_child
 from layerhessians.store.run import load_run
@@ -104,7 +104,7 @@ def test_overwrite_killed_midway_is_finished_on_next_open(tmp_path, monkeypatch)
     # the same --overwrite command again: a new run, nothing of the old one
     with RunStore.create(run, {**CONFIG, "learning_rate": 0.1}, overwrite=True) as store:
         assert store.completed_epoch is None and store.metrics.empty and store.spectra.empty
-        assert store.config["learning_rate"] == 0.1
+        assert store.record.training["learning_rate"] == 0.1
 
 
 def test_a_gap_in_the_epochs_is_refused_for_a_trainer_run_only(tmp_path):
@@ -115,7 +115,7 @@ def test_a_gap_in_the_epochs_is_refused_for_a_trainer_run_only(tmp_path):
                                         r"epoch 3 once \(holds 0..3 \(3 rows\)\)") as err:
         RunStore.create(trainer, CONFIG, resume=True)
     assert "metrics.csv" in one_line(err)
-    tracked = {**CONFIG, "source": consistency.TRACKER_SOURCE}
+    tracked = {**CONFIG, "source": record.TRACKER}  # the old tracker's shape
     with RunStore.create(tmp_path / "tracker", tracked) as store:
         for epoch in (0, 10, 20):
             commit(store, epoch)
@@ -598,7 +598,7 @@ def test_cli_overwrite_killed_then_rerun_trains_afresh(tmp_path, monkeypatch, ca
     assert _train(run, "-lr", "0.02", "--overwrite") == 0
     assert "is complete" not in capsys.readouterr().out
     result = load_run(run)
-    assert list(result.metrics["epoch"]) == [1, 2] and result.config["learning_rate"] == 0.02
+    assert list(result.metrics["epoch"]) == [1, 2] and result.record.training["learning_rate"] == 0.02
     assert RunStore(run).completed_epoch == 2
 
     # garbled checkpoint: one line, never "diverged"

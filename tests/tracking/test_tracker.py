@@ -213,9 +213,9 @@ def test_the_record_reads_as_a_run(tmp_path):
     run = load_run(run_dir)
     assert run.epochs == [0, 1, 2]
     assert run.blocks == ["full", "embedding", "attention", "mlp"]
-    assert run.config["model"] == "TinyLM" and run.config["dataset"] == "tokens"
-    assert run.config["block_dims"]["attention"] == 80
-    assert run.config["block_params"]["embedding"] == ["position", "embed.weight"]
+    assert run.record.model == "TinyLM" and run.record.dataset == "tokens"
+    assert run.record.block_dims["attention"] == 80
+    assert run.record.tracker["block_params"]["embedding"] == ["position", "embed.weight"]
     for epoch, spectra in recorded.items():
         for block, measure in spectra.items():
             np.testing.assert_allclose(run.measure(block, epoch).nodes, measure.nodes,

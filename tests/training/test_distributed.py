@@ -307,9 +307,9 @@ def test_torchrun_two_processes_match_one_and_only_rank0_writes(two_process_run,
     assert ".lock" in writes and "metrics.csv" in writes and "last.pt" in writes
     assert not (logs / "rank1.txt").exists(), (logs / "rank1.txt").read_text()
     two = load_run(run)
-    assert two.config["world_size"] == 2 and two.config["backend"] == "gloo"
-    assert two.config["hessian_examples"] == 20
-    assert two.config["hessian"]["reorthogonalize"] is True  # "auto", resolved and recorded
+    assert two.record.facts["world_size"] == 2 and two.record.facts["backend"] == "gloo"
+    assert two.record.facts["hessian_examples"] == 20
+    assert two.record.spectra["reorthogonalize"] is True  # "auto", resolved and recorded
     log_text = (run / "logs" / "train.log").read_text()
     assert log_text.count("epoch 2/2") == 1 and "2 processes (gloo)" in log_text
 
@@ -317,7 +317,7 @@ def test_torchrun_two_processes_match_one_and_only_rank0_writes(two_process_run,
     assert main(["train", "-r", str(tmp_path / "one"), *flags(mnist_root),
                  "--layer-spectra", "slq"]) == 0
     one = load_run(tmp_path / "one")
-    assert one.config["world_size"] == 1 and one.config["backend"] is None
+    assert one.record.facts["world_size"] == 1 and one.record.facts["backend"] is None
     columns = ["train_loss", "test_loss"]
     np.testing.assert_allclose(two.metrics[columns], one.metrics[columns], rtol=TRAJECTORY_RTOL)
     np.testing.assert_array_equal(two.metrics["train_acc"], one.metrics["train_acc"])
@@ -476,7 +476,8 @@ def test_trainer_records_reorthogonalize_used_and_plan(mnist_root, tmp_path):
     run = tmp_path / "tiny-budget"
     assert main(["train", "-r", str(run), *flags(mnist_root), "-n", "1",
                  "--memory-budget", "100KB", "--hessian-batch-size", "4"]) == 0
-    config = load_run(run).config
+    record = load_run(run).record
+    config = {**record.training_settings(), **record.facts}
     assert config["hessian"]["reorthogonalize"] is False  # bases do not fit 100 kB
     assert config["micro_batch_size"] == 4 and config["reuse_graph"] is False
     assert config["memory_budget"] == "100KB" and config["memory_budget_bytes"] == 100_000

@@ -122,7 +122,7 @@ def test_methods_layer_metrics_and_log(validated_run):
         for epoch in (1, 2):
             measure = run.measure(block, epoch)
             row = run.metrics[run.metrics["epoch"] == epoch].iloc[0]
-            dim = run.config["block_dims"][block]
+            dim = run.record.block_dims[block]
             assert row[f"top_eigenvalue/{block}"] == pytest.approx(measure.nodes.max(), rel=1e-12)
             trace = dim * float(np.dot(measure.weights, measure.nodes))
             assert row[f"trace/{block}"] == pytest.approx(trace, rel=1e-9)
@@ -150,7 +150,7 @@ def test_slq_fidelity_table_equals_an_independent_slq_run(validated_run):
     for block in LENET_LAYERS:
         row = table[(table["epoch"] == 2) & (table["block"] == block)].iloc[0]
         exact = run.measure(block, 2)
-        exact.dim = run.config["block_dims"][block]
+        exact.dim = run.record.block_dims[block]
         assert row["w1_relative"] == pytest.approx(relative_w1(slq[block], exact), rel=1e-6)
         assert row["exact_top"] == pytest.approx(exact.nodes.max(), rel=1e-12)
     assert "validate_seconds" in run.metrics.columns
@@ -183,7 +183,7 @@ def test_threads_recorded_kept_on_resume_and_warned_when_changed(tmp_path, capsy
     before = torch.get_num_threads()
     run = tmp_path / "run"
     assert _train(run, "-n", "1", "--threads", "1", "--no-layers") == 0
-    assert json.loads((run / "config.json").read_text())["threads"] == 1
+    assert json.loads((run / "config.json").read_text())["facts"]["threads"] == 1
     assert torch.get_num_threads() == before  # the library call leaves the process as it was
     capsys.readouterr()
 
@@ -196,7 +196,7 @@ def test_threads_recorded_kept_on_resume_and_warned_when_changed(tmp_path, capsy
     err = capsys.readouterr().err
     assert (f"the run was trained with 1 thread(s) and continues with {other}: the "
             "continuation is not bit-identical") in err
-    assert json.loads((run / "config.json").read_text())["threads"] == 1
+    assert json.loads((run / "config.json").read_text())["facts"]["threads"] == 1
     assert "not bit-identical" in (run / "logs" / "train.log").read_text()
 
 
@@ -266,7 +266,7 @@ def test_grid_ends_with_the_figures_and_one_verdict_per_run(tmp_path, capsys):
     assert lines[-3].startswith("sweep: figures: ") and "match_distros_wasserstein.png" in lines[-3]
     for line, run in zip(lines[-2:], ("a", "b")):
         assert line.startswith(f"sweep: LeNet+Digits [{run}]: over training, "), line
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["threads"] == 1
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["facts"]["threads"] == 1
 
 
 def test_verdicts_from_a_summary():

@@ -76,20 +76,20 @@ def test_sigkilled_run_resumes_to_identical_results(straight, mnist_root, tmp_pa
 
     assert train(run, ["--resume"]) == 0  # every setting from config.json
     assert_same_results(straight, run)
-    config = load_run(run).config
+    config = load_run(run).record.facts
     assert len(config["resumed_at"]) == 1 and "--resume" in config["command"]
 
     # a finished run is extended by raising -n; nothing is recomputed
     before = load_run(run).spectra
     assert train(run, ["--resume", "-n", "4"]) == 0
     after = load_run(run)
-    assert list(after.metrics["epoch"]) == [0, 1, 2, 3, 4] and after.config["num_epochs"] == 4
+    assert list(after.metrics["epoch"]) == [0, 1, 2, 3, 4] and after.record.training["num_epochs"] == 4
     pd.testing.assert_frame_equal(after.spectra[after.spectra["epoch"] <= 3], before,
                                   check_exact=True)
     assert train(run, ["--resume"]) == 0  # complete: nothing to do
     assert train(run, ["--resume", "-n", "2"]) == 2  # would shorten it: refused
     assert list(load_run(run).metrics["epoch"]) == [0, 1, 2, 3, 4]
-    assert load_run(run).config["num_epochs"] == 4
+    assert load_run(run).record.training["num_epochs"] == 4
 
 
 class Crash(Exception):
@@ -144,7 +144,7 @@ def test_refuses_other_settings_restarts_and_concurrent_writers(straight, mnist_
     assert train(run, flags(mnist_root, "-lr", "0.1", "--no-layers", "--hessian-every", "2",
                             "--overwrite")) == 0
     replaced = load_run(run)
-    assert replaced.config["learning_rate"] == 0.1 and replaced.blocks == ["full"]
+    assert replaced.record.training["learning_rate"] == 0.1 and replaced.blocks == ["full"]
     assert list(replaced.metrics["epoch"]) == [0, 1, 2, 3]
     assert replaced.epochs == [0, 2, 3]  # every 2nd epoch, and always the last
     assert replaced.metrics["top_eigenvalue"].isna().tolist() == [False, True, False, False]

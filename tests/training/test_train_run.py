@@ -41,20 +41,23 @@ def digits_run(tmp_path_factory):
 
 def test_run_directory_contract(digits_run):
     run = load_run(digits_run)
-    config = run.config
+    # config.json is a run record (store/record.py): facts, spectra, blocks, training
+    assert set(run.config) >= {"record", "facts", "spectra", "blocks", "training", "tracker"}
+    record = run.record
+    facts, config = record.facts, record.training_settings()
     assert (config["model"], config["dataset"], config["optimizer"]) == ("LeNet", "Digits", "sgd")
-    assert config["blocks"] == LENET_BLOCKS == run.blocks
-    assert config["num_params"] == config["block_dims"]["full"] == 61706
-    assert config["block_dims"]["fc1.weight"] == 400 * 120
+    assert record.block_names == LENET_BLOCKS == run.blocks
+    assert facts["num_params"] == record.block_dims["full"] == 61706
+    assert record.block_dims["fc1.weight"] == 400 * 120
     assert config["hessian"] == {"iterations": 8, "vectors": 1, "kind": "hessian",
                                  "bn_mode": "eval", "every": 1, "layers": True, "init": True,
                                  "distribution": "gaussian", "reorthogonalize": True,
                                  "subset_seed": 0, "layer_method": "auto",
                                  "validate_layers": False}
-    assert config["hessian_examples"] == 10 and config["device"] == "cpu"
-    assert set(config["versions"]) >= {"layerhessians", "torch", "python"}
-    assert len(config["dataset_checksum"]) == 64 and config["start_time"]
-    assert config["command"].startswith("layerhessians train --run ")
+    assert facts["hessian_examples"] == 10 and facts["device"] == "cpu"
+    assert set(facts["versions"]) >= {"layerhessians", "torch", "python"}
+    assert len(facts["dataset_checksum"]) == 64 and facts["start_time"]
+    assert facts["command"].startswith("layerhessians train --run ")
     for flag in ("learning_rate", "weight_decay", "num_epochs", "batch_size", "milestones",
                  "step_gamma", "augment", "seed", "examples_per_class", "save_freq"):
         assert flag in config
@@ -253,8 +256,8 @@ def test_seed_command_line_through_the_experiments_script(tmp_path, monkeypatch,
     assert exit_.value.code == 0, capsys.readouterr().err
     run = load_run(tmp_path / "model=LeNet,dataset=MNIST,te,run1")
     assert list(run.metrics["epoch"]) == [1] and run.epochs == [1]
-    assert run.config["learning_rate"] == 0.01 and run.config["dataset"] == "MNIST"
-    assert run.config["train_examples"] == 60 and run.blocks == LENET_BLOCKS
+    assert run.record.training["learning_rate"] == 0.01 and run.record.dataset == "MNIST"
+    assert run.record.facts["train_examples"] == 60 and run.blocks == LENET_BLOCKS
     assert "epoch 1/1" in capsys.readouterr().err  # log lines go to stderr
 
 

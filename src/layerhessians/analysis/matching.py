@@ -63,6 +63,7 @@ from layerhessians.analysis.distances import (
 from layerhessians.analysis.spread import block_diagonal_mixture, resample, spread_method
 from layerhessians.errors import UserError
 from layerhessians.spectra.measure import SpectralMeasure
+from layerhessians.store.record import RunRecord
 from layerhessians.vocabulary import DEFAULT_REPLICATES, FULL
 
 REST = "rest"  # the block of every parameter that is not a layer weight, when measured
@@ -114,23 +115,34 @@ def distance_entry(metric: str | None, points: int = PAPER_POINTS):
 
 
 # ----------------------------------------------------------------------------- block sizes
-def block_dimensions(config) -> dict:
-    """``{block: number of parameters}`` from config.json (``block_dims``), else counted on
-    a freshly built model of the run's architecture (input channels and classes from the
-    config, else from the dataset registry); ``{}`` if neither is possible."""
+def run_record(run) -> RunRecord:
+    """The :class:`~layerhessians.store.record.RunRecord` of ``run`` (a
+    :class:`~layerhessians.store.run.Run`, or any object with a ``config`` dict)."""
+    record = getattr(run, "record", None)
+    return record if isinstance(record, RunRecord) else \
+        RunRecord.from_dict(getattr(run, "config", None) or {})
+
+
+def block_dimensions(record) -> dict:
+    """``{block: number of parameters}`` from a run's record (a
+    :class:`~layerhessians.store.record.RunRecord`, or config.json as a ``dict``), else
+    counted on a freshly built model of the run's architecture (input channels and classes
+    from the record, else from the dataset registry); ``{}`` if neither is possible."""
     # torch: counting parameters builds the model; not imported for `match --help`
     from layerhessians.data.registry import get_spec
     from layerhessians.models import build_model, layer_blocks
 
-    for key in ("block_dims", "dims"):
-        if isinstance(config.get(key), dict):
-            return {k: int(v) for k, v in config[key].items()}
+    if not isinstance(record, RunRecord):
+        record = RunRecord.from_dict(record or {})
+    if record.block_dims:
+        return record.block_dims
     try:
-        channels, classes = config.get("in_channels"), config.get("num_classes")
+        channels = record.facts.get("in_channels")
+        classes = record.facts.get("num_classes")
         if not (channels and classes):
-            spec = get_spec(config.get("dataset"))
+            spec = get_spec(record.dataset)
             channels, classes = channels or spec.in_channels, classes or spec.num_classes
-        model = build_model(config["model"], in_channels=int(channels), num_classes=int(classes))
+        model = build_model(record.model, in_channels=int(channels), num_classes=int(classes))
     except Exception:  # unknown architecture or dataset: no sizes
         return {}
     dims = {name: sum(p.numel() for p in ps) for name, ps in layer_blocks(model).items()}
@@ -145,7 +157,7 @@ def measure_lookup(run, dims=None):
     :func:`block_dimensions` of the run's config) and ``method`` from an optional
     ``method`` column of the spectra table (``"exact"`` for exact spectra). Missing pairs
     go to ``run.measure``, which raises its :class:`UserError`."""
-    dims = block_dimensions(getattr(run, "config", {}) or {}) if dims is None else dims
+    dims = block_dimensions(run_record(run)) if dims is None else dims
     spectra = run.spectra
     groups = {(block, int(epoch)): rows for (block, epoch), rows
               in spectra.groupby(["block", "epoch"], sort=False)}
@@ -205,7 +217,7 @@ def distance_table(run, metrics=(DEFAULT_DISTANCE,), epochs=None, points: int = 
 
     Args:
         run: a :class:`~layerhessians.store.run.Run` (``.blocks``, ``.epochs``,
-            ``.measure``, ``.config``).
+            ``.measure``, ``.record``).
         metrics: registry names (:data:`METRICS`).
         epochs: epochs to use (default :func:`default_epochs`).
         points: density grid of the ``"paper"`` metric.
@@ -236,10 +248,10 @@ def distance_table(run, metrics=(DEFAULT_DISTANCE,), epochs=None, points: int = 
                         f"layer to compare them (it has: {', '.join(blocks) or 'none'}); "
                         "train it without --no-layers")
     chosen = _checked_epochs(run, name, epochs)
-    config = getattr(run, "config", {}) or {}
-    dims = block_dimensions(config)
+    record = run_record(run)
+    dims = block_dimensions(record)
     measure = measure_lookup(run, dims) if measure is None else measure
-    total = dims.get(FULL) or config.get("num_params")
+    total = dims.get(FULL) or record.num_params
     parts = layers + ([REST] if REST in blocks else [])
     mixable = all(dims.get(b) for b in parts)
     mixture_blocks = ("" if not mixable else "layers + rest" if REST in blocks
@@ -276,7 +288,7 @@ def distance_table(run, metrics=(DEFAULT_DISTANCE,), epochs=None, points: int = 
             mix_lo, mix_hi = _interval(table[:, -1], level) if mix is not None else (np.nan,) * 2
             for index, layer in enumerate(layers):
                 lo, hi = _interval(table[:, index], level)
-                rows.append((name, config.get("model"), config.get("dataset"), epoch, layer,
+                rows.append((name, record.model, record.dataset, epoch, layer,
                              index, depth(index, len(layers)), shares[index], float(point[index]),
                              lo, hi, float(mix_point), mix_lo, mix_hi, mixture_blocks, spread,
                              int(replicates), entry.name, entry.axis, table[:, index].copy()))

@@ -20,7 +20,7 @@ from layerhessians.analysis.distances import (
     resolve_metric,
     resolve_metrics,
 )
-from layerhessians.analysis.matching import block_dimensions
+from layerhessians.analysis.matching import block_dimensions, run_record
 from layerhessians.errors import UserError
 from layerhessians.progress import Progress
 from layerhessians.store.manifest import write_csv
@@ -108,7 +108,7 @@ def _selected_epochs(run, spec):
 
 
 def _title(run):
-    model, dataset = run.config.get("model"), run.config.get("dataset")
+    model, dataset = run_record(run).model, run_record(run).dataset
     return f"{model} on {dataset}" if model and dataset else run.path.name
 
 
@@ -165,7 +165,7 @@ def _figures(run, points, fmt, dpi, epochs, metric, normalize, out, replicates, 
         grid = np.linspace(lo - pad, hi + pad, points)
         densities = np.stack([m.density(grid=grid)[1] for m in full])
         top = [m.nodes[m.weights > 0].max() for m in full]
-        dim = block_dimensions(run.config).get(FULL)
+        dim = block_dimensions(run_record(run)).get(FULL)
         means = np.array([np.dot(m.nodes, m.weights) for m in full])
         if dim:
             trace, label = means * dim, "trace"
@@ -263,10 +263,10 @@ def parse_peaks(specs, runs, ids) -> dict:
     for spec in specs:
         if spec.strip().lower() == "paper":
             for run, rid in zip(runs, ids):
-                epoch = matching.paper_peak_epoch(run.config.get("model"), run.config.get("dataset"))
+                epoch = matching.paper_peak_epoch(run_record(run).model, run_record(run).dataset)
                 if epoch is None:
-                    print(f"note: no paper peak for {rid} ({run.config.get('model')}+"
-                          f"{run.config.get('dataset')}); its peak is computed", file=sys.stderr)
+                    print(f"note: no paper peak for {rid} ({run_record(run).model}+"
+                          f"{run_record(run).dataset}); its peak is computed", file=sys.stderr)
                 peaks.setdefault(rid, epoch)
             continue
         name, sep, value = spec.rpartition("=")

@@ -51,7 +51,7 @@ def add_arguments(parser):
 
 def _check_identity(run, args):
     for key, given in (("model", args.model), ("dataset", args.dataset)):
-        stored = run.config.get(key)
+        stored = getattr(run.record, key)
         if given is not None and stored is not None and str(given).lower() != str(stored).lower():
             raise UserError(f"-{key[0]} {given} does not match the run {run.path} "
                             f"({key} {stored} in config.json); drop -{key[0]} or fix -r")

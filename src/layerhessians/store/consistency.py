@@ -2,11 +2,11 @@
 of metrics.csv against the checkpoint's, the spectra's epochs and blocks against
 metrics.csv and config.json, and the settings that must not change on resume."""
 
-import json
 from pathlib import Path
 
 from layerhessians.store.names import METRICS, SPECTRA
 from layerhessians.store.readers import problem
+from layerhessians.store.record import RunRecord
 
 # settings that may differ between a run and its resumption
 VOLATILE_KEYS = frozenset({
@@ -14,33 +14,19 @@ VOLATILE_KEYS = frozenset({
     "progress", "save_freq", "export_legacy", "dataset_root", "download", "workers",
     "host", "resumed_at", "world_size", "micro_batch_size",
 })
-#: config.json ``source`` of a SpectraTracker's run
-TRACKER_SOURCE = "SpectraTracker"
-#: config.json ``source`` values of runs that record updates at strictly increasing, not
-#: necessarily consecutive, indices (a tracker updated every k steps or epochs: 0, 10, 20);
-#: a trainer's run (no ``source``) records every epoch
-SPARSE_SOURCES = frozenset({TRACKER_SOURCE})
 
-
-def config_differences(old: dict, new: dict, ignore=VOLATILE_KEYS) -> list:
-    """``["key: old -> new", ...]`` for the settings that differ (``ignore`` keys skipped)."""
-    keys = [k for k in dict.fromkeys([*old, *new]) if k not in ignore]
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
-            if json.dumps(old.get(k), default=str) != json.dumps(new.get(k), default=str)]
-
-
-def check_consistent(path, config: dict, metrics, spectra, epoch):
+def check_consistent(path, record: RunRecord, metrics, spectra, epoch):
     """Refuse a run whose files disagree: metrics.csv must hold each epoch exactly once,
     consecutively from 0 or 1 up to the checkpoint's ``epoch`` (none when ``epoch`` is
     ``None``); spectra.csv only measured epochs among those, each with every block.
 
-    A run whose config.json ``source`` is in :data:`SPARSE_SOURCES` (a SpectraTracker's,
-    updated every k steps or epochs) may skip indices: its metrics.csv must hold strictly
-    increasing indices ending at the checkpoint's ``epoch``.
+    A run whose indices are not consecutive (:attr:`RunRecord.consecutive` false: a
+    SpectraTracker's, updated every k steps or epochs) may skip indices: its metrics.csv
+    must hold strictly increasing indices ending at the checkpoint's ``epoch``.
 
     Args:
         path: the run directory (named in the refusals).
-        config: its config.json.
+        record: its config.json (:class:`~layerhessians.store.record.RunRecord`).
         metrics: its metrics.csv (:func:`~layerhessians.store.readers.read_metrics`).
         spectra: its spectra.csv (:func:`~layerhessians.store.readers.read_spectra`).
         epoch: the checkpoint's epoch (update index), or ``None`` without a checkpoint.
@@ -56,7 +42,7 @@ def check_consistent(path, config: dict, metrics, spectra, epoch):
                                           "run has no checkpoint (checkpoints/last.pt)")
     else:
         shown = f"{epochs[0]}..{epochs[-1]} ({len(epochs)} rows)" if epochs else "none"
-        if config.get("source") in SPARSE_SOURCES:
+        if not record.consecutive:
             increasing = all(a < b for a, b in zip(epochs, epochs[1:]))
             if not (epochs and epochs[0] >= 0 and increasing and epochs[-1] == epoch):
                 raise problem(path / METRICS, f"does not hold increasing indices, each once, "
@@ -73,7 +59,7 @@ def check_consistent(path, config: dict, metrics, spectra, epoch):
     stray = [e for e in measured if e not in set(epochs)]
     if stray:
         raise problem(path / SPECTRA, f"holds epoch {stray[0]}, which metrics.csv lacks")
-    expected = [b for b in config.get("blocks", [])] or None
+    expected = record.block_names or None
     pairs = spectra.groupby("epoch")["block"].agg(lambda s: set(s))
     for e in measured:
         have = pairs.loc[e]

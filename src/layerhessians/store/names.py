@@ -3,7 +3,7 @@ by users (``-r``) and grid files.
 
 Layout (see docs/architecture.md)::
 
-    RUN/config.json          every setting, versions, device, dataset checksum, start time
+    RUN/config.json          the run record (store/record.py: facts, spectra, blocks, ...)
     RUN/metrics.csv          one row per epoch (or per update of a SpectraTracker)
     RUN/spectra.csv          long table: epoch, block, vector, node, weight[, method]
     RUN/slq_fidelity.csv     with --validate-layer-spectra (written by the trainer)

@@ -202,8 +202,12 @@ def read_config(path) -> dict:
         raise problem(path, f"is not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(config, dict):
         raise problem(path, f"holds a JSON {type(config).__name__}, not the object of settings")
-    blocks = config.get("blocks", [])
-    if not isinstance(blocks, list) or not all(isinstance(b, str) for b in blocks):
-        raise problem(path, "has a 'blocks' entry that is not a list of names")
+    blocks = config.get("blocks", [])  # a list of names (earlier releases), else name -> size
+    names_only = isinstance(blocks, list) and all(isinstance(b, str) for b in blocks)
+    sized = isinstance(blocks, dict) and all(
+        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in blocks.values())
+    if not (names_only or sized):
+        raise problem(path, "has a 'blocks' entry that is not a list of names or an object "
+                            "of block sizes")
     return config
 

@@ -2,6 +2,7 @@
 metrics and the spectra, each file read strictly (:mod:`layerhessians.store.readers`)."""
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +19,8 @@ from layerhessians.store.names import (
     run_path,
 )
 from layerhessians.store.oserrors import os_errors
-from layerhessians.store.readers import METHOD, read_config, read_metrics, read_spectra
+from layerhessians.store.readers import METHOD, problem, read_config, read_metrics, read_spectra
+from layerhessians.store.record import RunRecord
 from layerhessians.vocabulary import FULL
 
 __all__ = ["Run", "load_run"]
@@ -26,7 +28,10 @@ __all__ = ["Run", "load_run"]
 
 @dataclass
 class Run:
-    """A run directory read back: settings, per-epoch metrics and the spectra."""
+    """A run directory read back: settings, per-epoch metrics and the spectra.
+
+    ``config`` is config.json as stored; :attr:`record` reads it (whichever writer, whichever
+    release wrote it) as a :class:`~layerhessians.store.record.RunRecord`."""
 
     path: Path
     config: dict
@@ -38,21 +43,26 @@ class Run:
         """The run directory's name."""
         return self.path.name
 
+    @cached_property
+    def record(self) -> RunRecord:
+        """The run's record (:meth:`RunRecord.from_dict` of :attr:`config`)."""
+        return RunRecord.from_dict(self.config)
+
     @property
     def model(self):
         """The model name recorded in config.json (``None`` if absent)."""
-        return self.config.get("model")
+        return self.record.model
 
     @property
     def dataset(self):
         """The dataset name recorded in config.json (``None`` if absent)."""
-        return self.config.get("dataset")
+        return self.record.dataset
 
     @property
     def blocks(self) -> list:
         """Block names: ``"full"`` first, then the layers from input to output."""
         present = list(dict.fromkeys(self.spectra["block"]))
-        listed = [b for b in self.config.get("blocks", []) if b in present]
+        listed = [b for b in self.record.block_names if b in present]
         return listed + [b for b in present if b not in listed]
 
     @property
@@ -102,6 +112,10 @@ def load_run(path) -> Run:
             raise UserError(f"{path} is not a LayerHessians run directory (no {CONFIG}); "
                             "pass the -r directory of a `layerhessians train` run")
     config = read_config(path / CONFIG)
+    try:
+        RunRecord.from_dict(config)
+    except UserError as err:
+        raise problem(path / CONFIG, f"is not a run record: {err}") from None
     metrics, spectra = read_metrics(path / METRICS), read_spectra(path / SPECTRA)
     epoch = committed_epoch(path)
     if epoch is not False:  # the checkpoint is the commit point: later rows are not shown

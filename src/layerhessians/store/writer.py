@@ -56,7 +56,7 @@ from layerhessians.store.checkpoints import (
     load_torch,
     save_torch,
 )
-from layerhessians.store.consistency import VOLATILE_KEYS, check_consistent, config_differences
+from layerhessians.store.consistency import VOLATILE_KEYS, check_consistent
 from layerhessians.store.manifest import (
     delete_owned,
     ensure_manifest,
@@ -91,6 +91,7 @@ from layerhessians.store.readers import (
     read_metrics,
     read_spectra,
 )
+from layerhessians.store.record import RunRecord, differences, read_record
 from layerhessians.store.recovery import check_journal
 from layerhessians.store.resume import resume_source
 
@@ -134,19 +135,21 @@ class RunStore:
         return _options_error(fact, advice, self.spelling)
 
     @classmethod
-    def create(cls, path, config: dict, *, resume=False, overwrite=False,
+    def create(cls, path, config, *, resume=False, overwrite=False,
                ignore=VOLATILE_KEYS, checkpoint=None, spelling: str = "cli") -> "RunStore":
         """Open ``path`` for writing the run described by ``config``.
 
         Args:
             path: the run directory (created if absent).
-            config: the run's settings (written to config.json).
+            config: the run's :class:`~layerhessians.store.record.RunRecord` (written to
+                config.json; a ``dict`` is read by :meth:`RunRecord.from_dict`).
             resume: ``True``: continue the run there (same settings required, apart from
                 ``ignore`` keys such as ``num_epochs``); refused when there is no run.
                 ``"allow"``: continue it if there is one, else start it (grids).
                 ``False``: start a new run; refused when one is there.
             overwrite: replace the run there (only the store's own files are deleted).
-            ignore: config keys that may change on resume.
+            ignore: record keys that may change on resume (a key with any part of its
+                :meth:`RunRecord.flat` path among them).
             checkpoint: with ``resume``, a checkpoint file of this run to resume from
                 (``RUN/checkpoints/*.pt`` holding a full training state); later epochs are
                 dropped (see :meth:`rewind`).
@@ -162,6 +165,7 @@ class RunStore:
         """
         store = cls(path)
         store.spelling = spelling
+        record = config if isinstance(config, RunRecord) else RunRecord.from_dict(config)
         with os_errors("create the run directory", store.path):
             if store.path.exists() and not store.path.is_dir():
                 raise store._refusal(f"run path {store.path} exists and is not a directory; ",
@@ -177,18 +181,18 @@ class RunStore:
                 if not resume:
                     raise UserError("a checkpoint to resume from needs --resume")
                 store.rewind(checkpoint)
-            store._prepare(config, resume=resume, overwrite=overwrite, ignore=ignore)
+            store._prepare(record, resume=resume, overwrite=overwrite, ignore=ignore)
         except BaseException:
             store.close()
             raise
         return store
 
-    def _prepare(self, config, *, resume, overwrite, ignore):
+    def _prepare(self, record: RunRecord, *, resume, overwrite, ignore):
         has_config = (self.path / CONFIG).exists()
         if overwrite:
             self._overwrite()
             has_config = False
-        old = read_config(self.path / CONFIG) if has_config else None
+        old = read_record(self.path / CONFIG) if has_config else None
         if old is None:
             leftovers = [n for n in (METRICS, SPECTRA, f"{CHECKPOINTS}/{LAST_CHECKPOINT}")
                          if (self.path / n).exists()]
@@ -199,14 +203,14 @@ class RunStore:
             if resume is True:
                 raise self._refusal(f"{self.path} holds no run to resume (no {CONFIG}); ",
                                      "drop {resume} to start a new run there")
-            self._create(config)
+            self._create(record)
             return
         if not (self.path / MANIFEST).exists():
             self._adopt_or_refuse()
         manifest = read_manifest(self.path)
         done = self.completed_epoch
         self._verify(old, done)
-        diffs = config_differences(old, config, ignore)
+        diffs = differences(old, record, ignore)
         started = done is not None or self.metrics.shape[0] > 0
         if diffs:
             raise self._refusal(
@@ -217,13 +221,10 @@ class RunStore:
             raise self._refusal(
                 f"{self.path} already holds this run (completed epoch {done}); ",
                 "use {resume} to continue it or {overwrite} to start over")
-        merged = {**old, **{k: v for k, v in config.items() if k in ignore}}
-        merged["start_time"] = old.get("start_time")
-        merged["resumed_at"] = [*old.get("resumed_at", []), config.get("start_time")]
         self._make_folders(manifest)
-        write_json(self.path / CONFIG, merged)
+        write_json(self.path / CONFIG, old.resumed_by(record, ignore).to_dict())
 
-    def _create(self, config):
+    def _create(self, record: RunRecord):
         """A new run: journalled, so that a kill leaves a state the next open resolves."""
         self._refuse_foreign()
         self._journal({"op": "create"})
@@ -231,7 +232,7 @@ class RunStore:
         with os_errors("write", self.path / MANIFEST):
             write_manifest(self.path, manifest)
         self._make_folders(manifest)
-        write_json(self.path / CONFIG, config)
+        write_json(self.path / CONFIG, record.to_dict())
         self._end_journal()
         self._metrics = self._spectra = None
         self._bytes = {METRICS: b"", SPECTRA: b""}
@@ -313,10 +314,9 @@ class RunStore:
         """A run without a manifest: adopt it if an earlier version of this tool wrote its
         config.json (it records ``versions.layerhessians``), else refuse."""
         try:
-            config = read_config(self.path / CONFIG)
+            versions = read_record(self.path / CONFIG).facts.get("versions")
         except UserError:
-            config = {}
-        versions = config.get("versions")
+            versions = None
         if isinstance(versions, dict) and "layerhessians" in versions:
             self._ensure_manifest()
             return
@@ -380,8 +380,13 @@ class RunStore:
     # -- state -------------------------------------------------------------------------
     @property
     def config(self) -> dict:
-        """The run's ``config.json``, read strictly."""
+        """The run's ``config.json`` as stored (a JSON object), read strictly."""
         return read_config(self.path / CONFIG)
+
+    @property
+    def record(self) -> RunRecord:
+        """The run's record (``config.json`` read by :func:`~layerhessians.store.record.read_record`)."""
+        return read_record(self.path / CONFIG)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -438,7 +443,7 @@ class RunStore:
         return None if state is None else checkpoint_epoch(state, self.checkpoint_path)
 
     # -- verification ------------------------------------------------------------------
-    def _verify(self, config, epoch):
+    def _verify(self, record: RunRecord, epoch):
         """Cut the CSVs back to what the checkpoint committed and check that every file
         agrees (see :func:`check_consistent`); refuses what does not."""
         state = self.load_checkpoint() if epoch is not None else None
@@ -458,7 +463,7 @@ class RunStore:
             self._bytes[name] = raw
         self._metrics = self._spectra = None
         self.truncate_after(epoch)
-        check_consistent(self.path, config, self.metrics, self.spectra, epoch)
+        check_consistent(self.path, record, self.metrics, self.spectra, epoch)
 
     # -- rewinding ---------------------------------------------------------------------
     def rewind(self, checkpoint, *, state_keys=("model", "optimizer")):

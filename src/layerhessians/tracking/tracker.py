@@ -41,10 +41,11 @@ from layerhessians.settings import SpectraSettings
 from layerhessians.spectra import measure_layer_spectra
 from layerhessians.spectra.layers import log as _engine_log
 from layerhessians.store.checkpoints import save_torch
-from layerhessians.store.consistency import TRACKER_SOURCE, VOLATILE_KEYS, config_differences
+from layerhessians.store.consistency import VOLATILE_KEYS
 from layerhessians.store.names import CHECKPOINTS, CONFIG, METRICS, run_path
 from layerhessians.store.oserrors import os_errors
-from layerhessians.store.readers import check_row, read_config, read_metrics
+from layerhessians.store.readers import check_row, read_metrics
+from layerhessians.store.record import INCREASING, TRACKER, RunRecord, differences, read_record
 from layerhessians.store.writer import RunStore
 from layerhessians.tracking.scalars import full_scalars, spectra_scalars
 from layerhessians.training.seeding import derive_seed
@@ -299,9 +300,6 @@ class SpectraTracker:
         self.loggers = loggers
         self.unit, self.seed, self.progress = unit, self.spectra.seed, progress
         self._runtime = runtime
-        self.settings = {"iterations": iterations, "vectors": vectors,
-                         "distribution": distribution, "kind": kind, "bn_mode": bn_mode,
-                         **{k: v for k, v in options.items() if k not in _RUNTIME}}
         self.block_names = _parameter_names(model, blocks)
         self._dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._device_data = (None, None)
@@ -312,26 +310,20 @@ class SpectraTracker:
             self.store = self._open(run_path(run_dir), self._config, resume, overwrite)
 
     # -- the record --------------------------------------------------------------------
-    def _describe(self, model_name, dataset, settings) -> dict:
+    def _describe(self, model_name, dataset, settings) -> RunRecord:
         params = dict(self.model.named_parameters())
         dims = OrderedDict({FULL: sum(p.numel() for p in params.values() if p.requires_grad)})
         for block, names in self.block_names.items():
             dims[block] = sum(params[n].numel() for n in names)
         device = next(iter(params.values())).device if params else torch.device("cpu")
-        return {
-            "source": TRACKER_SOURCE,
+        facts = {
+            "writer": TRACKER,
             "model": model_name or type(self.model).__name__,
             "dataset": dataset,
-            "unit": self.unit,
-            "seed": self.seed,
-            **self.settings,
-            "blocks": list(dims),
-            "block_dims": dict(dims),
-            "block_params": dict(self.block_names),
+            "indices": INCREASING,
             "num_params": dims[FULL],
             "hessian_examples": _examples(self.data),
             "hessian_checksum": self._checksum,
-            "settings": settings or {},
             "device": str(device),
             "threads": torch.get_num_threads(),
             "versions": {"layerhessians": __version__, "torch": torch.__version__,
@@ -339,13 +331,16 @@ class SpectraTracker:
             "host": socket.gethostname(),
             "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        tracker = {"unit": self.unit, "block_params": dict(self.block_names),
+                   "settings": settings or {}}
+        return RunRecord.make(facts, self.spectra, dims, tracker=tracker)
 
     @staticmethod
-    def _open(path: Path, config: dict, resume: bool, overwrite: bool) -> RunStore:
+    def _open(path: Path, config: RunRecord, resume: bool, overwrite: bool) -> RunStore:
         # tracker-worded refusals first; the store then recovers an interrupted operation
         # and verifies the files (load_run would refuse a directory with a journal)
         if (path / CONFIG).is_file() and not overwrite:
-            diffs = config_differences(read_config(path / CONFIG), config, RESUME_IGNORES)
+            diffs = differences(read_record(path / CONFIG), config, RESUME_IGNORES)
             if diffs:
                 raise UserError(f"{path} holds a run with different settings "
                                 f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); "
@@ -441,7 +436,7 @@ class SpectraTracker:
                             "the spectra of different updates would not be comparable; pass "
                             "a copy of the data (or start a new tracker)")
         dim = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        recorded = self._config["num_params"] if self.store is not None else self._dim
+        recorded = self._config.num_params if self.store is not None else self._dim
         if dim != recorded:
             log.warning("tracker: the full operator has %d trainable parameters at %s %d, "
                         "not %d as when the tracker was built (parameters frozen, unfrozen "

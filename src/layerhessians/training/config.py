@@ -2,9 +2,10 @@
 :class:`HessianConfig` (the spectra engine), with the seed's defaults and validation.
 
 ``TrainConfig(...).validated()`` canonicalises names (``"lenet"`` -> ``"LeNet"``) and checks
-values, raising :class:`UserError` with a one-line fix; ``to_dict()`` is what a run's
-``config.json`` stores (flat, with ``"hessian"`` nested); ``TrainConfig.from_dict`` reads it
-back (unknown keys, such as the run facts ``train`` adds, are ignored).
+values, raising :class:`UserError` with a one-line fix; ``to_dict()`` (flat, with
+``"hessian"`` nested) is the training section of a run's ``config.json``
+(:mod:`layerhessians.store.record`); ``TrainConfig.from_dict`` reads it back (unknown keys
+are ignored; settings added later take the values of :data:`LEGACY_HESSIAN`).
 
 Defaults are the seed's (``training_eigenspectrum.py``), except: dataset ``Digits`` (bundled,
 offline; the seed's was CIFAR10), model ``LeNet``, optimizer ``sgd`` (the seed required
@@ -19,16 +20,13 @@ from numbers import Integral, Real
 
 from layerhessians.errors import SettingError, UserError, unknown_name
 from layerhessians.settings import SETTINGS, SpectraSettings
+from layerhessians.store.record import LEGACY_HESSIAN
 from layerhessians.vocabulary import (
     BACKENDS,
     DEFAULT_DISTRIBUTION,
     DEFAULT_ITERATIONS,
     DEFAULT_VECTORS,
 )
-
-#: the values of :class:`HessianConfig` fields added later, for runs recorded before them
-#: (their layer spectra were all SLQ)
-LEGACY_HESSIAN = {"layer_method": "slq", "validate_layers": False}
 
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("ce",)

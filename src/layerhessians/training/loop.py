@@ -66,14 +66,14 @@ from layerhessians.errors import UserError
 from layerhessians.store.legacy import export_legacy
 from layerhessians.store.manifest import register_output, write_csv
 from layerhessians.store.names import CONFIG
-from layerhessians.store.readers import read_config
+from layerhessians.store.record import RunRecord, read_record
 from layerhessians.store.writer import RunStore
 from layerhessians.training.checkpoint import (
     RESUME_IGNORES,
     checkpoint_state,
     restore_state,
 )
-from layerhessians.training.config import LEGACY_HESSIAN, TrainConfig
+from layerhessians.training.config import TrainConfig
 from layerhessians.training.devices import resolve_device
 from layerhessians.training.distributed import SINGLE, Context, PeerError, process_group
 from layerhessians.training.logs import Silent, format_row, progress_bar, run_logging
@@ -249,9 +249,9 @@ def run_epoch(setup: Setup, store: RunStore, epoch: int, disable_progress=None) 
     return row
 
 
-def _after_commit(store: RunStore, setup: Setup, run_config: dict, epochs):
+def _after_commit(store: RunStore, setup: Setup, record: RunRecord, epochs):
     """Derived outputs (cheap, idempotent): training curves and the legacy files."""
-    title = f"{run_config.get('model')} on {run_config.get('dataset')}"
+    title = f"{record.model} on {record.dataset}"
     save_training_curves(store.metrics, store.images, title=title)
     if setup.config.export_legacy:
         export_legacy(store.path, epochs=epochs)
@@ -314,31 +314,20 @@ def train(config: TrainConfig, run_dir, *, resume=False, overwrite=False, comman
 
 
 def _stored_config(run_dir):
-    """The config.json of the run in ``run_dir`` (``None``: no run there, or a damaged file,
+    """The record of the run in ``run_dir`` (``None``: no run there, or a damaged file,
     which opening the run reports)."""
     path = Path(run_dir) / CONFIG
     try:
-        return read_config(path) if path.is_file() else None
+        return read_record(path) if path.is_file() else None
     except UserError:
         return None
 
 
-def _threads_of(stored: dict):
-    """The thread count a run's config.json records (``None``: not recorded)."""
-    value = stored.get(THREADS_KEY)
+def _threads_of(stored: RunRecord):
+    """The thread count a run's record holds (``None``: not recorded)."""
+    value = stored.facts.get(THREADS_KEY)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
         else None
-
-
-def _legacy_hessian(run_config: dict, run_dir) -> None:
-    """A run recorded before a Hessian setting existed compares equal on resume when the
-    setting keeps the value those runs used (:data:`~layerhessians.training.config.LEGACY_HESSIAN`)."""
-    stored = (_stored_config(run_dir) or {}).get("hessian")
-    if not isinstance(stored, dict):
-        return
-    for key, value in LEGACY_HESSIAN.items():
-        if key not in stored and run_config["hessian"].get(key) == value:
-            del run_config["hessian"][key]
 
 
 def _log_layer_methods(logger, setup) -> None:
@@ -366,9 +355,7 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
     run_config = describe(setup, command)
     recorded, threads_note = threads
     if recorded is not None:  # a resumed run keeps the count it started with
-        run_config[THREADS_KEY] = recorded
-    if resume and not overwrite:
-        _legacy_hessian(run_config, run_dir)
+        run_config = run_config.with_facts(**{THREADS_KEY: recorded})
     disable = True if (progress is False or not dist.is_main) else None
     store, state, error = None, None, None
     if dist.is_main:
@@ -380,15 +367,16 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
     with store if store is not None else contextlib.nullcontext(), \
             run_logging(store.log_path, console) if store is not None else \
             contextlib.nullcontext(Silent()) as logger:
-        run_config = store.config if store is not None else run_config
+        run_config = store.record if store is not None else run_config
         done = None if state is None else restore_state(setup, state)
         if done is None:
             where = (f"{dist.world_size} processes ({dist.backend}), rank 0 on "
                      if dist.active else "device ")
             logger.info(f"run {run_dir}: {config.model} on {config.dataset}, "
                         f"{setup.num_params:,} parameters, {len(setup.blocks)} layer blocks, "
-                        f"{where}{run_config['device_name']}")
-            used = {**config.to_dict(), "hessian": run_config["hessian"]}
+                        f"{where}{run_config.facts['device_name']}")
+            used = config.to_dict()  # "auto" re-orthogonalisation as resolved
+            used["hessian"]["reorthogonalize"] = run_config.spectra["reorthogonalize"]
             logger.info("settings: " + ", ".join(f"{k}={v}" for k, v in used.items()))
         else:
             logger.info(f"run {run_dir}: resuming after epoch {done} of {config.num_epochs}"

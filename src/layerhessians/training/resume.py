@@ -10,6 +10,7 @@ from pathlib import Path
 
 from layerhessians.errors import UserError
 from layerhessians.store.names import CONFIG
+from layerhessians.store.record import RunRecord
 from layerhessians.training.config import TrainConfig, apply_flags
 
 __all__ = ["RUNS_ROOT", "RUN_FLAGS", "resolve", "resume_target"]
@@ -68,9 +69,13 @@ def _stored(path: Path) -> TrainConfig:
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
             raise TypeError(f"a JSON {type(data).__name__}, not an object")
-        return TrainConfig.from_dict(data)
-    except (ValueError, TypeError) as err:
+        record = RunRecord.from_dict(data)
+    except (ValueError, TypeError, UserError) as err:
         raise UserError(f"{path} is unreadable ({err}); use --overwrite to start over") from None
+    if record.training is None:
+        raise UserError(f"{path} records no training settings (not a `layerhessians train` "
+                        "run); use --overwrite to start over, or another -r")
+    return TrainConfig.from_dict(record.training_settings())
 
 
 def resolve(flags: dict):

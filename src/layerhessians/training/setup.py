@@ -5,7 +5,7 @@ and :func:`describe`, the run's ``config.json``."""
 import platform
 import socket
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import cached_property
 
@@ -18,6 +18,7 @@ from layerhessians.curvature.memory import splitting_changes_operator
 from layerhessians.data.subset import hessian_subset
 from layerhessians.errors import UserError
 from layerhessians.models import build_model, layer_blocks
+from layerhessians.store.record import CONSECUTIVE, TRAINER, RunRecord
 from layerhessians.training.config import TrainConfig
 from layerhessians.training.devices import device_name
 from layerhessians.training.distributed import SINGLE, Context
@@ -144,18 +145,22 @@ def build(config: TrainConfig, data, device: torch.device, dist: Context = SINGL
                  hessian_examples=int(len(index)))
 
 
-def describe(setup: Setup, command=None) -> dict:
-    """The run's ``config.json``: every setting plus the facts needed to interpret it."""
+def describe(setup: Setup, command=None) -> RunRecord:
+    """The run's record (``config.json``): the settings (training section:
+    ``TrainConfig.to_dict()``; spectra section: the :class:`SpectraSettings` with
+    ``"auto"`` re-orthogonalisation resolved by the memory plan) and the facts needed to
+    interpret them."""
     config, data = setup.config, setup.data
-    record = config.to_dict()
+    spectra = setup.settings
     if setup.plan is not None:  # what the run uses: "auto" resolved by the memory plan
-        record["hessian"]["reorthogonalize"] = setup.plan.reorthogonalize
+        spectra = replace(spectra, reorthogonalize=setup.plan.reorthogonalize)
     blocks = [FULL, *setup.blocks] if config.hessian.layers else [FULL]
     dims = {FULL: setup.num_params, **{k: sum(p.numel() for p in ps) for k, ps in setup.blocks.items()}}
-    return {
-        **record,
-        "blocks": blocks,
-        "block_dims": {k: dims[k] for k in blocks},
+    facts = {
+        "writer": TRAINER,
+        "model": config.model,
+        "dataset": config.dataset,
+        "indices": CONSECUTIVE,
         "num_params": setup.num_params,
         "num_classes": data.num_classes,
         "in_channels": data.in_channels,
@@ -179,3 +184,5 @@ def describe(setup: Setup, command=None) -> dict:
         "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     }
+    return RunRecord.make(facts, spectra, {k: dims[k] for k in blocks},
+                          training=config.to_dict())
