@@ -117,7 +117,7 @@ def replicate_flags(flags: dict, index: int, vary_subset: bool = False) -> dict:
 def replicate_grid(runs, replicates: int, vary_subset: bool = False) -> list:
     """Each :class:`~layerhessians.pipeline.grid.GridRun` of ``runs`` as ``replicates`` runs
     (``BASE,run1`` .. ``BASE,runR``), in grid order; ``runs`` itself for one replicate
-    without ``vary_subset`` (today's names and settings).
+    (today's names and settings: replicate 1 keeps the given seeds).
 
     Raises:
         UserError: ``replicates`` < 1, or two expanded runs with one name (a grid naming both
@@ -126,7 +126,7 @@ def replicate_grid(runs, replicates: int, vary_subset: bool = False) -> list:
     from layerhessians.pipeline.grid import GridRun
 
     check_replicates(replicates)
-    if replicates == 1 and not vary_subset:
+    if replicates == 1:
         return list(runs)
     out = [GridRun(run=replicate_name(entry.run, k),
                    flags=replicate_flags(entry.flags, k, vary_subset))
