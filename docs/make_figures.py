@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,11 @@ def parse_args(argv=None):
     p.add_argument("--subsets", type=int, default=2,
                    help="step 3: Hessian subsets (subset seeds 0..N-1), each with every "
                         "training seed (default 2)")
+    p.add_argument("--subset-replicates", type=int, default=None,
+                   help="step 3: training seeds on the Hessian subsets after the first "
+                        "(default: --replicates)")
+    p.add_argument("--finding-draws", type=int, default=200,
+                   help="step 3: bootstrap draws per run (default 200, match's default)")
     p.add_argument("--jobs", type=int, default=2,
                    help="step 3: sweeps training in parallel, one thread each (default 2)")
     p.add_argument("--epochs", type=int, default=50,
@@ -101,6 +107,7 @@ def parse_args(argv=None):
                         "costs about 0.15 s per draw and epoch on one core)")
     p.add_argument("--dpi", type=int, default=150, help="resolution of the PNGs (default 150)")
     args = p.parse_args(argv)
+    args.subset_replicates = args.subset_replicates or args.replicates
     if min(args.epochs, args.vectors, args.threads, args.draws, args.replicates, args.subsets,
            args.jobs) < 1:
         p.error("--epochs, --vectors, --threads, --draws, --replicates, --subsets and --jobs "
@@ -367,7 +374,9 @@ def finding_train(args, steps, env):
     from layerhessians.pipeline.replicates import replicate_grid
 
     entries = finding_grid(args)
-    runs = replicate_grid(entries, args.replicates)
+    counts = {e.run: args.replicates if not e.flags["hessian_subset_seed"] else
+              args.subset_replicates for e in entries}
+    runs = [r for e in entries for r in replicate_grid([e], counts[e.run])]
     for run in runs:
         made_here(FINDING_ROOT / run.run, {**run.flags, "threads": 1})
     root = REPO / FINDING_ROOT
@@ -378,18 +387,18 @@ def finding_train(args, steps, env):
                                indent=1))
     jobs = min(args.jobs, len(entries))
     # contiguous groups (one dataset each by default): every job trains its first subset's
-    # training seeds before the next subset's
+    # training seeds before the next subset's; one sweep per grid entry, one after another
     bounds = [round(k * len(entries) / jobs) for k in range(jobs + 1)]
     groups = [entries[a:b] for a, b in zip(bounds, bounds[1:])]
-    commands = [["layerhessians", "sweep", str(FINDING_ROOT / "grid.json"), "--root",
-                 str(FINDING_ROOT), "--replicates", str(args.replicates), "--threads", "1",
-                 "--no-match", "--no-plots", "--train-args=--no-progress", "--only",
-                 *[e.run for e in group]] for group in groups]
+    commands = [" && ".join(shlex.join([
+        "layerhessians", "sweep", str(FINDING_ROOT / "grid.json"), "--root", str(FINDING_ROOT),
+        "--replicates", str(counts[e.run]), "--threads", "1", "--no-match", "--no-plots",
+        "--train-args=--no-progress", "--only", e.run]) for e in group) for group in groups]
 
     def train_all():
         logs = [open(root / f"sweep-{k + 1}.log", "a") for k in range(jobs)]
-        procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-                 for c, log in zip(commands, logs)]
+        procs = [subprocess.Popen(["bash", "-c", c], cwd=REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT) for c, log in zip(commands, logs)]
         total = len(runs)
         while any(p.poll() is None for p in procs):
             time.sleep(30)
@@ -398,14 +407,13 @@ def finding_train(args, steps, env):
                   flush=True)
         for log in logs:
             log.close()
-        failed = [" ".join(c) for c, p in zip(commands, procs) if p.returncode]
+        failed = [c for c, p in zip(commands, procs) if p.returncode]
         if failed:
             sys.exit(f"make_figures: `{failed[0]}` failed (see {FINDING_ROOT}/sweep-*.log); "
                      "run this script again to resume")
 
     status = f"{sum(1 for r in runs if r.is_complete(root))} of {len(runs)} runs complete"
-    steps.run("finding: train the replicated runs", train_all,
-              " & ".join(" ".join(c) for c in commands), status)
+    steps.run("finding: train the replicated runs", train_all, " & ".join(commands), status)
     return entries, runs
 
 
@@ -417,8 +425,87 @@ def set_root(root) -> None:
     MNIST_MATCH, FINDING_ROOT = root / "mnist5k-lenet-match", root / "finding"
 
 
+def pooled_rows(table) -> list:
+    """The pooled table's rows as JSON-ready dicts (without the long ``runs`` column)."""
+    return [clean(r) for r in table.drop(columns=["runs"]).to_dict("records")]
+
+
+def best_rows(table) -> list:
+    """Per setting, metric and scope: the closest layer's row and the verdict."""
+    out = []
+    for _, rows in table.groupby(["setting", "metric", "scope"], sort=False):
+        out.append(clean(rows.loc[rows["distance"].idxmin()].drop("runs").to_dict()))
+    return out
+
+
+def single_run_verdicts(summary, subset_of) -> list:
+    """Per run and metric: its own verdict (one run, SLQ spread only) and baseline."""
+    rows = []
+    for _, r in summary.iterrows():
+        rows.append(clean({
+            "run": r["run"], "dataset": r["dataset"], "metric": r["metric"],
+            "subset_seed": subset_of[r["run"]],
+            "summed_layer": r["best_layer"], "summed_significant": bool(r["best_significant"]),
+            "summed_distance": r["best_summed"], "summed_mixture": r["mixture_summed"],
+            "peak_epoch": r["peak_epoch"], "peak_layer": r["peak_layer"],
+            "peak_significant": bool(r["peak_significant"]),
+            "peak_distance": r["peak_distance"], "peak_mixture": r["mixture_peak"]}))
+    return rows
+
+
 def finding_match(args, steps, numbers, entries, runs):
-    raise SystemExit("finding match: not yet")
+    """Match the finding's runs once (both metrics, every run's distances with their draws),
+    pool them per setting (training seeds x Hessian subsets), and again per Hessian subset
+    (training seeds only); copy the figures and record the numbers."""
+    from layerhessians.analysis import pooling
+    from layerhessians.analysis.report import match_runs
+    from layerhessians.store.reader import load_run
+
+    root = REPO / FINDING_ROOT
+    missing = [r.run for r in runs if not r.is_complete(root)]
+    if missing:
+        sys.exit(f"make_figures: {len(missing)} finding runs are not complete ({missing[0]}, "
+                 "...); run this script again to resume them")
+    loaded = [load_run(root / r.run) for r in runs]
+    out = FINDING_ROOT / "match"
+    command = (f"layerhessians match {FINDING_ROOT}/model=LeNet,* --metric both --epochs "
+               f"1-{args.epochs} --draws {args.finding_draws} --out {out}")
+    distances, summary, written = steps.run(
+        "finding: match (both metrics, replicates pooled)",
+        lambda: match_runs(loaded, metrics=("both",), out=REPO / out, dpi=args.dpi,
+                           epochs=list(range(1, args.epochs + 1)),
+                           replicates=args.finding_draws), command)
+    for p in written:
+        print(f"saved: {p}")
+    figures = [copy(out / f"{name}.png", f"finding_{name}.png")
+               for name in ("match_distros_wasserstein", "match_distros_peak")]
+    subset_of = {r.run: r.flags["hessian_subset_seed"] for r in runs}
+    analyses = {"seeds_and_subsets": summary.attrs["settings"]}
+    for subset in range(args.subsets):
+        ids = [rid for rid, s in subset_of.items() if s == subset]
+        configs = [load_run(root / rid).config for rid in ids]
+        settings, _ = pooling.group_runs(ids, configs)
+        table = pooling.pool_settings(distances[distances["run"].isin(ids)], settings)
+        name = f"subset{subset}"
+        table.to_csv(REPO / out / f"match_distros_settings_{name}.csv", index=False)
+        analyses[name] = table
+    numbers["finding"] = {
+        "root": str(FINDING_ROOT), "match": str(out), "match_command": command,
+        "train_flags": {**SEED_LENET, "num_epochs": args.epochs, "hessian_vectors": 1},
+        "datasets": list(FINDING_DATASETS), "replicates": args.replicates,
+        "subsets": args.subsets, "subset_replicates": args.subset_replicates,
+        "draws": args.finding_draws, "runs": len(runs),
+        "training": {r.run: run_numbers(run) for r, run in zip(runs, loaded)},
+        "best": {k: best_rows(t) for k, t in analyses.items()},
+        "pooled": {k: pooled_rows(t) for k, t in analyses.items()},
+        "verdict_lines": {k: pooling.setting_verdicts(t) for k, t in analyses.items()},
+        "single_runs": single_run_verdicts(summary, subset_of),
+        "figures": figures,
+    }
+    for key, lines in numbers["finding"]["verdict_lines"].items():
+        print(f"\n{key}:")
+        for line in lines:
+            print(f"  {line}")
 
 
 def finding_step(args, steps, env, numbers):

@@ -81,16 +81,46 @@ def mixture_draws(parts, dims) -> Draws:
 
 
 # ----------------------------------------------------------------------------- densities
+#: |z| beyond which exp(-z^2 / 2) is exactly 0.0 in float64 (underflow below 5e-324)
+_Z_ZERO = 38.7
+
+
 def _kernel(draws: Draws, grid, sigma=None):
-    """``norm * exp(-z^2 / 2)`` [n, points] of ``draws``' nodes on ``grid`` (its own width)."""
+    """``norm * exp(-z^2 / 2)`` [n, points] of ``draws``' nodes on the uniform ``grid`` (its
+    own width): dense, or sparse (scipy CSR) when most entries underflow to exactly 0 (a
+    narrow width: many nodes), holding every entry that does not."""
     if sigma is None:
         low, high = draws.support
         span = high - low
         if span <= 0:
             span = abs(low) if low != 0 else 1.0
         sigma = papyan_sigma(draws.steps, low - 0.05 * span, high + 0.05 * span)
-    z = (grid[None, :] - draws.nodes[:, None]) / sigma
-    return np.exp(-0.5 * z * z) / (sigma * math.sqrt(2.0 * math.pi))
+    norm = 1.0 / (sigma * math.sqrt(2.0 * math.pi))
+    nodes, count = draws.nodes, grid.size
+    step = (grid[-1] - grid[0]) / (count - 1) if count > 1 else 0.0
+    band = 2 * _Z_ZERO * sigma / step + 3 if step > 0 else count
+    if band > 0.3 * count:
+        z = (grid[None, :] - nodes[:, None]) / sigma
+        return np.exp(-0.5 * z * z) * norm
+    from scipy.sparse import csr_matrix
+
+    first = np.clip(np.floor((nodes - _Z_ZERO * sigma - grid[0]) / step).astype(np.int64) - 1,
+                    0, count)
+    last = np.clip(np.ceil((nodes + _Z_ZERO * sigma - grid[0]) / step).astype(np.int64) + 2,
+                   0, count)
+    sizes = last - first
+    rows = np.repeat(np.arange(nodes.size), sizes)
+    starts = np.repeat(first - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+    cols = starts + np.arange(rows.size)
+    z = (grid[cols] - nodes[rows]) / sigma
+    return csr_matrix((np.exp(-0.5 * z * z) * norm, (rows, cols)), shape=(nodes.size, count))
+
+
+def _product(weights, kernel):
+    """``weights.T @ kernel`` [B, points] for a dense or sparse ``kernel`` [n, points]."""
+    if isinstance(kernel, np.ndarray):
+        return weights.T @ kernel
+    return np.asarray((kernel.T @ weights).T)
 
 
 def _grid(draws: Draws, points: int):
@@ -108,8 +138,8 @@ def densities(draws: Draws, points: int = PAPER_POINTS, normalize: bool = True) 
     as ``BlockMixture.density(points)``, the components' own widths, not normalised)."""
     grid = _grid(draws, points)
     if draws.components:
-        return sum(s * (c.weights.T @ _kernel(c, grid)) for c, s in draws.components)
-    density = draws.weights.T @ _kernel(draws, grid)
+        return sum(s * _product(c.weights, _kernel(c, grid)) for c, s in draws.components)
+    density = _product(draws.weights, _kernel(draws, grid))
     if not normalize:
         return density
     return density / np.trapezoid(density, grid, axis=1)[:, None]

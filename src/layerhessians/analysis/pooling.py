@@ -27,7 +27,7 @@ summed over the compared epochs; ``peak``: at each replicate's own peak epoch):
 - the baseline, the parameter-share mixture of the block spectra, is pooled the same way;
   ``closer_than_mixture`` is the fraction of pooled draws in which the layer is closer to
   the full spectrum than the mixture is;
-- the peak epoch: each replicate's own, with their median, minimum and maximum.
+- the peak epoch: each replicate's own, with their (lower) median, minimum and maximum.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def pool_settings(distances: pd.DataFrame, settings, peaks=None, level: float = 
             first = distances[(distances["run"] == s["runs"][0])
                               & (distances["metric"] == metric)].iloc[0]
             B = min(v["summed"][1].shape[1] for v in per_run)
-            peak_median = int(np.median(run_peaks)) if R % 2 else float(np.median(run_peaks))
+            peak_median = int(sorted(run_peaks)[(R - 1) // 2])  # the (lower) median epoch
             for scope in SCOPES:
                 points = np.stack([v[scope][0] for v in per_run])  # [R, L + 1]
                 draws = hierarchical_draws(np.stack([v[scope][1][:, :B] for v in per_run]), rng)
