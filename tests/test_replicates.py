@@ -71,3 +71,30 @@ def test_grid_expansion_refuses_a_grid_that_already_holds_replicates():
     runs = [GridRun("a,run1", {}), GridRun("a,run2", {"seed": 1})]
     with pytest.raises(UserError, match="twice"):
         replicate_grid(runs, 2)
+
+
+def test_sweep_trains_replicates_and_pools_them(tmp_path, capsys):
+    import json
+
+    from layerhessians.cli.main import main
+
+    grid = tmp_path / "grid.json"
+    flags = {"num_epochs": 1, "dataset": "Digits", "hessian_iterations": 8,
+             "examples_per_class": 1, "batch_size": 256}
+    grid.write_text(json.dumps({"runs": [{"run": "a", "flags": flags}]}))
+    argv = ["sweep", str(grid), "--root", str(tmp_path), "--threads", "1", "--no-plots",
+            "--replicates", "2", "--vary-subset", "--train-args=--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    recorded = [json.loads((tmp_path / f"a,run{k}" / "config.json").read_text())
+                for k in (1, 2)]
+    assert [(c["seed"], c["hessian"]["subset_seed"]) for c in recorded] == [(0, 0), (1, 1)]
+    assert "sweep: pooled: LeNet+Digits [S1, 2 replicates]: over training, " in out
+    assert "parameter-share mixture" in out
+    # complete replicates are skipped
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "a,run1: complete" in out and "a,run2: complete" in out
+    # the seeds are the replicates': --train-args may not set them
+    assert main([*argv, "--train-args=--seed 3"]) == 2
+    assert "--train-args sets seed" in capsys.readouterr().err
