@@ -320,7 +320,7 @@ def mnist_step(args, steps, env, numbers):
     distances, summary_frame, written = steps.run(
         "real MNIST: match (--metric both)", match,
         f"layerhessians match {MNIST_RUN} --metric both --epochs 1-{args.epochs} "
-        f"--replicates {args.draws} --out {MNIST_MATCH}")
+        f"--draws {args.draws} --out {MNIST_MATCH}")
     for p in written:
         print(f"saved: {Path(p).relative_to(REPO) if Path(p).is_absolute() else p}")
     images = REPO / MNIST_MATCH / "images"
