@@ -232,3 +232,16 @@ def test_match_pools_replicates_end_to_end(tmp_path, capsys):
     # a second match into the same folder says that it overwrites the first's outputs
     assert main(argv) == 0
     assert "note: overwriting the outputs of an earlier match" in capsys.readouterr().out
+
+
+def test_match_in_worker_processes_gives_the_same_numbers(tmp_path):
+    from layerhessians.analysis.report import match_runs
+
+    runs = [load_run(write_run(tmp_path / f"r{k}", epochs=range(0, 3), best_layer=k,
+                               config={"seed": k})) for k in range(3)]
+    one = match_runs(runs, out=tmp_path / "one", replicates=20, dpi=40, progress=False)
+    two = match_runs(runs, out=tmp_path / "two", replicates=20, dpi=40, progress=False,
+                     workers=2)
+    pd.testing.assert_frame_equal(one[0].drop(columns=["draws", "mixture_draws"]),
+                                  two[0].drop(columns=["draws", "mixture_draws"]))
+    pd.testing.assert_frame_equal(one[1].attrs["settings"], two[1].attrs["settings"])

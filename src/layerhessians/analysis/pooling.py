@@ -205,7 +205,7 @@ def _strict_support(draws, points):
 
 
 def _baseline(fraction, level):
-    if not np.isfinite(fraction):
+    if not np.isfinite(fraction):  # no draws, or no mixture
         return "no spread"
     if fraction >= level:
         return "closer than the mixture"
@@ -345,6 +345,8 @@ def _peak_text(row):
 
 
 def _baseline_text(best):
+    if not np.isfinite(best["mixture_distance"]):
+        return "no parameter-share baseline (block sizes unknown)"
     how = best["baseline"]
     values = f"{best['distance']:.4g} vs {best['mixture_distance']:.4g}"
     if how == "closer than the mixture":

@@ -337,6 +337,13 @@ MATCH_OUTPUTS = ("match_distros.csv", "match_distros_summary.csv",
 MATCH_FIGURES = ("match_distros_wasserstein", "match_distros_peak")
 
 
+def _one_thread():
+    """A worker process of ``match --workers``: one thread (torch and BLAS)."""
+    from layerhessians.training.threads import set_threads
+
+    set_threads(1)
+
+
 def _compared_epochs(run, epochs):
     available = list(run.epochs)
     chosen = compare.default_epochs(available) if epochs is None else list(epochs)
@@ -345,7 +352,8 @@ def _compared_epochs(run, epochs):
 
 def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, peaks=None,
                epochs=None, points=compare.PAPER_POINTS, out=None, fmt="png", dpi=200,
-               ids=None, stream=None, replicates=compare.REPLICATES, progress=None):
+               ids=None, stream=None, replicates=compare.REPLICATES, progress=None,
+               workers: int = 1):
     """Compare ``runs`` (loaded :class:`~layerhessians.store.reader.Run` objects) by
     ``metrics`` (registry names, or ``--metric`` values for :func:`metric_names` with
     ``normalize``), pool the runs that are replicates of one setting
@@ -356,7 +364,8 @@ def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, pea
 
     ``replicates`` is the number of bootstrap draws per run (``--draws``); ``progress``
     (``None``: a bar on a terminal, log lines otherwise; ``False``: none) follows the
-    epochs compared.
+    epochs compared; ``workers`` > 1 computes the runs' distances in that many processes
+    (one thread each; the same numbers: every run's draws are seeded alike).
 
     Returns:
         ``(distances, summary, paths)``; ``summary.attrs["settings"]`` holds the pooled
@@ -381,11 +390,26 @@ def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, pea
     total = sum(len(_compared_epochs(r, epochs)) for r in runs)
     bar = Progress(total=total, desc=f"match: {len(runs)} runs x {', '.join(metrics)}",
                    unit="epoch", disable=progress is False)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers {workers!r} must be an integer >= 1 (processes)")
     with bar:
-        for run, rid in zip(runs, ids):
-            frame = compare.distance_table(run, metrics, epochs=epochs, points=points,
-                                           replicates=replicates, on_epoch=bar.update)
-            frames.append(frame.assign(run=rid))
+        if workers == 1 or len(runs) == 1:
+            for run, rid in zip(runs, ids):
+                frame = compare.distance_table(run, metrics, epochs=epochs, points=points,
+                                               replicates=replicates, on_epoch=bar.update)
+                frames.append(frame.assign(run=rid))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            spawn = multiprocessing.get_context("spawn")  # no fork of a threaded process
+            with ProcessPoolExecutor(min(workers, len(runs)), mp_context=spawn,
+                                     initializer=_one_thread) as pool:
+                futures = [pool.submit(compare.distance_table, run, metrics, epochs=epochs,
+                                       points=points, replicates=replicates) for run in runs]
+                for run, rid, future in zip(runs, ids, futures):
+                    frames.append(future.result().assign(run=rid))
+                    bar.update(len(_compared_epochs(run, epochs)))
     distances = pd.concat(frames, ignore_index=True)[compare.DISTANCE_COLUMNS]
     peaks = peaks or {}
     for rid, epoch in peaks.items():

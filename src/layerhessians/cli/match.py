@@ -72,6 +72,9 @@ def add_arguments(parser):
                              f"(default {DEFAULT_REPLICATES}; 0: no spread, no verdicts); "
                              "--replicates is its former name (replicated runs are found "
                              "by their settings and pooled)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="compute the runs' distances in N processes, one thread each "
+                             "(default 1; the same numbers)")
     parser.add_argument("--peak", action="append", default=[], metavar="RUN=EPOCH|paper",
                         help="peak epoch of a run (repeatable), or 'paper' for the original's "
                              "12 hard-coded epochs; default: computed per run")
@@ -137,7 +140,8 @@ def run(args) -> int:
     peaks = parse_peaks(args.peak, runs, ids)
     _, _, written = match_runs(runs, metrics=metrics, peaks=peaks, epochs=epochs,
                                points=args.points, out=args.out, fmt=args.format,
-                               dpi=args.dpi, ids=ids, replicates=args.replicates)
+                               dpi=args.dpi, ids=ids, replicates=args.replicates,
+                               workers=args.workers)
     for path in written:
         print(f"saved: {path}")
     return 0
