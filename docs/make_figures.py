@@ -88,7 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--finding-draws", type=int, default=200,
                    help="step 3: bootstrap draws per run (default 200, match's default)")
     p.add_argument("--jobs", type=int, default=2,
-                   help="step 3: sweeps training in parallel, one thread each (default 2)")
+                   help="step 3: sweeps training in parallel, and match processes, one thread "
+                        "each (default 2)")
     p.add_argument("--epochs", type=int, default=50,
                    help="training epochs of the real-MNIST run (default 50; fewer for a "
                         "smoke test)")
@@ -469,12 +470,12 @@ def finding_match(args, steps, numbers, entries, runs):
     loaded = [load_run(root / r.run) for r in runs]
     out = FINDING_ROOT / "match"
     command = (f"layerhessians match {FINDING_ROOT}/model=LeNet,* --metric both --epochs "
-               f"1-{args.epochs} --draws {args.finding_draws} --out {out}")
+               f"1-{args.epochs} --draws {args.finding_draws} --workers {args.jobs} --out {out}")
     distances, summary, written = steps.run(
         "finding: match (both metrics, replicates pooled)",
         lambda: match_runs(loaded, metrics=("both",), out=REPO / out, dpi=args.dpi,
                            epochs=list(range(1, args.epochs + 1)),
-                           replicates=args.finding_draws), command)
+                           replicates=args.finding_draws, workers=args.jobs), command)
     for p in written:
         print(f"saved: {p}")
     figures = [copy(out / f"{name}.png", f"finding_{name}.png")

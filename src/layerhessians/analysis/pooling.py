@@ -87,7 +87,11 @@ def _differences(a: dict, b: dict) -> list:
 
 def describe(diffs, limit: int = 3) -> str:
     """``"key a vs b, ..."`` of :func:`group_runs`' differences (the first ``limit``)."""
-    shown = [f"{k} {x!r} vs {y!r}" for k, x, y in diffs[:limit]]
+    def short(value):
+        text = repr(value)
+        return text if len(text) <= 24 else text[:20] + "...'"
+
+    shown = [f"{k} {short(x)} vs {short(y)}" for k, x, y in diffs[:limit]]
     more = len(diffs) - limit
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
