@@ -50,6 +50,13 @@ def test_runs_differing_only_in_their_seeds_are_one_setting():
     assert labels["S1"] != labels["S2"] and labels["S4"] == "LeNet+Digits"
 
 
+def test_a_repeat_of_a_run_is_not_a_replicate():
+    settings, groups = pooling.group_runs(["a", "b", "c"], [config(), config(), config(seed=1)])
+    assert [s["runs"] for s in settings] == [["a", "c"], ["b"]]
+    assert "a repeat of a run, not a replicate" in groups["note"].iloc[1]
+    assert len(set(groups["label"])) == 2
+
+
 def test_other_data_or_other_compared_epochs_are_not_pooled():
     configs = [config(dataset_checksum="aa"), config(seed=1, dataset_checksum="bb"),
                config(seed=2, dataset_checksum="aa")]

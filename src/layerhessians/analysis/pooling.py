@@ -113,7 +113,9 @@ def group_runs(ids, configs, layouts=None) -> tuple:
         :data:`GROUP_COLUMNS` (``note``: why the run's setting was not pooled with the
         nearest other setting).
     """
-    keys = []
+    from layerhessians.training.config import TrainConfig
+
+    keys, seeds = [], []
     for i, config in enumerate(configs):
         key = setting_key(config)
         if layouts is not None:
@@ -121,32 +123,39 @@ def group_runs(ids, configs, layouts=None) -> tuple:
             key["compared layers"] = list(layers)
             key["compared epochs"] = compare._epoch_list(epochs)
         keys.append(key)
+        recorded = TrainConfig.from_dict(config or {})
+        seeds.append((recorded.seed, recorded.hessian.subset_seed))
     settings = []
-    for rid, key in zip(ids, keys):
-        for s in settings:
-            if not _differences(s["key"], key):
+    for rid, key, pair in zip(ids, keys, seeds):
+        for s in settings:  # a run with a setting's seeds repeats a run: not a replicate
+            if not _differences(s["key"], key) and pair not in s["seeds"]:
                 s["runs"].append(rid)
+                s["seeds"].append(pair)
                 break
         else:
-            settings.append({"setting": f"S{len(settings) + 1}", "key": key, "runs": [rid]})
+            settings.append({"setting": f"S{len(settings) + 1}", "key": key, "runs": [rid],
+                             "seeds": [pair]})
     for s in settings:
         others = [(o["setting"], _differences(s["key"], o["key"])) for o in settings if o is not s]
         s["nearest"] = min(others, key=lambda o: len(o[1])) if others else None
         s["label"] = f"{s['key'].get('model')}+{s['key'].get('dataset')}"
     labels = [s["label"] for s in settings]
     for s in settings:
-        if labels.count(s["label"]) > 1 and s["nearest"]:
+        if labels.count(s["label"]) == 1:
+            continue
+        if len(s["runs"]) == 1 or not (s["nearest"] and s["nearest"][1]):
+            s["label"] += f" ({s['runs'][0]})"
+        else:
             k, value, _ = s["nearest"][1][0]
             s["label"] += f" ({k.replace('hessian.', 'hessian ')}={value})"
     by_id = {rid: s for s in settings for rid in s["runs"]}
     rows = []
-    for rid, config in zip(ids, configs):
+    for rid, pair in zip(ids, seeds):
         s = by_id[rid]
-        note = ("" if s["nearest"] is None else
-                f"not pooled with {s['nearest'][0]}: {describe(s['nearest'][1])}")
-        hessian = (config or {}).get("hessian") or {}
-        rows.append((rid, s["setting"], s["label"], (config or {}).get("seed"),
-                     hessian.get("subset_seed"), note))
+        note = "" if s["nearest"] is None else f"not pooled with {s['nearest'][0]}: " + (
+            describe(s["nearest"][1]) if s["nearest"][1] else
+            "the same settings and seeds (a repeat of a run, not a replicate)")
+        rows.append((rid, s["setting"], s["label"], pair[0], pair[1], note))
     return settings, pd.DataFrame(rows, columns=GROUP_COLUMNS)
 
 

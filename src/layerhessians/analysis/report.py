@@ -370,7 +370,9 @@ def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, pea
     Returns:
         ``(distances, summary, paths)``; ``summary.attrs["settings"]`` holds the pooled
         table (:data:`~layerhessians.analysis.pooling.SETTINGS_COLUMNS`) and
-        ``summary.attrs["groups"]`` which setting each run joined.
+        ``summary.attrs["groups"]`` which setting each run joined (written as
+        ``match_distros_settings.csv`` and ``match_distros_groups.csv`` when a setting has
+        more than one replicate; otherwise the outputs are today's).
 
     Raises:
         UserError: bad resolution, draws, metric, output folder or peak epoch.
@@ -431,7 +433,9 @@ def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, pea
     summary.attrs.update(settings=table, groups=groups)
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / name for name in MATCH_OUTPUTS]
+    pooled = any(len(s["runs"]) > 1 for s in settings)
+    # one replicate per setting: today's outputs (the settings table would repeat the summary)
+    paths = [out / name for name in (MATCH_OUTPUTS if pooled else MATCH_OUTPUTS[:2])]
     earlier = [p.name for p in [*paths, *(out / f"{n}.{fmt}" for n in MATCH_FIGURES)]
                if p.is_file()]
     if earlier:
@@ -439,8 +443,9 @@ def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, pea
               f"{', '.join(earlier)}", file=stream)
     write_csv(paths[0], distances[compare.CSV_COLUMNS])
     write_csv(paths[1], summary)
-    write_csv(paths[2], table)
-    write_csv(paths[3], groups)
+    if pooled:
+        write_csv(paths[2], table)
+        write_csv(paths[3], groups)
 
     labels = {s["setting"]: s["label"] for s in settings}
     titles = {m: _metric_label(m) for m in metrics}
@@ -455,12 +460,11 @@ def match_runs(runs, *, metrics=(compare.DEFAULT_DISTANCE,), normalize=None, pea
             title += " (replicates pooled)"
         fig = plots.plot_depth_profiles(profiles, titles, title=title)
         paths.append(plots.save_figure(fig, out / f"{name}.{fmt}", dpi=dpi))
-    pooled = any(len(s["runs"]) > 1 for s in settings)
     if pooled:
         print_settings(settings, stream)
     else:
-        print(f"settings: each run is a setting of its own (none differs from another only in "
-              f"its seeds; why: {paths[3].name})", file=stream)
+        print("settings: each run is a setting of its own (no two runs differ only in their "
+              "training and Hessian-subset seeds); nothing pooled", file=stream)
     print_summary(summary, stream)
     if pooled:  # one replicate per setting: the summary above says it all
         print("verdicts per setting (mean distance over replicates; support = share of "
