@@ -363,7 +363,8 @@ def finding_grid(args) -> list:
     (``--replicates`` expands each into training seeds 0..R-1)."""
     from layerhessians.pipeline.grid import GridRun
 
-    return [GridRun(f"model=LeNet,dataset={dataset},te" + (f",subset{s}" if s else ""),
+    # named as the seed grid (",run1"), so one replicate keeps the ",run1" of its folder
+    return [GridRun(f"model=LeNet,dataset={dataset},te" + (f",subset{s}" if s else "") + ",run1",
                     {**SEED_LENET, "dataset": dataset, "num_epochs": args.epochs,
                      "hessian_vectors": 1, "hessian_subset_seed": s})
             for dataset in FINDING_DATASETS for s in range(args.subsets)]
