@@ -399,11 +399,11 @@ def run_styles(runs) -> dict:
 
 
 def plot_depth_profiles(profiles, metric_labels, title: str | None = None):
-    """Relative distance to the full spectrum against relative depth, one line per run.
+    """Relative distance to the full spectrum against relative depth, one line per run or setting.
 
     ``profiles``: ``{panel: [entry, ...]}``, one panel per key (e.g. per metric) titled by
     ``metric_labels[key]``; an entry is a dict with ``label``, ``model``, ``dataset``,
-    ``frame`` (columns ``depth`` in [0, 1], ``relative`` = distance / the run's maximum,
+    ``frame`` (columns ``depth`` in [0, 1], ``relative`` = distance / the largest over layers,
     optional ``relative_low``/``relative_high``: the interval, drawn as error bars) and
     optional ``best_index`` (the closest layer's row) and ``significant`` (the verdict).
     The closest layer is marked with a star when it is significantly closer than every
@@ -448,7 +448,7 @@ def plot_depth_profiles(profiles, metric_labels, title: str | None = None):
             ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0\nfirst", "0.25", "0.5", "0.75", "1\nlast"])
             ax.set_xlabel("relative depth of layer")
             ax.set_title(wrap_label(metric_labels.get(panel, str(panel)), 40), fontsize=9.5)
-        axes[0][0].set_ylabel("distance / run's maximum")
+        axes[0][0].set_ylabel("distance / largest over layers")
         if title:
             fig.suptitle(title)
         verdicts = [

@@ -54,7 +54,7 @@ def check_replicates(replicates) -> int:
     in ``0..MAX_REPLICATES``, else :class:`UserError`."""
     if isinstance(replicates, bool) or not isinstance(replicates, int) or \
             not 0 <= replicates <= MAX_REPLICATES:
-        raise UserError(f"--replicates {replicates} must be 0..{MAX_REPLICATES} (default "
+        raise UserError(f"--draws {replicates} must be 0..{MAX_REPLICATES} (default "
                         f"{matching.REPLICATES}; 0: no spread, no verdicts)")
     return replicates
 
@@ -288,15 +288,6 @@ def parse_peaks(specs, runs, ids) -> dict:
 
 
 # ----------------------------------------------------------------------------- output
-def _labels(summary) -> dict:
-    """``{run: "Model+Dataset"}``, with the run's name added where two runs share a label."""
-    runs = summary.drop_duplicates("run")
-    labels = [f"{m}+{d}" if isinstance(m, str) and isinstance(d, str) else run
-              for m, d, run in zip(runs["model"], runs["dataset"], runs["run"])]
-    return {run: lab if labels.count(lab) == 1 else f"{lab} ({run})"
-            for run, lab in zip(runs["run"], labels)}
-
-
 def _metric_label(metric):
     return DISTANCES[metric].label if metric in DISTANCES else str(metric)
 
@@ -364,25 +355,56 @@ def print_summary(summary, stream=None):
                 print(f"  {'':<18} baseline: not available (block sizes unknown)", file=stream)
 
 
-def _profile_entry(label, row, frame, kind):
-    prefix = "peak" if kind == "peak" else "best"
-    return {"label": label, "model": row["model"], "dataset": row["dataset"], "frame": frame,
-            "best_index": int(row[prefix + "_index"]),
-            "significant": bool(row[prefix + "_significant"])}
+#: what ``match`` writes into its output folder (and the two figures, by format)
+MATCH_OUTPUTS = ("match_distros.csv", "match_distros_summary.csv",
+                 "match_distros_settings.csv", "match_distros_groups.csv")
+MATCH_FIGURES = ("match_distros_wasserstein", "match_distros_peak")
+
+
+def _one_thread():
+    """A worker process of ``match --workers``: one thread (torch and BLAS)."""
+    from layerhessians.training.threads import set_threads
+
+    set_threads(1)
+
+
+def _compared_epochs(run, epochs):
+    available = list(run.epochs)
+    chosen = matching.default_epochs(available) if epochs is None else list(epochs)
+    return [e for e in chosen if e in available] or chosen
 
 
 def match_runs(runs, *, metrics=(DEFAULT_DISTANCE,), normalize=None, peaks=None,
                epochs=None, points=PAPER_POINTS, out=None, fmt="png", dpi=200,
-               ids=None, stream=None, replicates=matching.REPLICATES):
+               ids=None, stream=None, replicates=matching.REPLICATES, progress=None,
+               workers: int = 1):
     """Compare ``runs`` (loaded :class:`~layerhessians.store.run.Run` objects) by
     ``metrics`` (registry names, or ``--metric`` values for :func:`~layerhessians.analysis.distances.resolve_metrics` with
-    ``normalize``), write the CSVs and figures into ``out`` (default: the runs'
-    :func:`common_parent`) and print the summary (:func:`print_summary`) to ``stream``.
-    Returns ``(distances, summary, paths)``.
+    ``normalize``), pool the runs that are replicates of one setting
+    (:mod:`~layerhessians.analysis.pooling`), write the CSVs and figures into ``out``
+    (default: the runs' :func:`common_parent`; outputs of an earlier match there are
+    overwritten, with a note) and print the settings, the per-run summary
+    (:func:`print_summary`) and the settings' verdicts to ``stream``.
+
+    ``replicates`` is the number of bootstrap draws per run (``--draws``); ``progress``
+    (``None``: a bar on a terminal, log lines otherwise; ``False``: none) follows the
+    epochs compared; ``workers`` > 1 computes the runs' distances in that many processes
+    (one thread each; the same numbers: every run's draws are seeded alike).
+
+    Returns:
+        ``(distances, summary, paths)``; ``summary.attrs["settings"]`` holds the pooled
+        table (:data:`~layerhessians.analysis.pooling.SETTINGS_COLUMNS`) and
+        ``summary.attrs["groups"]`` which setting each run joined (written as
+        ``match_distros_settings.csv`` and ``match_distros_groups.csv`` when a setting has
+        more than one replicate; otherwise the outputs are today's).
 
     Raises:
-        UserError: bad resolution, replicates, metric, output folder or peak epoch.
+        UserError: bad resolution, draws, metric, output folder or peak epoch.
     """
+    from layerhessians.analysis import pooling
+    from layerhessians.progress import Progress
+    from layerhessians.training.config import TrainConfig
+
     check_dpi(dpi)
     check_replicates(replicates)
     check_points(points)
@@ -390,11 +412,31 @@ def match_runs(runs, *, metrics=(DEFAULT_DISTANCE,), normalize=None, peaks=None,
     out = common_parent([r.path for r in runs]) if out is None else Path(out)
     _check_folder(out)
     ids = ids or run_ids(runs)
+    stream = sys.stdout if stream is None else stream
     frames = []
-    for run, rid in zip(runs, ids):
-        frame = matching.distance_table(run, metrics, epochs=epochs, points=points,
-                                       replicates=replicates)
-        frames.append(frame.assign(run=rid))
+    total = sum(len(_compared_epochs(r, epochs)) for r in runs)
+    bar = Progress(total=total, desc=f"match: {len(runs)} runs x {', '.join(metrics)}",
+                   unit="epoch", disable=progress is False)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers {workers!r} must be an integer >= 1 (processes)")
+    with bar:
+        if workers == 1 or len(runs) == 1:
+            for run, rid in zip(runs, ids):
+                frame = matching.distance_table(run, metrics, epochs=epochs, points=points,
+                                               replicates=replicates, on_epoch=bar.update)
+                frames.append(frame.assign(run=rid))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            spawn = multiprocessing.get_context("spawn")  # no fork of a threaded process
+            with ProcessPoolExecutor(min(workers, len(runs)), mp_context=spawn,
+                                     initializer=_one_thread) as pool:
+                futures = [pool.submit(matching.distance_table, run, metrics, epochs=epochs,
+                                       points=points, replicates=replicates) for run in runs]
+                for run, rid, future in zip(runs, ids, futures):
+                    frames.append(future.result().assign(run=rid))
+                    bar.update(len(_compared_epochs(run, epochs)))
     distances = pd.concat(frames, ignore_index=True)[matching.DISTANCE_COLUMNS]
     peaks = peaks or {}
     for rid, epoch in peaks.items():
@@ -403,24 +445,90 @@ def match_runs(runs, *, metrics=(DEFAULT_DISTANCE,), normalize=None, peaks=None,
             raise UserError(f"peak epoch {epoch} of run {rid} is not among its compared epochs "
                             f"({min(have)}..{max(have)}); give another --peak or --epochs")
     summary = matching.summarize(distances, peaks)
+    layouts = []
+    for rid in ids:
+        rows = distances[distances["run"] == rid]
+        layouts.append((list(rows.drop_duplicates("index").sort_values("index")["layer"]),
+                        sorted(rows["epoch"].unique())))
+    configs = [pooling.setting_view(run_record(r)) for r in runs]
+    settings, groups = pooling.group_runs(ids, configs, layouts)
+    recorded = [TrainConfig.from_dict(c) for c in configs]  # defaults where not recorded
+    seeds = {rid: (c.seed, c.hessian.subset_seed) for rid, c in zip(ids, recorded)}
+    table = pooling.pool_settings(distances, settings, peaks, seeds=seeds)
+    summary.attrs.update(settings=table, groups=groups)
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "match_distros.csv", out / "match_distros_summary.csv"]
+    pooled = any(len(s["runs"]) > 1 for s in settings)
+    # one replicate per setting: today's outputs (the settings table would repeat the summary)
+    paths = [out / name for name in (MATCH_OUTPUTS if pooled else MATCH_OUTPUTS[:2])]
+    earlier = [p.name for p in [*paths, *(out / f"{n}.{fmt}" for n in MATCH_FIGURES)]
+               if p.is_file()]
+    if earlier:
+        print(f"note: overwriting the outputs of an earlier match in {out}: "
+              f"{', '.join(earlier)}", file=stream)
     write_csv(paths[0], distances[matching.CSV_COLUMNS])
     write_csv(paths[1], summary)
+    if pooled:
+        write_csv(paths[2], table)
+        write_csv(paths[3], groups)
 
-    labels = _labels(summary)
+    labels = {s["setting"]: s["label"] for s in settings}
     titles = {m: _metric_label(m) for m in metrics}
-    for kind, name in (("summed", "match_distros_wasserstein"), ("peak", "match_distros_peak")):
+    for kind, name in (("summed", MATCH_FIGURES[0]), ("peak", MATCH_FIGURES[1])):
         profiles = {m: [] for m in metrics}
-        for _, row in summary.iterrows():
-            rows = distances[(distances["run"] == row["run"])
-                             & (distances["metric"] == row["metric"])]
-            frame = matching.profile(rows, row["peak_epoch"] if kind == "peak" else None)
-            profiles[row["metric"]].append(_profile_entry(labels[row["run"]], row, frame, kind))
+        for (setting, metric), rows in table[table["scope"] == kind].groupby(
+                ["setting", "metric"], sort=False):
+            profiles[metric].append(_setting_entry(labels[setting], rows))
         title = ("layer vs full spectrum: distance summed over training" if kind == "summed"
                  else "layer vs full spectrum: distance at each run's peak epoch")
+        if len(table) and table["replicates"].max() > 1:
+            title += " (replicates pooled)"
         fig = plots.plot_depth_profiles(profiles, titles, title=title)
         paths.append(plots.save_figure(fig, out / f"{name}.{fmt}", dpi=dpi))
+    if pooled:
+        print_settings(settings, stream)
+    else:
+        print("settings: each run is a setting of its own (no two runs differ only in their "
+              "training and Hessian-subset seeds); nothing pooled", file=stream)
     print_summary(summary, stream)
+    if pooled:  # one replicate per setting: the summary above says it all
+        print("verdicts per setting (mean distance over replicates; support = share of "
+              "pooled draws):", file=stream)
+        for line in pooling.setting_verdicts(table, labels):
+            print(f"  {line}", file=stream)
     return distances, summary, paths
+
+
+def _setting_entry(label, rows) -> dict:
+    """A :func:`~layerhessians.analysis.figures.plot_depth_profiles` entry of one setting,
+    metric and scope (rows of the pooled table): distances divided by their maximum."""
+    frame = rows.sort_values("index").reset_index(drop=True)
+    top = frame["distance"].max()
+    scale = top if top > 0 else np.nan
+    frame = frame.assign(relative=frame["distance"] / scale,
+                         relative_low=frame["distance_low"] / scale,
+                         relative_high=frame["distance_high"] / scale)
+    best = int(frame["distance"].to_numpy().argmin())
+    first = frame.iloc[0]
+    replicates = int(first["replicates"])
+    return {"label": label if replicates == 1 else f"{label} ({replicates} replicates)",
+            "model": first["model"], "dataset": first["dataset"], "frame": frame,
+            "best_index": best, "significant": bool(frame["significant"].iloc[best])}
+
+
+def print_settings(settings, stream=None) -> None:
+    """Print which setting each run joined and why settings were not pooled."""
+    from layerhessians.analysis.pooling import describe
+
+    stream = sys.stdout if stream is None else stream
+    print("settings (runs differing only in the training seed and the Hessian-subset seed "
+          "are replicates of one setting):", file=stream)
+    for s in settings:
+        count = len(s["runs"])
+        names = ", ".join(s["runs"]) if count <= 6 else (
+            f"{', '.join(s['runs'][:3])}, ... {s['runs'][-1]}")
+        print(f"  {s['setting']} {s['label']}: {count} run{'s' if count > 1 else ''} "
+              f"({names})", file=stream)
+        if s["nearest"] is not None:
+            other, diffs = s["nearest"]
+            print(f"     not pooled with {other}: differs in {describe(diffs)}", file=stream)

@@ -15,8 +15,15 @@ paths it wrote:
   (:data:`~layerhessians.analysis.matching.CSV_COLUMNS`);
 - ``match_distros_summary.csv``: per run and metric, the peak epoch and best layers with
   their spread and verdicts;
-- ``match_distros_wasserstein.<fmt>``: per run, each layer's distance summed over the
-  epochs, divided by the run's maximum, against relative depth ``i / (L - 1)``, one panel
+- ``match_distros_settings.csv``: per setting (runs that differ only in the training seed
+  and the Hessian-subset seed are replicates of one setting), metric, scope (summed over
+  training, at the peak) and layer: the distance averaged over the replicates with a
+  hierarchical-bootstrap interval, ``closest_in`` (replicates in which the layer is the
+  closest), the verdict and the parameter-share mixture baseline
+  (:mod:`layerhessians.analysis.pooling`); ``match_distros_groups.csv``: which setting
+  each run joined and why it was not pooled with the nearest other setting;
+- ``match_distros_wasserstein.<fmt>``: per setting (one line, its replicates pooled), each
+  layer's distance summed over the epochs, divided by the maximum over layers, against relative depth ``i / (L - 1)``, one panel
   per metric, error bars = the interval;
 - ``match_distros_peak.<fmt>``: the same at each run's peak epoch.
 
@@ -59,9 +66,15 @@ def add_arguments(parser):
     parser.add_argument("--normalize", choices=tuple(distances.LEGACY_W1), default="maxabs",
                         help="axis of --metric wasserstein: maxabs (x / max|x|, default), "
                              "minmax (each support -> [0, 1]), none")
-    parser.add_argument("--replicates", type=int, default=DEFAULT_REPLICATES,
+    parser.add_argument("--draws", "--replicates", type=int, default=DEFAULT_REPLICATES,
+                        dest="replicates", metavar="B",
                         help="bootstrap draws behind each distance's spread and the verdicts "
-                             f"(default {DEFAULT_REPLICATES}; 0: no spread, no verdicts)")
+                             f"(default {DEFAULT_REPLICATES}; 0: no spread, no verdicts); "
+                             "--replicates is its former name (replicated runs are found "
+                             "by their settings and pooled)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="compute the runs' distances in N processes, one thread each "
+                             "(default 1; the same numbers)")
     parser.add_argument("--peak", action="append", default=[], metavar="RUN=EPOCH|paper",
                         help="peak epoch of a run (repeatable), or 'paper' for the original's "
                              "12 hard-coded epochs; default: computed per run")
@@ -127,7 +140,8 @@ def run(args) -> int:
     peaks = parse_peaks(args.peak, runs, ids)
     _, _, written = match_runs(runs, metrics=metrics, peaks=peaks, epochs=epochs,
                                points=args.points, out=args.out, fmt=args.format,
-                               dpi=args.dpi, ids=ids, replicates=args.replicates)
+                               dpi=args.dpi, ids=ids, replicates=args.replicates,
+                               workers=args.workers)
     for path in written:
         print(f"saved: {path}")
     return 0

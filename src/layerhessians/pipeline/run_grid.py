@@ -67,13 +67,22 @@ def check_datasets(configs) -> None:
 
 def _significance(r, prefix: str) -> str:
     """``"LAYER (depth D) significantly closest"`` or ``"no layer significantly closer
-    (closest LAYER, runner-up R)"`` from a summary row's ``prefix_*`` columns."""
+    (closest LAYER, runner-up R)"`` from a summary row's ``prefix_*`` columns, with the
+    parameter-share mixture baseline where the summary has it."""
     layer = f"#{r[prefix + '_index']} {r[prefix + '_layer']} (depth {r[prefix + '_depth']:.2f}"
     share = r.get(prefix + "_share")
     layer += f", {100 * share:.2g}% of parameters)" if share == share and share else ")"
     if r[prefix + "_verdict"] == NO_VERDICT:
-        return f"{NO_VERDICT} (closest {layer}, runner-up {r.get(prefix + '_runner_up')})"
-    return f"{layer} significantly closest"
+        text = f"{NO_VERDICT} (closest {layer}, runner-up {r.get(prefix + '_runner_up')})"
+    else:
+        text = f"{layer} significantly closest"
+    value = r.get("best_summed" if prefix == "best" else "peak_distance")
+    mixture = r.get("mixture_summed" if prefix == "best" else "mixture_peak")
+    if value is not None and mixture is not None and mixture == mixture:
+        pair = f"{value:.4g} vs {mixture:.4g}"
+        text += (f", but the parameter-share mixture is as close or closer ({pair})"
+                 if mixture <= value else f", closer than the parameter-share mixture ({pair})")
+    return text
 
 
 def verdicts(summary) -> list:
@@ -84,7 +93,7 @@ def verdicts(summary) -> list:
     where present, is printed as it is."""
     if summary is None or not len(summary):
         return []
-    lines = []
+    lines = []  # per run (the per-setting lines: setting_lines)
     for run, rows in summary.groupby("run", sort=False):
         r = rows.iloc[0]
         label = f"{r.get('model')}+{r.get('dataset')} [{run}]"
@@ -107,6 +116,20 @@ def verdicts(summary) -> list:
                      f"{r['peak_layer']} (depth {r['peak_depth']:.2f})")
         lines.append(text + f" [{r['metric']}]")
     return lines
+
+
+def setting_lines(summary) -> list:
+    """One line per setting with more than one replicate and metric
+    (:func:`~layerhessians.analysis.pooling.setting_verdicts`; ``summary.attrs["settings"]``
+    of :func:`~layerhessians.analysis.report.match_runs`)."""
+    from layerhessians.analysis.pooling import setting_verdicts
+
+    table = None if summary is None else summary.attrs.get("settings")
+    if table is None or not len(table):
+        return []
+    groups = summary.attrs.get("groups")
+    labels = {} if groups is None else dict(zip(groups["setting"], groups["label"]))
+    return setting_verdicts(table[table["replicates"] > 1], labels)
 
 
 def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True, match=True,
@@ -195,6 +218,8 @@ def run_grid(runs, root, launcher, *, overrides=None, progress=None, plots=True,
     figures = [str(p) for p in figures if Path(p).is_file()]
     print(f"{command}: {len(present)}/{len(runs)} runs with spectra, {minutes:.1f} min",
           flush=True)
+    for line in setting_lines(summary):
+        print(f"{command}: pooled: {line}", flush=True)
     if figures:  # only figures that exist are named
         match_figures = [p for p in figures if Path(p).name.startswith("match_distros")]
         print(f"{command}: figures: " + ", ".join(match_figures or figures[:1]) + (
