@@ -38,7 +38,10 @@ from layerhessians.curvature.graph import (
     CurvatureGraph,
     NonFiniteError,
     Reduction,
+    as_batches,
     batch_coupling,
+    engine_modes,
+    loss_reduction_of,
 )
 from layerhessians.curvature.hessian import HessianOperator
 from layerhessians.curvature.kinds import (
@@ -67,6 +70,9 @@ __all__ = [
     "BatchLoss",
     "NonFiniteError",
     "batch_coupling",
+    "as_batches",  # the next three: shared with layerhessians.regularization
+    "engine_modes",
+    "loss_reduction_of",
     "CONV_DOUBLE_BACKWARDS",
     "KINDS",
     "KIND_CLASSES",

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 
 from layerhessians.errors import UserError, unknown_name
+from layerhessians.regularization.settings import FLAGS as REGULARIZER_FLAGS
+from layerhessians.regularization.settings import RegularizerSettings
 from layerhessians.vocabulary import (
     BACKENDS,
     BN_MODES,
@@ -219,6 +221,8 @@ class TrainConfig:
     sync_bn: bool = False
     threads: int = None  # torch's intra-op threads; None: torch's default (one per core)
     hessian: HessianConfig = field(default_factory=HessianConfig)
+    #: the Hessian-trace regulariser (``--htr-*``; gamma 0: none, and config.json unchanged)
+    regularizer: RegularizerSettings = field(default_factory=RegularizerSettings)
 
     def validated(self) -> "TrainConfig":
         """A copy with names canonicalised and every value checked (:class:`UserError`)."""
@@ -263,12 +267,15 @@ class TrainConfig:
             sync_bn=_bool("--sync-bn", self.sync_bn),
             threads=_int("--threads", self.threads, allow_none=True),
             hessian=hessian.validated(),
+            regularizer=_regularizer(self.regularizer).validated(),
         )
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict: the fields, with ``"hessian"`` as a nested dict."""
         out = asdict(self)
         out["milestones"] = list(self.milestones)
+        if not _regularizer(self.regularizer).active:
+            del out["regularizer"]  # runs without it record what they always did
         return out
 
     @classmethod
@@ -279,17 +286,24 @@ class TrainConfig:
             hessian = {**LEGACY_HESSIAN, **kwargs["hessian"]}
             kwargs["hessian"] = HessianConfig(
                 **{k: v for k, v in hessian.items() if k in _names(HessianConfig)})
+        if "regularizer" in kwargs:
+            kwargs["regularizer"] = _regularizer(kwargs["regularizer"])
         return cls(**kwargs)
 
     def run_name(self) -> str:
         """The default run directory name (under ``runs/``): ``model=M,dataset=D,...``."""
         return (f"model={self.model},dataset={self.dataset},opt={self.optimizer},"
                 f"lr={self.learning_rate:g},l2={self.weight_decay:g},b={self.batch_size},"
-                f"seed={self.seed}")
+                f"seed={self.seed}" + _regularizer(self.regularizer).run_name_part())
 
 
 def _names(cls) -> set:
     return {f.name for f in fields(cls)}
+
+
+def _regularizer(value) -> RegularizerSettings:
+    return value if isinstance(value, RegularizerSettings) else \
+        RegularizerSettings.from_dict(value)
 
 
 # ----------------------------------------------------------------------------- flags
@@ -306,8 +320,8 @@ IGNORED_FLAGS = ("log_dir", "ckpt_dir", "images_dir")
 
 def setting_flags() -> tuple:
     """Every flag destination that names a setting (grid files use these names)."""
-    main = [f for f in _names(TrainConfig) if f != "hessian"]
-    return tuple(sorted([*main, *HESSIAN_FLAGS, "cuda", *IGNORED_FLAGS]))
+    main = [f for f in _names(TrainConfig) if f not in ("hessian", "regularizer")]
+    return tuple(sorted([*main, *HESSIAN_FLAGS, *REGULARIZER_FLAGS, "cuda", *IGNORED_FLAGS]))
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -322,6 +336,9 @@ def _expected_type(name: str):
         return str
     if name in HESSIAN_FLAGS:
         kind = {f.name: f.type for f in fields(HessianConfig)}[HESSIAN_FLAGS[name]]
+    elif name in REGULARIZER_FLAGS:
+        kind = {"gamma": float, "probes": int, "every": int, "start_epoch": int}.get(
+            REGULARIZER_FLAGS[name], str)
     else:
         kind = {f.name: f.type for f in fields(TrainConfig)}.get(name)
     return kind if isinstance(kind, type) else None
@@ -371,16 +388,19 @@ def apply_flags(config: TrainConfig, flags: dict) -> TrainConfig:
         raise UserError(f"unknown setting {unknown[0]!r}; use `layerhessians train` "
                         f"destinations: {', '.join(valid)}")
     main, hessian = config.to_dict(), config.hessian.to_dict()
+    regularizer = _regularizer(config.regularizer).to_dict()
     for key, value in flags.items():
         if value is None or key in IGNORED_FLAGS:
             continue
         if key in HESSIAN_FLAGS:
             hessian[HESSIAN_FLAGS[key]] = value
+        elif key in REGULARIZER_FLAGS:
+            regularizer[REGULARIZER_FLAGS[key]] = value
         elif key == "cuda":
             if flags.get("device") is None:
                 main["device"] = f"cuda:{value}"
         else:
             main[key] = value
-    main["hessian"] = hessian
+    main["hessian"], main["regularizer"] = hessian, regularizer
     return TrainConfig.from_dict(main)
 
