@@ -1,20 +1,30 @@
 """Regenerate every figure and number the README shows, from runs of the current code.
 
-    python docs/make_figures.py            # both steps, 50-epoch real-MNIST run
-    python docs/make_figures.py --epochs 2 --skip-quick   # a smoke test
+    python docs/make_figures.py            # every step (hours on one core: see --jobs)
+    python docs/make_figures.py --epochs 2 --replicates 2 --skip-quick   # a smoke test
 
-Steps (each prints what it runs and where it writes; offline, CPU):
+Every run lives under this script's own root, ``runs/figures/`` (never the README's
+hands-on ``runs/mnist5k-lenet`` or ``runs/quick``), and a run found there is reused only when
+its config.json holds the settings this script asks for (else the script stops and says
+what differs; ``--fresh`` starts over). Steps (each prints what it runs and where it writes;
+offline, CPU):
 
-1. the quick grid: ``layerhessians reproduce --quick --root runs/quick`` (LeNet on MNIST5k
-   and on Digits), whose match figures and each run's overview and layer-distance figures
-   are copied into ``docs/figures/``;
-2. the finding on real data: LeNet on MNIST5k with the seed's LeNet/MNIST hyperparameters
-   (``-lr 1e-2 -l2 0 -b 256 -o sgd``), the paper's 128 Lanczos steps, 10 examples per
-   class, spectra from initialisation on, exact layer spectra, 3 random vectors for the
-   full spectrum's spread, in ``runs/mnist5k-lenet`` (a complete run is reused, an
-   interrupted one resumed); then the match by the default metric and the paper's
-   (``--metric both``) into ``runs/mnist5k-lenet-match``; its figures are copied into
-   ``docs/figures/mnist5k_lenet_*``.
+1. the quick grid: ``layerhessians reproduce --quick --root runs/figures/quick`` (LeNet on
+   MNIST5k and on Digits), whose match figures and each run's overview and layer-distance
+   figures are copied into ``docs/figures/``;
+2. one real-data run in detail: LeNet on MNIST5k with the seed's LeNet/MNIST
+   hyperparameters (``-lr 1e-2 -l2 0 -b 256 -o sgd``), the paper's 128 Lanczos steps, 10
+   examples per class, spectra from initialisation on, exact layer spectra, 3 random vectors
+   for the full spectrum's spread, in ``runs/figures/mnist5k-lenet``; then the match by the
+   default metric and the paper's (``--metric both``); its figures are copied into
+   ``docs/figures/mnist5k_lenet_*``;
+3. the finding, replicated: LeNet on MNIST5k and on Digits with the same hyperparameters,
+   ``--replicates`` training seeds (default 5) on each of ``--subsets`` Hessian subsets
+   (default 2), one SLQ vector per spectrum, trained by ``layerhessians sweep --replicates``
+   (``--jobs`` sweeps in parallel, one thread each) under ``runs/figures/finding``; then
+   ``match --metric both`` pooled over the replicates of each setting, once for the runs of
+   the first subset (training seeds only) and once for all (seeds and subsets); figures into
+   ``docs/figures/finding_*``.
 
 Finally ``docs/figures/numbers.json`` gets every number the README quotes: each step's
 wall time with the thread count and load average, the verdicts per metric with their
@@ -34,13 +44,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES = REPO / "docs" / "figures"
-QUICK_ROOT = Path("runs/quick")
-MNIST_RUN = Path("runs/mnist5k-lenet")
-MNIST_MATCH = Path("runs/mnist5k-lenet-match")
+#: this script's own run root: the README's hands-on commands never write here
+ROOT = Path("runs/figures")
+QUICK_ROOT = ROOT / "quick"
+MNIST_RUN = ROOT / "mnist5k-lenet"
+MNIST_MATCH = ROOT / "mnist5k-lenet-match"
+FINDING_ROOT = ROOT / "finding"
 #: the seed's LeNet/MNIST hyperparameters and the paper's spectra settings
+SEED_LENET = {"model": "LeNet", "learning_rate": 1e-2, "weight_decay": 0.0, "batch_size": 256,
+              "optimizer": "sgd", "examples_per_class": 10, "hessian_iterations": 128,
+              "layer_spectra": "auto"}
 MNIST_FLAGS = ["-m", "LeNet", "-d", "MNIST5k", "-lr", "1e-2", "-l2", "0", "-b", "256",
                "-o", "sgd", "--examples_per_class", "10", "--hessian-iterations", "128",
                "--init-spectra", "--layer-spectra", "auto"]
+MNIST_SETTINGS = {**SEED_LENET, "dataset": "MNIST5k", "init_spectra": True}
+FINDING_DATASETS = ("MNIST5k", "Digits")
 #: quick-grid run directories and the names their figures get in docs/figures
 QUICK_RUNS = {"model=LeNet,dataset=MNIST5k,quick": "lenet_mnist5k_quick",
               "model=LeNet,dataset=Digits,quick": "lenet_digits"}
@@ -50,8 +68,21 @@ RUN_FIGURES = ("overview_full", "layer_distances")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=str(ROOT),
+                   help=f"this script's run root (default {ROOT}; another one for smoke tests)")
     p.add_argument("--skip-quick", action="store_true", help="skip step 1 (the quick grid)")
     p.add_argument("--skip-mnist", action="store_true", help="skip step 2 (real MNIST)")
+    p.add_argument("--skip-finding", action="store_true",
+                   help="skip step 3 (the replicated finding)")
+    p.add_argument("--train-only", action="store_true",
+                   help="step 3: train (or resume) the replicated runs, then stop")
+    p.add_argument("--replicates", type=int, default=5,
+                   help="step 3: training seeds per setting (default 5)")
+    p.add_argument("--subsets", type=int, default=2,
+                   help="step 3: Hessian subsets (subset seeds 0..N-1), each with every "
+                        "training seed (default 2)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="step 3: sweeps training in parallel, one thread each (default 2)")
     p.add_argument("--epochs", type=int, default=50,
                    help="training epochs of the real-MNIST run (default 50; fewer for a "
                         "smoke test)")
@@ -61,17 +92,19 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch (and BLAS) threads of every step (default 1)")
     p.add_argument("--fresh", action="store_true",
-                   help="delete the run directories of the steps that run first (runs/quick; "
-                        "runs/mnist5k-lenet, runs/mnist5k-lenet-match) instead of reusing them")
-    p.add_argument("--replicates", type=int, default=50,
+                   help="delete the run directories of the steps that run first (under "
+                        f"{ROOT}) instead of reusing them")
+    p.add_argument("--draws", type=int, default=50,
                    help="bootstrap draws behind each distance's spread and the verdicts "
                         "(default 50: with exact layer spectra and 3 vectors a draw is one "
                         "of 10 multisets of the full spectrum's vectors; the paper metric "
                         "costs about 0.15 s per draw and epoch on one core)")
     p.add_argument("--dpi", type=int, default=150, help="resolution of the PNGs (default 150)")
     args = p.parse_args(argv)
-    if min(args.epochs, args.vectors, args.threads, args.replicates) < 1:
-        p.error("--epochs, --vectors, --threads and --replicates must be >= 1")
+    if min(args.epochs, args.vectors, args.threads, args.draws, args.replicates, args.subsets,
+           args.jobs) < 1:
+        p.error("--epochs, --vectors, --threads, --draws, --replicates, --subsets and --jobs "
+                "must be >= 1")
     return args
 
 
@@ -126,6 +159,31 @@ def copy(src, name):
     shutil.copyfile(REPO / src, dst)
     print(f"copied {src} -> {dst.relative_to(REPO)}", flush=True)
     return str(dst.relative_to(REPO))
+
+
+def made_here(path, flags) -> None:
+    """Stop unless the run in ``path`` (if any) holds the settings ``flags`` asks for (by
+    ``layerhessians train`` destination; ``num_epochs`` may be smaller: it is resumed).
+    A run this script did not make with its own settings is never reused."""
+    from layerhessians.training.config import HESSIAN_FLAGS, TrainConfig, apply_flags
+
+    config_file = REPO / path / "config.json"
+    if not config_file.is_file():
+        return
+    recorded = TrainConfig.from_dict(json.loads(config_file.read_text()))
+    wanted = apply_flags(TrainConfig(), flags).validated()
+    differ = []
+    for key in flags:
+        if key in ("num_epochs", "threads"):
+            continue
+        field = HESSIAN_FLAGS.get(key)
+        have, want = ((getattr(recorded.hessian, field), getattr(wanted.hessian, field))
+                      if field else (getattr(recorded, key), getattr(wanted, key)))
+        if json.dumps(have, default=str) != json.dumps(want, default=str):
+            differ.append(f"{key} {have!r} (asked {want!r})")
+    if differ:
+        sys.exit(f"make_figures: {path} holds a run with other settings ({'; '.join(differ)}); "
+                 "this script reuses only the runs it made: remove it or pass --fresh")
 
 
 def summary_rows(path) -> dict:
@@ -194,6 +252,8 @@ def quick_step(args, steps, env, numbers):
 
     cmd = ["layerhessians", "reproduce", "--quick", "--root", str(QUICK_ROOT),
            "--threads", str(args.threads)]
+    for entry in load_grid("quick"):
+        made_here(QUICK_ROOT / entry.run, {**entry.flags, "threads": args.threads})
     complete = [r.run for r in load_grid("quick") if r.is_complete(REPO / QUICK_ROOT)]
     status = ("trained" if not complete else
               f"runs already complete, reused (only plot + match timed): {', '.join(complete)}")
@@ -222,6 +282,7 @@ def mnist_step(args, steps, env, numbers):
     from layerhessians.store.runs import RunStore, load_run
 
     path = REPO / MNIST_RUN
+    made_here(MNIST_RUN, {**MNIST_SETTINGS, "hessian_vectors": args.vectors})
     done = RunStore(path).completed_epoch if path.is_dir() else None
     if done is not None and done >= args.epochs:
         status = f"complete (epoch {done}), reused"
@@ -242,20 +303,17 @@ def mnist_step(args, steps, env, numbers):
         steps.run("real MNIST: train LeNet on MNIST5k", lambda: call(cmd, env),
                   " ".join(cmd), status)
     run = load_run(path)
-    if run.config.get("hessian", {}).get("vectors") != args.vectors:
-        print(f"note: {MNIST_RUN} has {run.config['hessian']['vectors']} vectors, not "
-              f"{args.vectors} (a reused run keeps its settings; --fresh starts over)")
     torch.set_num_threads(args.threads)
     epochs = list(range(1, args.epochs + 1))
 
     def match():
         return match_runs([run], metrics=("both",), out=REPO / MNIST_MATCH, epochs=epochs,
-                          dpi=args.dpi, replicates=args.replicates)
+                          dpi=args.dpi, replicates=args.draws)
 
     distances, summary_frame, written = steps.run(
         "real MNIST: match (--metric both)", match,
         f"layerhessians match {MNIST_RUN} --metric both --epochs 1-{args.epochs} "
-        f"--replicates {args.replicates} --out {MNIST_MATCH}")
+        f"--replicates {args.draws} --out {MNIST_MATCH}")
     for p in written:
         print(f"saved: {Path(p).relative_to(REPO) if Path(p).is_absolute() else p}")
     images = REPO / MNIST_MATCH / "images"
@@ -264,9 +322,9 @@ def mnist_step(args, steps, env, numbers):
     # would repeat the match's most expensive computation; its panel is in the match figure)
     steps.run("real MNIST: per-run figures (w1-maxabs)",
               lambda: make_figures(run, out=images, dpi=args.dpi, epochs=f"0-{args.epochs}",
-                                   replicates=args.replicates),
+                                   replicates=args.draws),
               f"make_figures(load_run('{MNIST_RUN}'), epochs='0-{args.epochs}', "
-              f"replicates={args.replicates}) (= layerhessians plot, fewer draws)")
+              f"draws={args.draws}) (= layerhessians plot, fewer draws)")
     figures = [copy(MNIST_MATCH / f"{name}.png", f"mnist5k_lenet_{name}.png")
                for name in ("match_distros_wasserstein", "match_distros_peak")]
     rel = images.relative_to(REPO)
@@ -284,7 +342,7 @@ def mnist_step(args, steps, env, numbers):
             "batch_size", "num_epochs", "examples_per_class", "seed", "threads")}
             | {"hessian": run.config.get("hessian")}),
         "training": run_numbers(run),
-        "replicates": args.replicates,
+        "draws": args.draws,
         "verdicts": summary,
         "profiles": {m: profiles(distances, summary, m) for m in summary},
         "per_epoch": {m: per_epoch_counts(distances, m) for m in summary},
@@ -292,9 +350,88 @@ def mnist_step(args, steps, env, numbers):
     }
 
 
+def finding_grid(args) -> list:
+    """The finding's grid entries: per dataset and Hessian subset, the seed's LeNet setting
+    (``--replicates`` expands each into training seeds 0..R-1)."""
+    from layerhessians.pipeline.grid import GridRun
+
+    return [GridRun(f"model=LeNet,dataset={dataset},te" + (f",subset{s}" if s else ""),
+                    {**SEED_LENET, "dataset": dataset, "num_epochs": args.epochs,
+                     "hessian_vectors": 1, "hessian_subset_seed": s})
+            for dataset in FINDING_DATASETS for s in range(args.subsets)]
+
+
+def finding_train(args, steps, env):
+    """Train the finding's replicated runs: ``--jobs`` sweeps in parallel (one per group of
+    grid entries), each logging to ``FINDING_ROOT/sweep-K.log``."""
+    from layerhessians.pipeline.replicates import replicate_grid
+
+    entries = finding_grid(args)
+    runs = replicate_grid(entries, args.replicates)
+    for run in runs:
+        made_here(FINDING_ROOT / run.run, {**run.flags, "threads": 1})
+    root = REPO / FINDING_ROOT
+    root.mkdir(parents=True, exist_ok=True)
+    grid = root / "grid.json"
+    grid.write_text(json.dumps({"description": "make_figures.py: the replicated finding",
+                                "runs": [{"run": e.run, "flags": e.flags} for e in entries]},
+                               indent=1))
+    jobs = min(args.jobs, len(entries))
+    # contiguous groups (one dataset each by default): every job trains its first subset's
+    # training seeds before the next subset's
+    bounds = [round(k * len(entries) / jobs) for k in range(jobs + 1)]
+    groups = [entries[a:b] for a, b in zip(bounds, bounds[1:])]
+    commands = [["layerhessians", "sweep", str(FINDING_ROOT / "grid.json"), "--root",
+                 str(FINDING_ROOT), "--replicates", str(args.replicates), "--threads", "1",
+                 "--no-match", "--no-plots", "--train-args=--no-progress", "--only",
+                 *[e.run for e in group]] for group in groups]
+
+    def train_all():
+        logs = [open(root / f"sweep-{k + 1}.log", "a") for k in range(jobs)]
+        procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                 for c, log in zip(commands, logs)]
+        total = len(runs)
+        while any(p.poll() is None for p in procs):
+            time.sleep(30)
+            done = sum(1 for r in runs if r.is_complete(root))
+            print(f"finding: {done}/{total} runs complete (logs: {FINDING_ROOT}/sweep-*.log)",
+                  flush=True)
+        for log in logs:
+            log.close()
+        failed = [" ".join(c) for c, p in zip(commands, procs) if p.returncode]
+        if failed:
+            sys.exit(f"make_figures: `{failed[0]}` failed (see {FINDING_ROOT}/sweep-*.log); "
+                     "run this script again to resume")
+
+    status = f"{sum(1 for r in runs if r.is_complete(root))} of {len(runs)} runs complete"
+    steps.run("finding: train the replicated runs", train_all,
+              " & ".join(" ".join(c) for c in commands), status)
+    return entries, runs
+
+
+def set_root(root) -> None:
+    """Place every run of this script under ``root``."""
+    global ROOT, QUICK_ROOT, MNIST_RUN, MNIST_MATCH, FINDING_ROOT
+    ROOT = root
+    QUICK_ROOT, MNIST_RUN = root / "quick", root / "mnist5k-lenet"
+    MNIST_MATCH, FINDING_ROOT = root / "mnist5k-lenet-match", root / "finding"
+
+
+def finding_match(args, steps, numbers, entries, runs):
+    raise SystemExit("finding match: not yet")
+
+
+def finding_step(args, steps, env, numbers):
+    entries, runs = finding_train(args, steps, env)
+    if args.train_only:
+        return
+    finding_match(args, steps, numbers, entries, runs)
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.chdir(REPO)
+    set_root(Path(args.root))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     os.environ.update({k: env[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -304,7 +441,8 @@ def main(argv=None):
                  "(pip install -e .) first")
     if args.fresh:  # only the folders of the steps that run
         for p in ([] if args.skip_quick else [QUICK_ROOT]) + (
-                [] if args.skip_mnist else [MNIST_RUN, MNIST_MATCH]):
+                [] if args.skip_mnist else [MNIST_RUN, MNIST_MATCH]) + (
+                [] if args.skip_finding else [FINDING_ROOT]):
             if (REPO / p).exists():
                 print(f"--fresh: removing {p}")
                 shutil.rmtree(REPO / p)
@@ -329,12 +467,16 @@ def main(argv=None):
     out = FIGURES / "numbers.json"
     old = json.loads(out.read_text()) if out.is_file() else {}
     for key, skip, step, prefix in (("quick", args.skip_quick, quick_step, "quick"),
-                                    ("mnist", args.skip_mnist, mnist_step, "real MNIST")):
+                                    ("mnist", args.skip_mnist, mnist_step, "real MNIST"),
+                                    ("finding", args.skip_finding, finding_step, "finding")):
         if not skip:
             step(args, steps, env, numbers)
         elif key in old:  # kept from the last run that made them
             numbers[key] = old[key]
             steps.records += [r for r in old.get("steps", []) if r["step"].startswith(prefix)]
+    if args.train_only:
+        print("make_figures: --train-only: runs trained; numbers.json not written")
+        return 0
     numbers["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     out.write_text(json.dumps(clean(numbers), indent=1) + "\n")
     print(f"\nwrote {out.relative_to(REPO)}; figures in {FIGURES.relative_to(REPO)}/:")

@@ -14,10 +14,18 @@ _NOT_SETTINGS = ("run", "resume", "overwrite", "with_pdb")
 def add_common_arguments(parser):
     """The flags ``reproduce`` and ``sweep`` share (besides how the grid is chosen)."""
     parser.add_argument("--only", nargs="+", default=None, metavar="RUN",
-                        help="run only these grid entries (run directory names)")
+                        help="run only these grid entries (run directory names in the grid file; with "
+                             "--replicates, every replicate of each)")
     parser.add_argument("--train-args", default="",
                         help="extra `layerhessians train` flags for every run, quoted, e.g. "
                              "\"--device cuda --dataset_root /data\"")
+    parser.add_argument("--replicates", type=int, default=1, metavar="R",
+                        help="runs per grid entry, named as the original does (NAME,run1 .. "
+                             "NAME,runR) with training seeds seed .. seed+R-1; match pools "
+                             "them (default 1: the grid's runs as named)")
+    parser.add_argument("--vary-subset", action="store_true",
+                        help="with --replicates: replicate k also measures its spectra on "
+                             "another Hessian subset (subset seed + k - 1)")
     parser.add_argument("--no-plots", action="store_true", help="skip the per-run figures")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the commands that would run, and which runs are complete")
@@ -78,10 +86,17 @@ def train_overrides(text: str) -> tuple:
 def run_grid_command(runs, root, args, *, command, match=True) -> int:
     """Parse the shared flags and run the grid; exit status 0, or 1 when anything failed."""
     from layerhessians.pipeline import launchers
+    from layerhessians.pipeline.replicates import replicate_grid
     from layerhessians.pipeline.run_grid import run_grid
     from layerhessians.training.threads import check_threads, set_threads
 
+    runs = replicate_grid(runs, args.replicates, args.vary_subset)
     overrides, progress = train_overrides(args.train_args)
+    replicated = [k for k in ("seed", "hessian_subset_seed") if k in overrides
+                  and (k == "seed" and args.replicates > 1 or args.vary_subset)]
+    if replicated:
+        raise UserError(f"--train-args sets {replicated[0]} for every run, but --replicates "
+                        "gives each replicate its own; set it in the grid file instead")
     threads = check_threads(getattr(args, "threads", None))
     if threads is not None:
         if overrides.get("threads", threads) != threads:

@@ -145,6 +145,9 @@ def add_arguments(parser):
          metavar="N|all",
          help="size of the fixed Hessian set, class-balanced as far as possible, or 'all' "
               "(the training set); replaces --examples_per_class")
+    _add(hg, "--hessian-subset-seed", type=int, metavar="S",
+         help="seed of the class-balanced Hessian subset: which training examples the "
+              f"spectra are measured on (default {h.subset_seed}, the original's)")
     _add(hg, "--hessian-reorthogonalize", choices=("auto", "full", "none"),
          help="Lanczos re-orthogonalisation: full, none (the original), or auto: full when "
               "the bases fit half the memory budget (default auto; config.json records "

@@ -313,7 +313,8 @@ HESSIAN_FLAGS = {"hessian_iterations": "iterations", "hessian_vectors": "vectors
                  "hessian_every": "every", "hessian_distribution": "distribution",
                  "layers": "layers", "init_spectra": "init",
                  "hessian_reorthogonalize": "reorthogonalize",
-                 "layer_spectra": "layer_method", "validate_layer_spectra": "validate_layers"}
+                 "layer_spectra": "layer_method", "validate_layer_spectra": "validate_layers",
+                 "hessian_subset_seed": "subset_seed"}
 #: flags of the seed's command lines accepted and ignored (outputs go under the run directory)
 IGNORED_FLAGS = ("log_dir", "ckpt_dir", "images_dir")
 
