@@ -320,6 +320,23 @@ def resolve(flags: dict):
     return config, run_dir, resume if resume == "allow" else bool(resume), overwrite
 
 
+def reruns(config: TrainConfig, run_dir: Path, count) -> list:
+    """``[(run directory, settings)]`` of ``--reruns R``: ``RUN`` itself for 1, else
+    ``RUN,run1`` .. ``RUN,runR`` with seeds ``seed`` .. ``seed + R - 1``
+    (:func:`~layerhessians.pipeline.replicates.replicate_configs`), trained one after
+    another (a complete replicate is skipped on ``--resume``, an interrupted one resumed).
+
+    Raises:
+        UserError: ``R`` is not an integer >= 1.
+    """
+    from layerhessians.pipeline.replicates import check_replicates, replicate_configs
+
+    if check_replicates(count) == 1:
+        return [(run_dir, config)]
+    return [(run_dir.parent / name, replicate)
+            for name, replicate in replicate_configs(config, count, base_name=run_dir.name)]
+
+
 def command_line(flags: dict) -> str:
     """``layerhessians train ...`` rebuilt from the typed flags (recorded in config.json)."""
     argv = ["layerhessians", "train"]
@@ -354,8 +371,10 @@ def run(args) -> int:
     flags = typed_flags(args)
     try:
         config, run_dir, resume, overwrite = resolve(flags)
-        train(config, run_dir, resume=resume, overwrite=overwrite, command=command_line(flags),
-              progress=None if flags.get("progress", True) else False)
+        for directory, replicate in reruns(config, run_dir, flags.get("reruns", 1)):
+            train(replicate, directory, resume=resume, overwrite=overwrite,
+                  command=command_line(flags),
+                  progress=None if flags.get("progress", True) else False)
     except PeerError:
         if os.environ.get("RANK", "0") != "0":
             return 2  # the failing rank printed the cause
