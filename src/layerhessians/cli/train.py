@@ -329,9 +329,12 @@ def reruns(config: TrainConfig, run_dir: Path, count) -> list:
     Raises:
         UserError: ``R`` is not an integer >= 1.
     """
-    from layerhessians.pipeline.replicates import check_replicates, replicate_configs
+    from layerhessians.pipeline.replicates import replicate_configs
 
-    if check_replicates(count) == 1:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UserError(f"--reruns {count!r} must be an integer >= 1 (runs of these settings, "
+                        "each with the next seed)")
+    if count == 1:
         return [(run_dir, config)]
     return [(run_dir.parent / name, replicate)
             for name, replicate in replicate_configs(config, count, base_name=run_dir.name)]
