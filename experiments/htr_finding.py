@@ -48,6 +48,9 @@ def parse_args(argv=None):
                    help="ggn gammas tried on the validation split (default 1e-3 1e-2 1e-1)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30; fewer: smoke test)")
     p.add_argument("--hessian-every", type=int, default=5, help="spectra every N epochs (default 5)")
+    p.add_argument("--tuned", action="store_true",
+                   help="choose gamma from the complete tuning runs already there (no tuning "
+                        "sweep)")
     p.add_argument("--methods", nargs="+", default=[*FIRST, *GGN],
                    help="methods to train (default all)")
     return p.parse_args(argv)
@@ -79,6 +82,15 @@ def run_name(method: str, index: int, reruns: int) -> str:
     return method if reruns == 1 else f"{method},run{index}"
 
 
+def complete(run_dir: Path, epochs: int) -> bool:
+    """Whether ``run_dir``'s metrics reach epoch ``epochs``."""
+    import pandas as pd
+
+    metrics = run_dir / "metrics.csv"
+    return metrics.is_file() and len(pd.read_csv(metrics)) > 0 and \
+        int(pd.read_csv(metrics)["epoch"].max()) >= epochs
+
+
 def last_test_acc(run_dir: Path):
     import pandas as pd
 
@@ -95,12 +107,12 @@ def choose_gamma(args, root: Path) -> dict:
 
     rows = []
     for gamma in args.gammas:
-        accs = [last_test_acc(root / "tune" / run_name(f"ggn,gamma={gamma:g}", k,
-                                                         args.tune_reruns))
+        dirs = [root / "tune" / run_name(f"ggn,gamma={gamma:g}", k, args.tune_reruns)
                 for k in range(1, args.tune_reruns + 1)]
-        if any(a is None for a in accs):
-            raise SystemExit(f"tuning run for gamma {gamma:g} is missing or empty")
-        rows.append({"gamma": gamma, "val_error": [1 - a for a in accs],
+        accs = [last_test_acc(d) for d in dirs if complete(d, args.epochs)]
+        if not accs:
+            raise SystemExit(f"no complete tuning run for gamma {gamma:g}")
+        rows.append({"gamma": gamma, "runs": len(accs), "val_error": [1 - a for a in accs],
                      "mean_val_error": float(np.mean([1 - a for a in accs]))})
     best = min(rows, key=lambda r: (round(r["mean_val_error"], 6), r["gamma"]))
     result = {"chosen_gamma": best["gamma"], "dataset": "MNIST5k-val (3,200 train / 800 validation)",
@@ -126,9 +138,10 @@ def train(args) -> None:
                      "hessian_iterations": 8, "hessian_every": args.epochs}
         path = write_grid(root / "grids" / "tune.json",
                           grid(tune, tune_base, description="HTR finding: ggn gamma on MNIST5k-val"))
-        tuner = sweep(path, root / "tune", args.tune_reruns, root / "logs" / "tune.log")
-        if tuner.wait() != 0:
-            raise SystemExit(f"tuning failed: see {root / 'logs' / 'tune.log'}")
+        if not args.tuned:
+            tuner = sweep(path, root / "tune", args.tune_reruns, root / "logs" / "tune.log")
+            if tuner.wait() != 0:
+                raise SystemExit(f"tuning failed: see {root / 'logs' / 'tune.log'}")
         gamma = choose_gamma(args, root)["chosen_gamma"]
         for name, settings in mnist_methods(gamma).items():  # one sweep each, in parallel
             if name in GGN and name in args.methods:
