@@ -8,8 +8,9 @@ LeNet on MNIST5k with the original's LeNet/MNIST settings (SGD momentum 0.9, lr 
 batch 256, 30 epochs, milestones 10 20, lr factor 0.25), ``--reruns`` seeds each:
 
 - ``sgd``, ``l2`` (weight decay 1e-4), ``htr`` (the original's: gamma 1e-3, 10 Gaussian
-  Hutchinson probes on every 50th step of an epoch from epoch 11), ``htr+l2`` (its
-  ``combined``), ``paper-middle`` (its ``middle``: gamma 1e-4 on its parameter-list mask);
+  Hutchinson probes on every 50th step of an epoch from epoch 11), and with
+  ``--extra-reruns`` seeds ``htr+l2`` (its ``combined``) and ``paper-middle`` (its
+  ``middle``: gamma 1e-4 on its parameter-list mask);
 - ``ggn`` (1 output-space probe every step from epoch 1) and ``ggn-middle`` (the middle
   layers by depth), batched form, with gamma chosen on MNIST5k-val (MNIST5k's training images split
   3,200 / 800; the test images are never used to choose) among ``--gammas``: the lowest mean
@@ -34,6 +35,9 @@ from layerhessians.pipeline.regularization_grid import MNIST_BASE, grid, mnist_m
 
 FIRST = ("sgd", "l2", "htr", "htr+l2", "paper-middle")
 GGN = ("ggn", "ggn-middle")
+#: the methods other than ggn in two parallel chains; the last two are extras (--extra-reruns)
+CHAINS = (("sgd", "l2", "htr+l2"), ("htr", "paper-middle"))
+EXTRA = ("htr+l2", "paper-middle")
 
 
 def parse_args(argv=None):
@@ -43,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--root", default="runs/htr-finding", help="run directories (default %(default)s)")
     p.add_argument("--out", default="docs/figures/htr", help="tables and figures (default %(default)s)")
     p.add_argument("--reruns", type=int, default=5, help="seeds per method (default 5)")
+    p.add_argument("--extra-reruns", type=int, default=3,
+                   help="seeds of htr+l2 and paper-middle (default 3)")
     p.add_argument("--tune-reruns", type=int, default=2, help="seeds per gamma when tuning (default 2)")
     p.add_argument("--gammas", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1],
                    help="ggn gammas tried on the validation split (default 1e-3 1e-2 1e-1)")
@@ -62,13 +68,42 @@ def base_flags(args) -> dict:
             "hessian_every": args.hessian_every}
 
 
-def sweep(grid_file: Path, root: Path, reruns: int, log: Path) -> subprocess.Popen:
+def sweep(grid_file: Path, root: Path, reruns: int, log: Path, only=None) -> subprocess.Popen:
     command = [sys.executable, "-m", "layerhessians", "sweep", str(grid_file), "--root", str(root),
                "--replicates", str(reruns), "--threads", "1", "--no-match", "--no-plots"]
+    if only:
+        command += ["--only", only]
     print("$", " ".join(command), f"> {log}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env)
+
+
+class _Chain:
+    """Sweeps of one grid's entries one after another, in a background thread."""
+
+    def __init__(self, path, root, methods, args, name):
+        import threading
+
+        self.args, self.returncode = name, None
+        self._thread = threading.Thread(target=self._run, args=(path, root, methods, args, name))
+        self._thread.start()
+
+    def _run(self, path, root, methods, args, name):
+        self.returncode = 0
+        for method in methods:
+            reruns = args.extra_reruns if method in EXTRA else args.reruns
+            job = sweep(path, root, reruns, root / "logs" / f"{name}.log", only=method)
+            if job.wait() != 0:
+                self.returncode = 1
+
+    def wait(self) -> int:
+        self._thread.join()
+        return self.returncode
+
+
+def chained_sweeps(path, root, methods, args, name) -> _Chain:
+    return _Chain(path, root, methods, args, name)
 
 
 def write_grid(path: Path, content: dict) -> Path:
@@ -131,7 +166,10 @@ def train(args) -> None:
     if first:
         path = write_grid(root / "grids" / "methods.json",
                           grid(first, base, description="HTR finding: baselines and the original's HTR"))
-        jobs.append(sweep(path, root, args.reruns, root / "logs" / "methods.log"))
+        chains = [[m for m in CHAIN if m in first] for CHAIN in CHAINS]
+        for index, chain in enumerate(chains):
+            if chain:
+                jobs.append(chained_sweeps(path, root, chain, args, f"methods-{index + 1}"))
     if any(m in args.methods for m in GGN):
         tune = {f"ggn,gamma={g:g}": {**mnist_methods(g)["ggn"], "seed": 100} for g in args.gammas}
         tune_base = {**base, "dataset": "MNIST5k-val", "init_spectra": False, "layers": False,
