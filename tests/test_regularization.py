@@ -386,3 +386,43 @@ def test_settings_validation_and_record():
     assert settings.estimator == "hutchinson"
     assert RegularizerSettings.from_dict(settings.to_dict()) == settings
     assert not RegularizerSettings().active
+
+
+def test_lightning_callback_adds_the_penalty_gradient(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from layerhessians.regularization.lightning import TraceRegularizerCallback
+
+    x, y = problem("ce")
+    settings = {"gamma": 0.3, "every": 1, "estimator": "ggn", "seed": 4}
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(nn.Tanh)
+
+        def forward(self, inputs):
+            return self.net(inputs)
+
+        def training_step(self, batch, index):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=N)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[TraceRegularizerCallback(
+        nn.CrossEntropyLoss(), **settings)], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+        default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    # the same step by hand: loss + gamma * penalty with the regulariser's own generator
+    model = mlp(nn.Tanh)
+    regularizer = TraceRegularizer(model, nn.CrossEntropyLoss(), **settings)
+    loss = nn.functional.cross_entropy(model(x), y) + regularizer.term((x, y), epoch=1, step=0)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    for a, b in zip(module.net.parameters(), model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
