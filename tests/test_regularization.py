@@ -103,7 +103,7 @@ def dense_traces(model, x, y, loss, names, bn_mode="eval", reduction="mean"):
         jac = jacrev(outputs)(flat)  # [N, C, P]
         total = 0.0
         for n in range(N):
-            h_out = hessian(lambda fn: single(fn, y[n]))(f[n])  # [C, C]
+            h_out = hessian(lambda fn, target=y[n]: single(fn, target))(f[n])  # [C, C]
             j = jac[n][:, index]
             total = total + torch.einsum("cp,cd,dp->", j, h_out, j)
         return total / N

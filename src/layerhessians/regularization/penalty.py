@@ -257,7 +257,7 @@ def _batched(model, curvature, x, y, params, probes, draw, bn_mode, exact: bool)
             total = term if total is None else total + term
         return total if torch.is_tensor(total) else _zero(params)
     total = None
-    for index in range(probes):
+    for _ in range(probes):
         cotangent = curvature.apply(outputs, draw(outputs.shape))
         grads = torch.autograd.grad(outputs, params, grad_outputs=cotangent,
                                     create_graph=True, retain_graph=True, allow_unused=True)
