@@ -127,3 +127,22 @@ def test_ht_script_reruns_and_plot(tmp_path, capsys):
         sys.argv = saved
     out = capsys.readouterr().out
     assert "test top-1 accuracy" in out and "n = 2" in out and "generalisation gap" in out
+
+
+def test_shipped_regularisation_grids_are_their_generators_and_valid():
+    from importlib import resources
+
+    from layerhessians.pipeline.grid import flags_to_config, load_grid
+    from layerhessians.pipeline.regularization_grid import SHIPPED_GRIDS
+
+    for name, generate in SHIPPED_GRIDS.items():
+        shipped = json.loads(resources.files("layerhessians.configs")
+                             .joinpath(f"{name}.json").read_text())
+        assert shipped == json.loads(json.dumps(generate())), name
+        for run in load_grid(name):
+            flags_to_config(run.flags)  # every entry is a valid train setting
+    seed = {r.run: r.flags for r in load_grid("htr-seed")}
+    ht = seed["model=LeNet,dataset=MNIST,ht"]
+    assert (ht["htr_gamma"], ht["htr_probes"], ht["htr_every"], ht["htr_start_epoch"]) == \
+        (1e-3, 10, 50, 11)
+    assert seed["model=LeNet,dataset=MNIST,middle"]["htr_blocks"] == "paper-middle"

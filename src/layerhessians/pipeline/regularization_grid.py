@@ -104,3 +104,27 @@ def seed_grid() -> dict:
             runs.append({"run": f"model={model},dataset={dataset},{method}",
                          "flags": {**spec["base"], "dataset": dataset, **settings}})
     return {"description": "The original's Regularization/scripts.sh settings", "runs": runs}
+
+
+#: the quick, offline variant: LeNet on MNIST5k, 5 epochs, the penalties from epoch 2
+QUICK_BASE = {**MNIST_BASE, "dataset": "MNIST5k", "num_epochs": 5, "milestones": [3, 4],
+              "examples_per_class": 10, "hessian_iterations": 64, "layer_spectra": "auto",
+              "init_spectra": True, "threads": 1}
+
+
+def quick_grid() -> dict:
+    """The offline quick variant (``layerhessians sweep htr-quick --replicates R``)."""
+    methods = mnist_methods(1e-3)
+    for name in ("htr", "htr+l2", "paper-middle"):  # from epoch 2, every 4th step
+        methods[name] = {**methods[name], "htr_start_epoch": 2, "htr_every": 4}
+    return grid({f"model=LeNet,dataset=MNIST5k,{name}": settings
+                 for name, settings in methods.items()}, QUICK_BASE,
+                description="HTR quick grid: LeNet on MNIST5k, 5 epochs, SGD / L2 / the "
+                            "original's HTR (from epoch 2, every 4th step) / ggn every step, "
+                            "all and middle layers; offline, a few minutes per run on one "
+                            "core. Run: layerhessians sweep htr-quick --replicates 3 --no-match")
+
+
+#: shipped grid name -> its generator (the JSON files in layerhessians/configs/ are written
+#: from these; a test keeps them equal)
+SHIPPED_GRIDS = {"htr-seed": seed_grid, "htr-quick": quick_grid}
