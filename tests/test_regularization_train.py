@@ -146,3 +146,22 @@ def test_shipped_regularisation_grids_are_their_generators_and_valid():
     assert (ht["htr_gamma"], ht["htr_probes"], ht["htr_every"], ht["htr_start_epoch"]) == \
         (1e-3, 10, 50, 11)
     assert seed["model=LeNet,dataset=MNIST,middle"]["htr_blocks"] == "paper-middle"
+
+
+def test_welch_interval_agrees_with_its_p_value_and_sample_std():
+    import numpy as np
+
+    from layerhessians.analysis.regularization import mean_std, welch
+
+    rng = np.random.default_rng(0)
+    for shift in (0.0, 0.5, 2.0):
+        a, b = rng.normal(shift, 1.0, 5), rng.normal(0.0, 2.0, 7)
+        w = welch(a, b)
+        assert w["difference"] == pytest.approx(a.mean() - b.mean())
+        assert (w["p"] < 0.05) == (w["low"] > 0 or w["high"] < 0)
+        # Welch-Satterthwaite degrees of freedom, by hand
+        va, vb = a.var(ddof=1) / 5, b.var(ddof=1) / 7
+        assert w["df"] == pytest.approx((va + vb) ** 2 / (va ** 2 / 4 + vb ** 2 / 6))
+    mean, std, n = mean_std([1.0, 2.0, 4.0])
+    assert (mean, n) == (pytest.approx(7 / 3), 3) and std == pytest.approx(np.std([1, 2, 4], ddof=1))
+    assert np.isnan(welch([1.0], [2.0, 3.0])["p"])
