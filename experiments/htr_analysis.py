@@ -183,9 +183,25 @@ def last_curvature(runs: dict) -> dict:
             t = pd.read_csv(d / "metrics.csv").iloc[-1]
             traces.append(sum(float(t[c]) for c in t.index if c.startswith("trace/")))
             tops.append(float(t["top_eigenvalue"]))
+        gaps = list(last_epochs(dirs)["gap"])
         out[method] = {"layer_trace_sum": mean_std(traces)[:2], "top_eigenvalue": mean_std(tops)[:2],
-                       "n": len(dirs)}
+                       "gap": mean_std(gaps)[:2], "n": len(dirs), "per_run_trace": traces,
+                       "per_run_top": tops, "per_run_gap": gaps}
+    if "sgd" in out:
+        for method, row in out.items():
+            if method != "sgd":
+                for key in ("trace", "top", "gap"):
+                    row[f"{key}_vs_sgd"] = welch(row[f"per_run_{key}"],
+                                                 out["sgd"][f"per_run_{key}"])
     return out
+
+
+def _vs_sgd(row, key, scale=1.0, digits=1):
+    w = row.get(f"{key}_vs_sgd")
+    if w is None:
+        return "-"
+    return (f"{scale * w['difference']:+.{digits}f} [{scale * w['low']:+.{digits}f}, "
+            f"{scale * w['high']:+.{digits}f}], p = {w['p']:.2g}")
 
 
 def analyze(root: Path, out: Path, args=None) -> dict:
@@ -195,11 +211,13 @@ def analyze(root: Path, out: Path, args=None) -> dict:
         raise SystemExit(f"no complete runs under {root}")
     text, numbers = table(runs)
     curvature = last_curvature(runs)
-    lines = [text, "", "| method | n | layer-trace sum (last epoch) | top Hessian eigenvalue "
-             "(last epoch) |", "|---|---|---|---|"]
+    lines = [text, "", "| method | n | layer-trace sum (last epoch) | vs SGD [95% CI], p | "
+             "top Hessian eigenvalue (last epoch) | vs SGD [95% CI], p | gap vs SGD (%) [95% "
+             "CI], p |", "|---|---|---|---|---|---|---|"]
     for method, c in curvature.items():
         lines.append(f"| {LABELS[method]} | {c['n']} | {fmt(*c['layer_trace_sum'], 1, 1)} | "
-                     f"{fmt(*c['top_eigenvalue'], 1, 2)} |")
+                     f"{_vs_sgd(c, 'trace')} | {fmt(*c['top_eigenvalue'], 1, 2)} | "
+                     f"{_vs_sgd(c, 'top')} | {_vs_sgd(c, 'gap', 100, 2)} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     tuning = root / "tuning.json"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
