@@ -18,8 +18,9 @@ timed in interleaved rounds so that load from other processes hits all alike):
    net), the seconds per probe (value and gradient), and both errors at a budget of one
    second (error x sqrt(seconds per probe)).
 3. ``large``: VGG11_bn and ResNet18, batch 64 of random 3x32x32 inputs: step ratios
-   (ggn 1 probe: batched, train-mode batch norm couples the examples; hutchinson 10 probes)
-   and peak resident memory of each variant, each measured in a fresh subprocess.
+   (ggn 1 probe: batched, train-mode batch norm couples the examples; hutchinson 1 and 10
+   probes, ``--large-variants``) and peak resident memory of each variant, each measured in
+   a fresh subprocess.
 
 Prints the tables and writes JSON (``--out``, default benchmarks/results/bench_htr.json).
 """
@@ -181,6 +182,7 @@ def quality(samples: int) -> dict:
 
 # ----------------------------------------------------------------------------- large
 LARGE_VARIANTS = [("sgd", None, 0, None), ("ggn 1 probe, batched", "ggn", 1, "batched"),
+                  ("hutchinson 1 probe", "hutchinson", 1, "auto"),
                   ("hutchinson 10 probes (original)", "hutchinson", 10, "auto")]
 
 
@@ -200,11 +202,13 @@ def one_large(name: str, label: str, repeats: int) -> dict:
     return {"seconds": seconds, "peak_rss_mib": peak}
 
 
-def large(repeats: int, threads: int) -> dict:
+def large(repeats: int, threads: int, variants) -> dict:
     out = {}
     for name in ("VGG11_bn", "ResNet18"):
         rows = {}
         for label, *_ in LARGE_VARIANTS:
+            if label != "sgd" and label not in variants:
+                continue
             command = [sys.executable, __file__, "--one-large", name, label,
                        "--repeats", str(repeats), "--threads", str(threads)]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -232,6 +236,12 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=20, help="single-probe estimates per point")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/bench_htr.json")
+    p.add_argument("--large-variants", nargs="+",
+                   default=[label for label, *_ in LARGE_VARIANTS[1:]],
+                   choices=[label for label, *_ in LARGE_VARIANTS[1:]],
+                   help="variants of the large section besides sgd (the original's 10 probes "
+                        "held 9.3 GB and had not finished 4 VGG11_bn steps in 40 min on a "
+                        "loaded 2-core machine)")
     p.add_argument("--one-large", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -241,6 +251,12 @@ def main(argv=None) -> int:
     result = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
               "machine": platform.machine(), "cpus": os.cpu_count(),
               "load_average_before": os.getloadavg()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every section: an interrupted benchmark keeps what it measured
+        result["load_average_after"] = os.getloadavg()
+        out.write_text(json.dumps(result, indent=1))
     if "steps" in args.sections:
         torch.manual_seed(0)
         _, x, y = mnist_batch(256)
@@ -251,6 +267,7 @@ def main(argv=None) -> int:
         result["steps"] = rows
         print_steps(f"LeNet, batch 256 (MNIST5k), {args.threads} thread(s): one training step",
                     rows)
+        save()
     if "quality" in args.sections:
         result["quality"] = quality(args.samples)
         print(f"\nLeNet, batch 256: one probe's error against the exact trace "
@@ -263,18 +280,16 @@ def main(argv=None) -> int:
                       f"{row['trace']:9.3f} {row['rel_std']:8.3f} {row['rel_grad_error']:9.3f} "
                       f"{row['seconds_per_probe']:8.3f} {row['rel_std_1s']:7.3f} "
                       f"{row['rel_grad_error_1s']:8.3f}")
+        save()
     if "large" in args.sections:
-        result["large"] = large(args.repeats, args.threads)
+        result["large"] = large(args.repeats, args.threads, args.large_variants)
         for name, rows in result["large"].items():
             print(f"\n{name}, batch 64, {args.threads} thread(s)")
             print(f"{'variant':34s} {'s/step':>8s} {'x SGD':>7s} {'peak RSS MiB':>13s}")
             for label, row in rows.items():
                 print(f"{label:34s} {row['seconds']:8.3f} {row['ratio']:7.2f} "
                       f"{row['peak_rss_mib']:13.0f}")
-    result["load_average_after"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    save()
     print(f"\nwrote {out}")
     return 0
 
