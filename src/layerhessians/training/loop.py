@@ -77,6 +77,7 @@ from layerhessians.training.config import TrainConfig
 from layerhessians.training.devices import resolve_device
 from layerhessians.training.distributed import SINGLE, Context, PeerError, process_group
 from layerhessians.training.logs import Silent, format_row, progress_bar, run_logging
+from layerhessians.training.penalty_hook import epoch_regularizer, top5_accuracy
 from layerhessians.training.seeding import derive_seed, seed_everything
 from layerhessians.training.setup import Setup, build, describe
 from layerhessians.training.spectra_hook import (
@@ -123,17 +124,20 @@ def train_epoch(setup: Setup, epoch: int, disable_progress=None) -> dict:
     network = setup.ddp if setup.ddp is not None else model
     torch.manual_seed(derive_seed(config.seed, epoch, "train"))  # dropout & co.
     model.train()
+    regularizer = epoch_regularizer(setup, epoch)  # None without --htr-gamma
     loss_sum, correct, seen = 0.0, 0, 0
     num_batches = math.ceil(len(data.train_y) / config.batch_size)
     batches = data.train_batches(config.batch_size, shuffle=True, augment=config.augment,
                                  seed=derive_seed(config.seed, epoch, "batches"))
     with progress_bar(disable_progress, total=num_batches, desc=f"epoch {epoch}", unit="step",
                       leave=False) as bar:  # a bar on a terminal, else a log line every 30 s
-        for x, y in batches:
+        for step, (x, y) in enumerate(batches):
             setup.optimizer.zero_grad(set_to_none=True)
             loss, value, hits = dist.batch_loss(network, setup.loss_fn, x, y)
             if not math.isfinite(value):
                 raise TrainingDiverged(epoch, value)
+            if regularizer is not None:
+                loss = loss + regularizer.term((x, y), epoch=epoch, step=step)
             loss.backward()
             setup.optimizer.step()
             loss_sum += value * len(y)
@@ -142,7 +146,8 @@ def train_epoch(setup: Setup, epoch: int, disable_progress=None) -> dict:
             bar.update()
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
     dist.broadcast_module(model)
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+    row = {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+    return row if regularizer is None else {**row, **regularizer.epoch_summary()}
 
 
 @torch.no_grad()
@@ -221,6 +226,8 @@ def run_epoch(setup: Setup, store: RunStore, epoch: int, disable_progress=None) 
     _crash_point(epoch, "trained")
     test_loss, test_acc = evaluate(setup.model, data.test_x, data.test_y, config.batch_size,
                                    setup.dist)
+    test_top5 = top5_accuracy(setup.model, data.test_x, data.test_y, config.batch_size,
+                              setup.dist)
     for name, value in (("test", test_loss), ("training", row["train_loss"])):
         if not math.isfinite(value) or value > DIVERGED * max(math.log(data.num_classes), 1.0):
             raise TrainingDiverged(epoch, value, where=name)  # before any spectra are taken
@@ -235,7 +242,7 @@ def run_epoch(setup: Setup, store: RunStore, epoch: int, disable_progress=None) 
         fidelity = slq_fidelity_rows(setup, epoch, spectra)
     validate_seconds = time.perf_counter() - spectra_start - spectra_seconds
     _crash_point(epoch, "spectra")
-    row = {"lr": lr, **row, "test_loss": test_loss, "test_acc": test_acc,
+    row = {"lr": lr, **row, "test_loss": test_loss, "test_acc": test_acc, "test_top5": test_top5,
            "train_seconds": train_seconds, "spectra_seconds": spectra_seconds,
            "eval_seconds": eval_seconds, "top_eigenvalue": top_eigenvalue(spectra),
            **layer_metrics(spectra)}

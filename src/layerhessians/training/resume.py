@@ -13,12 +13,12 @@ from layerhessians.store.names import CONFIG
 from layerhessians.store.record import RunRecord
 from layerhessians.training.config import TrainConfig, apply_flags
 
-__all__ = ["RUNS_ROOT", "RUN_FLAGS", "resolve", "resume_target"]
+__all__ = ["RUNS_ROOT", "RUN_FLAGS", "reruns", "resolve", "resume_target"]
 
 #: default parent of run directories (when -r is not given)
 RUNS_ROOT = "runs"
 #: flags that say which run and how, not what it trains
-RUN_FLAGS = ("run", "resume", "overwrite", "progress", "with_pdb")
+RUN_FLAGS = ("run", "resume", "overwrite", "progress", "with_pdb", "reruns")
 
 
 def resume_target(value, run):
@@ -128,3 +128,21 @@ def resolve(flags: dict):
     return config, run_dir, resume if resume == "allow" else bool(resume), overwrite
 
 
+def reruns(config: TrainConfig, run_dir: Path, count) -> list:
+    """``[(run directory, settings)]`` of ``--reruns R``: ``RUN`` itself for 1, else
+    ``RUN,run1`` .. ``RUN,runR`` with seeds ``seed`` .. ``seed + R - 1``
+    (:func:`~layerhessians.pipeline.replicates.replicate_configs`), trained one after
+    another (a complete replicate is skipped on ``--resume``, an interrupted one resumed).
+
+    Raises:
+        UserError: ``R`` is not an integer >= 1.
+    """
+    from layerhessians.pipeline.replicates import replicate_configs
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UserError(f"--reruns {count!r} must be an integer >= 1 (runs of these settings, "
+                        "each with the next seed)")
+    if count == 1:
+        return [(run_dir, config)]
+    return [(run_dir.parent / name, replicate)
+            for name, replicate in replicate_configs(config, count, base_name=run_dir.name)]

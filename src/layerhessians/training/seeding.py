@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-_STREAMS = {"init": 0, "batches": 1, "train": 2, "spectra": 3, "certify": 4}
+_STREAMS = {"init": 0, "batches": 1, "train": 2, "spectra": 3, "certify": 4, "htr": 5}
 STREAMS = tuple(_STREAMS)
 
 
