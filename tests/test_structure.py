@@ -108,7 +108,7 @@ def _cycle(graph):
 
 def test_the_import_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
-    # a function-level import (resume_target imports the store's writer only when called)
+XX
     assert "layerhessians.store.writer" in graph["layerhessians.training.resume"]
     # the cycle finder finds a cycle where there is one
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from layerhessians.analysis import distances, matching, spread
+from layerhessians.analysis import distances, matching, seed_grid, spread
 from layerhessians.cli.main import main
 from layerhessians.errors import UserError
 from layerhessians.store.run import load_run
@@ -156,12 +156,12 @@ def test_paper_metric_uses_each_measures_density():
 
 
 def test_paper_peak_epochs_are_the_originals_plus_one():
-    assert len(matching.PAPER_PEAK_EPOCH) == 12
-    assert matching.paper_peak_epoch("LeNet", "MNIST") == 19
-    assert matching.paper_peak_epoch("VGG11_bn", "FashionMNIST") == 7
-    assert matching.paper_peak_epoch("LeNet", "Digits") is None
-    assert len(set(matching.SEED_RUNS)) == 12
-    assert "model=ResNet18,dataset=CIFAR10,te,run1" in matching.SEED_RUNS
+    assert len(seed_grid.PAPER_PEAK_EPOCH) == 12
+    assert seed_grid.paper_peak_epoch("LeNet", "MNIST") == 19
+    assert seed_grid.paper_peak_epoch("VGG11_bn", "FashionMNIST") == 7
+    assert seed_grid.paper_peak_epoch("LeNet", "Digits") is None
+    assert len(set(seed_grid.SEED_RUNS)) == 12
+    assert "model=ResNet18,dataset=CIFAR10,te,run1" in seed_grid.SEED_RUNS
 
 
 # ----------------------------------------------------------------------------- runs
@@ -268,7 +268,7 @@ def test_match_finds_seed_runs_in_working_directory(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     assert main(["match"]) == 2
     assert "none of the 12 seed run directories" in capsys.readouterr().err
-    write_run(tmp_path / matching.seed_run_name("LeNet", "MNIST"), epochs=range(0, 21),
+    write_run(tmp_path / seed_grid.seed_run_name("LeNet", "MNIST"), epochs=range(0, 21),
               best_layer=3, peak_epoch=10, nodes=8)
     # the layer below is the former default's answer (W1 with each support -> [0, 1])
     assert main(["match", "--peak", "paper", "--dpi", "60", "--metric", "w1-minmax",

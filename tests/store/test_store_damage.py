@@ -18,8 +18,9 @@ from layerhessians.errors import UserError
 from layerhessians.store import checkpoints, legacy, manifest, record, writer
 from layerhessians.store.checkpoints import COMMITTED_KEY
 from layerhessians.store.names import JOURNAL, MANIFEST, run_path, safe_child
+from layerhessians.store.resume import resume_source
 from layerhessians.store.run import load_run
-from layerhessians.store.writer import RunStore, resume_source
+from layerhessians.store.writer import RunStore
 
 
 class FakeMeasure:
@@ -1038,7 +1039,7 @@ def test_cli_run_folder_renamed_during_training_stops(tmp_path, monkeypatch, cap
 
 # ------------------------------------------------------------------ issue 22: sizes
 @pytest.mark.parametrize("command,flag,value", [
-    ("match", "--points", "1000000000"), ("match", "--replicates", "1000000000"),
+    ("match", "--points", "1000000000"), ("match", "--draws", "1000000000"),
     ("plot", "--points", "1000000000"), ("match", "--points", "15"),
     ("plot", "--dpi", "1000000"),
 ])
@@ -1051,6 +1052,17 @@ def test_sizes_from_flags_are_bounded_before_work(tmp_path, capsys, command, fla
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0]
     assert not (tmp_path / "out").exists() and os.listdir(run / "images") == []
+
+
+def test_match_replicates_alias_is_bounded_as_draws(tmp_path, capsys):
+    """``match --replicates`` (the old name of ``--draws``, kept as an alias) is refused in
+    one line naming the option as it is now spelled."""
+    run = make_run(tmp_path / "r")
+    assert main(["match", str(run), "--replicates", "1000000000", "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--draws 1000000000 must be 0..100000" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def _idx_header(shape):

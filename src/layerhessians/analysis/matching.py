@@ -72,28 +72,6 @@ REPLICATES = DEFAULT_REPLICATES
 LEVEL = 0.95
 NO_VERDICT = "no layer significantly closer"
 
-# The original match_distros.py's hard-coded peak epochs, as 0-based indices into its 50
-# per-epoch spectra; index k is the spectrum after k + 1 training epochs, i.e. our epoch
-# k + 1 (our epoch 0 is the initialisation).
-PAPER_PEAK_INDEX = {
-    ("LeNet", "FashionMNIST"): 33, ("LeNet", "MNIST"): 18, ("LeNet", "SVHN"): 20,
-    ("LeNet", "CIFAR10"): 44, ("VGG11_bn", "MNIST"): 21, ("VGG11_bn", "FashionMNIST"): 6,
-    ("VGG11_bn", "SVHN"): 28, ("VGG11_bn", "CIFAR10"): 19, ("ResNet18", "MNIST"): 19,
-    ("ResNet18", "FashionMNIST"): 25, ("ResNet18", "SVHN"): 11, ("ResNet18", "CIFAR10"): 26,
-}
-PAPER_PEAK_EPOCH = {key: index + 1 for key, index in PAPER_PEAK_INDEX.items()}
-
-SEED_MODELS = ("LeNet", "VGG11_bn", "ResNet18")
-SEED_DATASETS = ("MNIST", "FashionMNIST", "SVHN", "CIFAR10")
-
-
-def seed_run_name(model: str, dataset: str) -> str:
-    """The seed README's run directory name, e.g. ``model=LeNet,dataset=MNIST,te,run1``."""
-    return f"model={model},dataset={dataset},te,run1"
-
-
-SEED_RUNS = tuple(seed_run_name(m, d) for m in SEED_MODELS for d in SEED_DATASETS)
-
 # the table of layer_distances; ``draws`` and ``mixture_draws`` (float64 arrays [replicates])
 # are not written to CSV
 CSV_COLUMNS = ["run", "model", "dataset", "epoch", "layer", "index", "depth", "share",
@@ -508,11 +486,6 @@ def profile(distances: pd.DataFrame, epoch=None, level: float = LEVEL) -> pd.Dat
     for col, src in (("relative", "distance"), ("relative_low", "low"), ("relative_high", "high")):
         table[col] = table[src] / top if top > 0 else np.nan
     return table.reset_index(drop=True)
-
-
-def paper_peak_epoch(model, dataset):
-    """The original's hard-coded peak for ``(model, dataset)`` as our epoch, or None."""
-    return PAPER_PEAK_EPOCH.get((model, dataset))
 
 
 def _epoch_list(epochs) -> str:

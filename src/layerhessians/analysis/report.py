@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from layerhessians.analysis import figures as plots
-from layerhessians.analysis import matching
+from layerhessians.analysis import matching, seed_grid
 from layerhessians.analysis.distances import (
     DEFAULT_DISTANCE,
     DISTANCES,
@@ -239,8 +239,8 @@ def common_parent(paths) -> Path:
 def find_seed_runs(folder=".") -> tuple:
     """``(present paths, missing names)`` of the 12 seed run directories in ``folder``."""
     folder = Path(folder)
-    present = [folder / n for n in matching.SEED_RUNS if (folder / n).is_dir()]
-    missing = [n for n in matching.SEED_RUNS if not (folder / n).is_dir()]
+    present = [folder / n for n in seed_grid.SEED_RUNS if (folder / n).is_dir()]
+    missing = [n for n in seed_grid.SEED_RUNS if not (folder / n).is_dir()]
     return present, missing
 
 
@@ -263,7 +263,7 @@ def parse_peaks(specs, runs, ids) -> dict:
     for spec in specs:
         if spec.strip().lower() == "paper":
             for run, rid in zip(runs, ids):
-                epoch = matching.paper_peak_epoch(run_record(run).model, run_record(run).dataset)
+                epoch = seed_grid.paper_peak_epoch(run_record(run).model, run_record(run).dataset)
                 if epoch is None:
                     print(f"note: no paper peak for {rid} ({run_record(run).model}+"
                           f"{run_record(run).dataset}); its peak is computed", file=sys.stderr)
@@ -276,7 +276,7 @@ def parse_peaks(specs, runs, ids) -> dict:
             epoch = None
         if not sep or epoch is None or epoch < 0:
             raise UserError(f"--peak {spec!r}: give RUN=EPOCH (e.g. --peak "
-                            f"'{matching.SEED_RUNS[0]}=18') or --peak paper")
+                            f"'{seed_grid.SEED_RUNS[0]}=18') or --peak paper")
         matches = [rid for run, rid in zip(runs, ids)
                    if name in (rid, run.path.name, str(run.path)) or Path(name) == run.path]
         if not matches:

@@ -100,7 +100,7 @@ def run(args) -> int:
         UserError: bad options, missing or unreadable run directories, runs without the
             spectra to compare.
     """
-    from layerhessians.analysis import matching
+    from layerhessians.analysis import seed_grid
     from layerhessians.analysis.distances import resolve_metrics
     from layerhessians.analysis.report import (
         check_dpi,
@@ -123,7 +123,7 @@ def run(args) -> int:
     if not paths:
         paths, missing = find_seed_runs(".")
         if not paths:
-            raise UserError(f"none of the 12 seed run directories ({matching.SEED_RUNS[0]}, ...) "
+            raise UserError(f"none of the 12 seed run directories ({seed_grid.SEED_RUNS[0]}, ...) "
                             f"is in {Path.cwd()}; pass run directories as arguments or run "
                             "from the folder that holds them")
         if missing:

@@ -2,12 +2,24 @@
 
 from pathlib import Path
 
-from layerhessians.errors import UserError
+from layerhessians.errors import SettingError, UserError
 from layerhessians.store.checkpoints import load_torch
 from layerhessians.store.names import CHECKPOINTS, CONFIG, LAST_CHECKPOINT
 from layerhessians.store.oserrors import os_errors
 
-__all__ = ["resume_source"]
+__all__ = ["RUN_OPTIONS", "options_error", "resume_source"]
+
+
+#: The run-directory options as the Python API (SpectraTracker) and the CLI spell them.
+RUN_OPTIONS = {"run": ("another run_dir", "another -r"), "resume": ("resume=True", "--resume"),
+               "overwrite": ("overwrite=True", "--overwrite")}
+
+
+def options_error(fact: str, advice: str, spelling: str = "cli") -> UserError:
+    """``fact`` (literal text) then ``advice`` naming :data:`RUN_OPTIONS` as ``{resume}``...,
+    spelled for the caller's interface (``"cli"`` or ``"api"``)."""
+    template = fact.replace("{", "{{").replace("}", "}}") + advice
+    return UserError(SettingError(template, RUN_OPTIONS).spelled(spelling))
 
 
 def resume_source(value):

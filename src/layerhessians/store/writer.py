@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from layerhessians.errors import SettingError, UserError
+from layerhessians.errors import UserError
 from layerhessians.store import journal
 from layerhessians.store.atomic import fsync_dir, read_regular, remove_temporaries
 from layerhessians.store.checkpoints import (
@@ -93,24 +93,12 @@ from layerhessians.store.readers import (
 )
 from layerhessians.store.record import RunRecord, differences, read_record
 from layerhessians.store.recovery import check_journal
-from layerhessians.store.resume import resume_source
+from layerhessians.store.resume import options_error as _options_error
 
-__all__ = ["MAX_EPOCH", "RunStore", "resume_source"]
+__all__ = ["MAX_EPOCH", "RunStore"]
 
 #: the largest epoch (update index) a record holds: exact in the CSV's int64 and in float64
 MAX_EPOCH = 2**53
-
-
-#: The run-directory options as the Python API (SpectraTracker) and the CLI spell them.
-RUN_OPTIONS = {"run": ("another run_dir", "another -r"), "resume": ("resume=True", "--resume"),
-               "overwrite": ("overwrite=True", "--overwrite")}
-
-
-def _options_error(fact: str, advice: str, spelling: str = "cli") -> UserError:
-    """``fact`` (literal text) then ``advice`` naming :data:`RUN_OPTIONS` as ``{resume}``...,
-    spelled for the caller's interface (``"cli"`` or ``"api"``)."""
-    template = fact.replace("{", "{{").replace("}", "}}") + advice
-    return UserError(SettingError(template, RUN_OPTIONS).spelled(spelling))
 
 
 class RunStore:

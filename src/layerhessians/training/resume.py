@@ -29,7 +29,7 @@ def resume_target(value, run):
     epoch_0001.pt``) is refused: ``train`` resumes exactly, from the full training state
     (optimizer, schedule, random generators) of the last committed epoch. This function is
     the one place that decides; the store checks the path
-    (:func:`~layerhessians.store.writer.resume_source`).
+    (:func:`~layerhessians.store.resume.resume_source`).
 
     Raises:
         UserError: a path that does not exist, a checkpoint other than ``last.pt`` or
@@ -37,7 +37,7 @@ def resume_target(value, run):
     """
     # torch: imported only when running, not for --help
     from layerhessians.store.names import CHECKPOINTS, LAST_CHECKPOINT
-    from layerhessians.store.writer import resume_source
+    from layerhessians.store.resume import resume_source
 
     path = Path(value)
     if path.is_file() and path.parent.name == CHECKPOINTS and path.name != LAST_CHECKPOINT:
