@@ -156,7 +156,8 @@ def test_datasets_command_prints_table(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "folder", "present", "classes", "image_shape", "flip"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert list(rows) == ["Digits", "MNIST5k", "MNIST", "FashionMNIST", "SVHN", "CIFAR10", "CIFAR100"]
+    assert list(rows) == ["Digits", "MNIST5k", "MNIST5k-val", "MNIST", "FashionMNIST", "SVHN",
+                          "CIFAR10", "CIFAR100"]
     assert rows["MNIST"][1:] == [str(tmp_path / "MNIST"), "True", "10", "1x32x32", "False"]
     assert rows["CIFAR100"][1:] == [str(tmp_path / "CIFAR100"), "False", "100", "3x32x32", "True"]
     table = dataset_table(tmp_path)

