@@ -314,8 +314,8 @@ def _layer_line(r, prefix, key):
     if r[prefix + "_significant"]:
         return (f"{text}; significantly closer than every other layer "
                 f"({_support(r[prefix + '_support'])})")
-    return (f"{matching.NO_VERDICT}: closest {text}, runner-up {runner} "
-            f"({_support(r[prefix + '_support'])})")
+    return (f"{matching.NO_VERDICT}: closest {text} ({_support(r[prefix + '_support'])}), "
+            f"runner-up {runner}")
 
 
 def print_summary(summary, stream=None):
@@ -338,10 +338,11 @@ def print_summary(summary, stream=None):
             if r["peak_source"] == "computed":
                 others = [e for e in str(r["peak_epochs_within_spread"]).split(",")
                           if e and e != str(r["peak_epoch"])]
+                word = "epoch" if len(others) == 1 else "epochs"
                 note = ("significantly closer than every other epoch" if not others else
-                        f"epochs {', '.join(others)} not significantly farther")
-                print(f"  {'':<18} peak epoch: {note} ({_support(r['peak_epoch_support'])})",
-                      file=stream)
+                        f"{word} {', '.join(others)} not significantly farther")
+                print(f"  {'':<18} peak epoch: {note} (the peak epoch is "
+                      f"{_support(r['peak_epoch_support'])})", file=stream)
             print(f"  {'':<18} over training: {_layer_line(r, 'best', 'best_summed')}",
                   file=stream)
             if r["mixture_blocks"]:
