@@ -21,7 +21,7 @@ from numbers import Integral, Real
 from layerhessians.errors import SettingError, UserError, unknown_name
 from layerhessians.regularization.settings import FLAGS as REGULARIZER_FLAGS
 from layerhessians.regularization.settings import RegularizerSettings
-from layerhessians.settings import SETTINGS, SpectraSettings
+from layerhessians.settings import MAX_COUNT, MAX_SEED, SETTINGS, SpectraSettings
 from layerhessians.store.record import LEGACY_HESSIAN
 from layerhessians.vocabulary import (
     BACKENDS,
@@ -36,8 +36,6 @@ SGD_MOMENTUM = 0.9  # the seed's SGD momentum (fixed, recorded in config.json)
 
 
 # ----------------------------------------------------------------------------- checks
-#: the largest count a setting takes (sizes, epochs, threads: a bound checked before work)
-MAX_COUNT = 2**31 - 1
 #: the largest learning rate a schedule may reach (float32 parameters overflow far above)
 MAX_LR = 1e30
 
@@ -254,7 +252,7 @@ class TrainConfig:
         hessian = self.hessian
         if isinstance(hessian, dict):
             hessian = HessianConfig(**{k: v for k, v in hessian.items() if k in _names(HessianConfig)})
-        seed = _int("--seed", self.seed, minimum=0, maximum=2**63 - 1)
+        seed = _int("--seed", self.seed, minimum=0, maximum=MAX_SEED)
         spectra = _settings_of(replace(self, seed=seed, hessian=hessian),
                                self.__dict__.get("_spectra"))
         config = replace(
