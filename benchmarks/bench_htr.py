@@ -9,8 +9,9 @@ timed in interleaved rounds so that load from other processes hits all alike):
 
 1. ``steps``: LeNet, batch 256 of MNIST5k: one training step with the penalty (loss +
    gamma * penalty, backward, SGD step) relative to a plain SGD step, for ggn (1 probe,
-   per-example and batched), hutchinson (1 and 10 probes: the original's estimator), and the
-   original's schedule amortised (1 step in 50 with 10 probes).
+   per-example; batched, reusing the step's forward as the trainer does, and with a forward
+   of its own), hutchinson (1 and 10 probes: the original's estimator, reusing the forward),
+   and the original's schedule amortised (1 step in 50 with 10 probes).
 2. ``quality``: LeNet on a batch of 256 MNIST5k images at initialisation, mid-training
    (2 epochs of SGD) and fitted (the batch trained to a loss below 0.01): per estimator and
    ONE probe, the value's relative standard deviation and the gradient's relative RMS error
@@ -32,6 +33,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy/scipy threads fight torch's
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -46,14 +48,17 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from layerhessians.models import build_model  # noqa: E402
-from layerhessians.regularization import trace_penalty  # noqa: E402
+from layerhessians.regularization import penalty_forward_context, trace_penalty  # noqa: E402
 
 GAMMA = 1e-3
 #: step variants: (label, estimator, probes, form)
+#: ``shared``: the penalty reuses the step's forward (``outputs=``, as the trainer and
+#: ``TraceRegularizer.loss`` do); otherwise it runs its own
 STEP_VARIANTS = [("sgd", None, 0, None), ("ggn 1 probe, per-example", "ggn", 1, "per-example"),
-                 ("ggn 1 probe, batched", "ggn", 1, "batched"),
-                 ("hutchinson 1 probe", "hutchinson", 1, "auto"),
-                 ("hutchinson 10 probes (original)", "hutchinson", 10, "auto")]
+                 ("ggn 1 probe, batched, own forward", "ggn", 1, "batched"),
+                 ("ggn 1 probe, batched", "ggn", 1, "batched shared"),
+                 ("hutchinson 1 probe", "hutchinson", 1, "auto shared"),
+                 ("hutchinson 10 probes (original)", "hutchinson", 10, "auto shared")]
 QUALITY = [("hutchinson", "auto"), ("ggn", "per-example"), ("ggn", "batched")]
 
 
@@ -67,13 +72,20 @@ def mnist_batch(size: int, seed: int = 0):
 
 
 def make_step(model, optimizer, loss_fn, x, y, estimator, probes, form, generator):
+    """One SGD step; with an estimator, ``loss + GAMMA * trace_penalty(...)`` (``form``
+    ending in `` shared``: the penalty reuses the step's forward, run in its context)."""
+    form, _, shared = (form or "").partition(" ")
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        with penalty_forward_context() if shared else contextlib.nullcontext():
+            outputs = model(x)
+        loss = loss_fn(outputs, y)
         if estimator is not None:
             loss = loss + GAMMA * trace_penalty(model, loss_fn, (x, y), estimator=estimator,
                                                 probes=probes, form=form, generator=generator,
-                                                bn_mode="train")
+                                                bn_mode="train",
+                                                outputs=outputs if shared else None)
         loss.backward()
         optimizer.step()
     return step
@@ -181,9 +193,9 @@ def quality(samples: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- large
-LARGE_VARIANTS = [("sgd", None, 0, None), ("ggn 1 probe, batched", "ggn", 1, "batched"),
-                  ("hutchinson 1 probe", "hutchinson", 1, "auto"),
-                  ("hutchinson 10 probes (original)", "hutchinson", 10, "auto")]
+LARGE_VARIANTS = [("sgd", None, 0, None), ("ggn 1 probe, batched", "ggn", 1, "batched shared"),
+                  ("hutchinson 1 probe", "hutchinson", 1, "auto shared"),
+                  ("hutchinson 10 probes (original)", "hutchinson", 10, "auto shared")]
 
 
 def one_large(name: str, label: str, repeats: int) -> dict:

@@ -426,3 +426,131 @@ def test_lightning_callback_adds_the_penalty_gradient(tmp_path):
             p -= 0.1 * p.grad
     for a, b in zip(module.net.parameters(), model.parameters()):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- shared forward
+def tiny_lenet_problem(seed=0):
+    from problems import TinyLeNet
+
+    torch.manual_seed(seed)
+    model = TinyLeNet().double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(N, 1, 12, 12, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,), generator=generator)
+    return model, x, y
+
+
+@pytest.mark.parametrize("blocks", [None, "middle"])
+def test_exact_on_a_conv_net_with_shared_outputs_equals_dense_trace(blocks):
+    """The first convolution sees the data (the lean double backward without unfolding);
+    the caller's forward, run inside penalty_forward_context, is reused."""
+    from layerhessians.regularization import penalty_forward_context
+
+    model, x, y = tiny_lenet_problem()
+    with penalty_forward_context():
+        outputs = model(x)
+    value = trace_penalty(model, nn.CrossEntropyLoss(), (x, y), blocks=blocks,
+                          estimator="exact", form="batched", outputs=outputs)
+    theta, _, tr_g, restore = dense_traces(model, x, y, "ce", block_names(model, blocks))
+    expected, gradient = tr_g(theta), jacrev(tr_g)(theta)
+    restore()
+    assert float(value) == pytest.approx(float(expected), rel=1e-10)
+    assert torch.allclose(flat_grad(value, model), gradient, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["ggn", "hutchinson"])
+@pytest.mark.parametrize("bn", [False, True])
+def test_shared_outputs_give_the_penalty_of_its_own_forward(estimator, bn):
+    """Same probes, same value and gradient, whether the penalty runs its forward or reuses
+    the caller's (train-mode batch norm with bn_mode='train': the training step's)."""
+    from problems import conv_data, tiny_convnet
+
+    if bn:
+        model = tiny_convnet().train()
+        (x, y), = conv_data(sizes=(8,))
+    else:
+        model, x, y = tiny_lenet_problem()
+    loss_fn = nn.CrossEntropyLoss()
+    kwargs = dict(estimator=estimator, probes=2, form="batched", bn_mode="train")
+    own = trace_penalty(model, loss_fn, (x, y), generator=torch.Generator().manual_seed(3),
+                        **kwargs)
+    shared = trace_penalty(model, loss_fn, (x, y), generator=torch.Generator().manual_seed(3),
+                           outputs=model(x), **kwargs)
+    assert float(shared) == pytest.approx(float(own), rel=1e-12)
+    assert torch.allclose(flat_grad(shared, model), flat_grad(own, model), rtol=1e-10,
+                          atol=1e-12)
+
+
+def test_shared_outputs_refused_where_the_forwards_differ():
+    model = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Dropout(0.5), nn.ReLU(),
+                          nn.Linear(HIDDEN, C)).double().train()
+    x, y = problem("ce")
+    with pytest.raises(UserError, match="1 \\(Dropout\\) reads its mode"):
+        trace_penalty(model, nn.CrossEntropyLoss(), (x, y), outputs=model(x), form="batched")
+    relu = mlp(nn.ReLU)
+    with pytest.raises(UserError, match="with their graph"):
+        trace_penalty(relu, nn.CrossEntropyLoss(), (x, y), outputs=relu(x).detach())
+    with pytest.raises(UserError, match="one row per example"):
+        trace_penalty(relu, nn.CrossEntropyLoss(), (x, y), outputs=relu(x[:3]))
+    with pytest.raises(UserError, match="one .inputs, targets. batch only"):
+        trace_penalty(relu, nn.CrossEntropyLoss(), [(x[:3], y[:3]), (x[3:], y[3:])],
+                      outputs=relu(x))
+    bn = mlp(nn.ReLU, batch_norm=True).train()  # train-mode forward, penalty in eval mode
+    with pytest.raises(UserError, match="BatchNorm1d.*train mode"):
+        trace_penalty(bn, nn.CrossEntropyLoss(), (x, y), outputs=bn(x), bn_mode="eval")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_regularizer_loss_is_loss_plus_term(dropout):
+    """TraceRegularizer.loss (one forward where the modes allow) gives the gradient of
+    loss_fn(model(x), y) + term, and updates batch norm's running statistics once."""
+    def make():
+        torch.manual_seed(0)
+        layers = [nn.Linear(D_IN, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU()]
+        layers += [nn.Dropout(dropout)] if dropout else []
+        return nn.Sequential(*layers, nn.Linear(HIDDEN, C)).double().train()
+
+    x, y = problem("ce")
+    loss_fn = nn.CrossEntropyLoss()
+    settings = RegularizerSettings(gamma=0.1, estimator="ggn", probes=2, form="batched",
+                                   bn_mode="train")
+    results = []
+    for way in ("loss", "term"):
+        model = make()
+        regularizer = TraceRegularizer(model, loss_fn, settings, seed=4)
+        torch.manual_seed(7)  # the dropout masks
+        if way == "loss":
+            total, data_loss, outputs = regularizer.loss((x, y), epoch=1, step=0)
+        else:
+            outputs = model(x)
+            data_loss = loss_fn(outputs, y)
+            total = data_loss + regularizer.term((x, y), epoch=1, step=0)
+        results.append((flat_grad(total, model), float(data_loss), outputs.detach(),
+                        model[1].running_mean.clone(), int(model[1].num_batches_tracked),
+                        regularizer.epoch_summary()))
+    (g1, l1, o1, m1, n1, s1), (g2, l2, o2, m2, n2, s2) = results
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
+    assert l1 == l2 and torch.equal(o1, o2) and torch.equal(m1, m2) and n1 == n2 == 1
+    assert s1 == s2 and s1["htr_steps"] == 1
+
+
+# ----------------------------------------------------------------------------- certificates
+def test_trace_certificates_tell_where_tr_g_is_tr_h():
+    """ReLU: certified on every block (and the exact tr G equals the dense tr H); tanh: not
+    (tr G != tr H, as the dense references show); batch norm in train mode: not before it."""
+    from layerhessians.regularization import trace_certificates
+
+    x, y = problem("ce")
+    loss_fn = nn.CrossEntropyLoss()
+    for activation, expected in ((nn.ReLU, True), (nn.Tanh, False)):
+        model = mlp(activation)
+        found = trace_certificates(model, loss_fn, (x, y), "layers")
+        assert [c["certified"] for c in found.values()] == [expected, expected, True], activation
+        theta, tr_h, tr_g, restore = dense_traces(model, x, y, "ce", block_names(model, None))
+        same = abs(float(tr_h(theta)) - float(tr_g(theta))) < 1e-10 * abs(float(tr_h(theta)))
+        restore()
+        assert same == expected
+    model = mlp(nn.ReLU, batch_norm=True)
+    found = trace_certificates(model, loss_fn, (x, y), None, bn_mode="train")
+    assert not found["all"]["certified"] and "Hessian block != GGN block" in found["all"]["reason"]
+    assert trace_certificates(model, loss_fn, (x, y), None, bn_mode="eval")["all"]["certified"]

@@ -23,8 +23,15 @@ def test_train_with_regularizer_records_it(tmp_path):
     assert main(["train", "-r", str(run), "-n", "2", *QUICK, "--htr-gamma", "1e-3",
                  "--htr-every", "2", "--htr-start-epoch", "2", "--htr-estimator", "ggn",
                  "--htr-blocks", "middle"]) == 0
-    config = RunRecord.from_dict(json.loads((run / "config.json").read_text())).training_settings()
+    record = RunRecord.from_dict(json.loads((run / "config.json").read_text()))
+    config = record.training_settings()
     assert config["regularizer"]["gamma"] == 1e-3 and config["regularizer"]["blocks"] == "middle"
+    # LeNet (ReLU, max-pooling): the ggn penalty's trace is the Hessian's on every middle block
+    certificates = record.facts["htr_trace_certificates"]
+    assert list(certificates) == ["conv2.weight", "fc1.weight", "fc2.weight"]
+    assert all(c["certified"] and c["reason"] == "" for c in certificates.values())
+    assert "H = G certified) on conv2.weight, fc1.weight, fc2.weight" in \
+        (run / "logs" / "train.log").read_text()
     metrics = pd.read_csv(run / "metrics.csv")
     first, second = metrics.iloc[0], metrics.iloc[1]
     assert first["htr_steps"] == 0 and pd.isna(first["htr_penalty"])  # starts at epoch 2
@@ -50,6 +57,8 @@ def test_reruns_train_each_seed_in_its_own_directory(tmp_path):
                                             .read_text())).training_settings()["seed"]
              for k in (1, 2)]
     assert seeds == [3, 4] and not run.exists()
+    facts = json.loads((tmp_path / "method,run1" / "config.json").read_text())["facts"]
+    assert "htr_trace_certificates" not in facts  # hutchinson: E = tr H everywhere
     a, b = (pd.read_csv(tmp_path / f"method,run{k}" / "metrics.csv") for k in (1, 2))
     assert a["train_loss"].iloc[-1] != b["train_loss"].iloc[-1]
 

@@ -9,10 +9,12 @@ only the block's own weight is wanted. Inside :func:`conv_double_backward` ``("l
 recorded as :class:`_Conv2d`, whose backward is made of separate differentiable pieces
 (:class:`_ConvInputGrad`, :class:`_ConvWeightGrad`) that compute only the terms the current
 backward pass will use (asked of the autograd engine per edge; the weight enters through a
-non-leaf alias so that the engine can answer). For a first layer on data, the weight
-gradient and its derivative are single matrix products with the unfolded input,
-``dW = dY [O, N*L] @ cols [N*L, K]`` and ``cols @ V^T`` (oneDNN's weight gradient is slow for
-few input channels). Same ATen kernels otherwise: values agree to rounding.
+non-leaf alias so that the engine can answer). For a first layer on data, with ``unfold=True``
+(the curvature graph's, whose many products share one unfolding), the weight gradient and its
+derivative are single matrix products with the unfolded input, ``dW = dY [O, N*L] @ cols
+[N*L, K]`` and ``cols @ V^T`` (oneDNN's weight gradient is slow for few input channels); a
+single product (the trace penalty's) does better without: unfolding a LeNet batch of 256 costs
+about 8 of oneDNN's weight gradients. Same ATen kernels otherwise: values agree to rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ UNFOLD_LIMIT_BYTES = 512 * 2**20  # largest unfolded first-layer input kept for 
 
 _conv_backward = torch.ops.aten.convolution_backward.default
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+_functorch = getattr(torch._C, "_functorch", None)
+_batched_checks = [getattr(_functorch, name) for name in ("is_batchedtensor",
+                                                          "is_legacy_batchedtensor")
+                   if hasattr(_functorch, name)]
 
 
 def _pair_list(value) -> list[int]:
@@ -123,6 +129,8 @@ class _Conv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         inputs, weight = ctx.saved_tensors
+        if _is_batched(grad_output):  # a vmapped backward: the pieces' derivatives would be
+            return _native_backward(ctx, grad_output, inputs, weight)  # wrong, use PyTorch's
         d_inputs = d_weight = d_bias = None
         if _needed(ctx, 0):
             d_inputs = _ConvInputGrad.apply(grad_output, weight, inputs.detach(), ctx.conf)
@@ -132,6 +140,22 @@ class _Conv2d(torch.autograd.Function):
         if _needed(ctx, 2):
             d_bias = grad_output.sum((0, 2, 3))
         return d_inputs, d_weight, d_bias, None, None
+
+
+def _is_batched(tensor) -> bool:
+    """Whether ``tensor`` carries a vmap batch dimension (``is_grads_batched``'s legacy one
+    included), which shapes inside a backward do not show."""
+    return any(check(tensor) for check in _batched_checks)
+
+
+def _native_backward(ctx, grad_output, inputs, weight):
+    """PyTorch's convolution backward (differentiable by its own double backward)."""
+    stride, padding, dilation, groups = ctx.conf
+    mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
+    d_inputs, d_weight, d_bias = _conv_backward(
+        grad_output, inputs, weight, [weight.shape[0]] if mask[2] else None, stride, padding,
+        dilation, False, [0, 0], groups, mask)
+    return d_inputs, d_weight, d_bias, None, None
 
 
 def _columns(inputs, weight, stride, padding, dilation, groups):
@@ -148,11 +172,11 @@ def _columns(inputs, weight, stride, padding, dilation, groups):
     return columns.transpose(1, 2).reshape(-1, columns.shape[1])
 
 
-def _lean_conv2d(inputs, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def _lean_conv2d(unfold, inputs, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if isinstance(padding, str) or inputs.dim() != 4 or _will_execute is None:
         return F.conv2d(inputs, weight, bias, stride, padding, dilation, groups)
     conf = (_pair_list(stride), _pair_list(padding), _pair_list(dilation), int(groups))
-    columns = _columns(inputs, weight, *conf) if weight.requires_grad else None
+    columns = _columns(inputs, weight, *conf) if unfold and weight.requires_grad else None
     # non-leaf aliases, so that the engine can tell whether a backward pass reaches them
     weight = weight.view_as(weight) if weight.requires_grad else weight
     bias = bias.view_as(bias) if bias is not None and bias.requires_grad else bias
@@ -160,21 +184,27 @@ def _lean_conv2d(inputs, weight, bias=None, stride=1, padding=0, dilation=1, gro
 
 
 class _LeanMode(TorchFunctionMode):
+    def __init__(self, unfold: bool):
+        super().__init__()
+        self.unfold = unfold
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.conv2d:
-            return _lean_conv2d(*args, **kwargs)
+            return _lean_conv2d(self.unfold, *args, **kwargs)
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def conv_double_backward(mode: str = "lean"):
+def conv_double_backward(mode: str = "lean", *, unfold: bool = True):
     """Within this context, ``conv2d`` calls record the double backward ``mode``:
-    ``"lean"`` (this module's, see the module docstring) or ``"native"`` (PyTorch's)."""
+    ``"lean"`` (this module's, see the module docstring) or ``"native"`` (PyTorch's).
+    ``unfold``: a first layer on data keeps its unfolded input for the products (worth it
+    when many products share the graph)."""
     if mode not in CONV_DOUBLE_BACKWARDS:
         raise ValueError(f"conv_double_backward must be one of {CONV_DOUBLE_BACKWARDS}")
     if mode == "native":
         yield
         return
-    with _LeanMode():
+    with _LeanMode(unfold):
         yield

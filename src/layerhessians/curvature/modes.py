@@ -31,7 +31,8 @@ from torch import nn
 from layerhessians.curvature.attention import math_attention
 from layerhessians.errors import UserError
 
-__all__ = ["ENGINE_SEED", "call_model", "engine_context", "engine_forward", "engine_modes", "reseed"]
+__all__ = ["ENGINE_SEED", "call_model", "engine_context", "engine_forward", "engine_modes",
+           "mode_difference", "reseed"]
 
 #: the seed of the random number generators inside the engine's passes
 ENGINE_SEED = 0
@@ -76,6 +77,60 @@ def engine_modes(model: nn.Module, bn_mode: str):
             m.training = mode
         for m in sparse:
             m.sparse = True
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def _codes(function):
+    code = getattr(function, "__code__", None)
+    stack = [code] if code is not None else []
+    while stack:
+        code = stack.pop()
+        yield code
+        stack += [c for c in code.co_consts if hasattr(c, "co_names")]
+
+
+def _reads_training(functions) -> bool:
+    return any("training" in code.co_names for f in functions for code in _codes(f))
+
+
+def _class_functions(cls) -> list:
+    """The functions a module class defines below ``nn.Module`` (properties' getters too)."""
+    found = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        for value in vars(klass).values():
+            value = value.fget if isinstance(value, property) else value
+            found.append(getattr(value, "__func__", value))
+    return found
+
+
+def mode_difference(model: nn.Module, bn_mode: str) -> str | None:
+    """Why ``model`` called in its current modes may compute other values than inside
+    :func:`engine_modes` ``(model, bn_mode)``, or ``None`` when both calls are one function.
+
+    A module whose mode the engine switches counts as different when any code of its class
+    (below ``nn.Module``) or of its forward hooks reads ``training`` (dropout, batch norm in
+    the other mode, an RNN's or attention's dropout); a sparse embedding counts too (the
+    engine makes its gradients dense). A static, conservative test: a module that reads its
+    mode and happens to behave alike in both is still reported.
+    """
+    for name, module in model.named_modules():
+        label = name or type(module).__name__
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and getattr(module, "sparse",
+                                                                            False):
+            return f"{label} has sparse gradients"
+        engine_training = bn_mode == "train" and _is_batch_norm(module)
+        if module.training == engine_training:
+            continue
+        hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        if _reads_training(_class_functions(type(module))) or _reads_training(hooks):
+            mode = "train" if module.training else "eval"
+            return f"{label} ({type(module).__name__}) reads its mode and is in {mode} mode"
+    return None
 
 
 @contextlib.contextmanager

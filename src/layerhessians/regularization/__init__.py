@@ -8,6 +8,7 @@ estimate of the trace of a model's curvature, added to the loss.
   ``"middle"``, ``"paper-middle"``)
 - :class:`RegularizerSettings`: the frozen, torch-free settings (trainer flags, config.json)
 - :class:`TraceRegularizer`: the penalty on a schedule, for any training loop
+- :func:`trace_certificates`: per block, whether the ggn estimator's trace is the Hessian's
 """
 
 from layerhessians.regularization.settings import (
@@ -24,6 +25,7 @@ _LAZY = {
     "MIDDLE_DEPTHS": "blocks", "middle_layers": "blocks", "paper_middle": "blocks",
     "resolve_blocks": "blocks", "OutputCurvature": "output_curvature",
     "output_curvature": "output_curvature", "trace_penalty": "penalty",
+    "penalty_forward_context": "penalty", "trace_certificates": "certificates",
     "TraceRegularizer": "regularizer",
 }
 
@@ -40,7 +42,9 @@ __all__ = [
     "middle_layers",
     "output_curvature",
     "paper_middle",
+    "penalty_forward_context",
     "resolve_blocks",
+    "trace_certificates",
     "trace_penalty",
 ]
 

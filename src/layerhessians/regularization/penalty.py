@@ -39,6 +39,8 @@ Estimators (``B``: the union of the blocks; ``P``: probes; ``N``: examples):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -47,7 +49,7 @@ from layerhessians.curvature.batches import BatchLoss, as_batches
 from layerhessians.curvature.conv_double_backward import conv_double_backward
 from layerhessians.curvature.coupling import batch_coupling
 from layerhessians.curvature.loss_reduction import data_loss_reduction
-from layerhessians.curvature.modes import call_model, engine_modes
+from layerhessians.curvature.modes import call_model, engine_modes, mode_difference
 from layerhessians.errors import UserError, check_choice
 from layerhessians.regularization.blocks import block_parameters, resolve_blocks
 from layerhessians.regularization.output_curvature import output_curvature
@@ -58,7 +60,7 @@ from layerhessians.regularization.settings import (
     PROBE_DISTRIBUTIONS,
 )
 
-__all__ = ["trace_penalty"]
+__all__ = ["penalty_forward_context", "trace_penalty"]
 
 #: cotangents per batched backward pass of the exact estimator on a batch-coupled model
 EXACT_CHUNK = 64
@@ -67,7 +69,7 @@ EXACT_CHUNK = 64
 def trace_penalty(model: nn.Module, loss_fn, data, blocks=None, estimator: str = "ggn",
                   probes: int = 1, distribution: str = "gaussian",
                   generator: torch.Generator | None = None, *, form: str = "auto",
-                  bn_mode: str = "eval") -> Tensor:
+                  bn_mode: str = "eval", outputs: Tensor | None = None) -> Tensor:
     """An unbiased, differentiable estimate of the trace of the curvature of the mean loss.
 
     Args:
@@ -90,6 +92,15 @@ def trace_penalty(model: nn.Module, loss_fn, data, blocks=None, estimator: str =
             (module docstring).
         bn_mode: batch norm's mode: ``"eval"`` (running statistics, as ``hessian_operator``)
             or ``"train"`` (the batch's statistics: the loss a training step minimises).
+        outputs: the model's outputs on ``data``'s inputs (one batch) from the caller's own
+            forward, with their graph, reused instead of the penalty's own forward (one
+            forward saved: a training step computes them anyway). Accepted only where the
+            caller's forward is the penalty's: the model's current modes compute what the
+            engine's modes compute (:func:`~layerhessians.curvature.modes.mode_difference`;
+            no dropout in train mode, batch norm in ``bn_mode``). Used by ``hutchinson`` and
+            the batched form; the per-example form runs its own forward per example. Run
+            the caller's forward inside :func:`penalty_forward_context` for the cheaper
+            double backward through convolutions.
 
     Returns:
         A 0-dim tensor in the model's dtype, differentiable in the parameters. Units: loss
@@ -99,7 +110,9 @@ def trace_penalty(model: nn.Module, loss_fn, data, blocks=None, estimator: str =
         UserError: an unknown choice, ``probes < 1``, an invalid block selection, a loss
             whose output Hessian ``ggn``/``exact`` does not know (use ``hutchinson``), a
             ``BatchLoss`` with ``ggn``/``exact``, a batch-coupled model on several batches
-            or with ``form="per-example"``, no data.
+            or with ``form="per-example"``, no data; ``outputs`` with several batches, of
+            another number of examples, without a graph, or from modes that differ from the
+            penalty's.
     """
     check_choice(estimator, ESTIMATORS, "estimator")
     check_choice(distribution, PROBE_DISTRIBUTIONS, "distribution")
@@ -122,13 +135,18 @@ def trace_penalty(model: nn.Module, loss_fn, data, blocks=None, estimator: str =
         coupled = batch_coupling(model, bn_mode)
     else:
         batches = [(_to(x, dtype, device), _to(y, dtype, device)) for x, y in as_batches(data)]
-        coupled = batch_coupling(model, bn_mode, batches[0][0])
+        # probed (three small forwards) only where the answer matters: one batch in the
+        # batched form or with hutchinson is the same computation either way
+        needed = len(batches) > 1 or (estimator != "hutchinson" and form != "batched")
+        coupled = batch_coupling(model, bn_mode, batches[0][0] if needed else None)
     if coupled and len(batches) > 1:
         raise UserError(f"the model's outputs depend on the batch ({coupled}): pass the data "
                         "as one batch, or bn_mode='eval'")
+    if outputs is not None:
+        _check_outputs(model, outputs, batches, bn_mode, isinstance(loss_fn, BatchLoss))
     draw = _Probes(distribution, generator, dtype, device)
     if estimator == "hutchinson":
-        return _hutchinson(model, loss_fn, batches, params, probes, draw, bn_mode)
+        return _hutchinson(model, loss_fn, batches, params, probes, draw, bn_mode, outputs)
     curvature = output_curvature(loss_fn)
     if form == "per-example" and coupled:
         raise UserError(f"form='per-example' needs per-example outputs but {coupled}: use "
@@ -141,7 +159,7 @@ def trace_penalty(model: nn.Module, loss_fn, data, blocks=None, estimator: str =
                                 exact=estimator == "exact")
         else:
             term = _batched(model, curvature, x, y, params, probes, draw, bn_mode,
-                            exact=estimator == "exact")
+                            exact=estimator == "exact", outputs=outputs)
         total = term if total is None else total + term
         count += int(x.shape[0])
     return total / count
@@ -176,11 +194,38 @@ def _buffers(model: nn.Module) -> dict:
     return {name: b.clone() for name, b in model.named_buffers()}
 
 
+def penalty_forward_context():
+    """The context of the penalty's forward passes: convolutions recorded with the lean double
+    backward (no unfolding: one product per graph) and attention on its twice-differentiable
+    path. A training step that passes its outputs to :func:`trace_penalty` runs its forward
+    inside it (values unchanged)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(conv_double_backward("lean", unfold=False))
+    stack.enter_context(math_attention())
+    return stack
+
+
 def _forward(model: nn.Module, x, bn_mode: str):
-    with engine_modes(model, bn_mode), conv_double_backward("lean"), math_attention():
+    with engine_modes(model, bn_mode), penalty_forward_context():
         buffers = _buffers(model)
         return (torch.func.functional_call(model, buffers, (x,)) if buffers
                 else call_model(model, x))
+
+
+def _check_outputs(model, outputs, batches, bn_mode: str, batch_loss: bool) -> None:
+    if batch_loss or len(batches) != 1:
+        raise UserError("outputs are reused for one (inputs, targets) batch only: pass the "
+                        "data as one pair, or omit outputs")
+    x = batches[0][0]
+    if not torch.is_tensor(outputs) or not outputs.requires_grad or outputs.ndim == 0 or \
+            (torch.is_tensor(x) and x.ndim and outputs.shape[0] != x.shape[0]):
+        raise UserError("outputs must be the model's outputs on the data's inputs, one row per "
+                        "example, with their graph (not detached, not under no_grad)")
+    differs = mode_difference(model, bn_mode)
+    if differs:
+        raise UserError(f"outputs come from a forward the penalty's differs from: {differs}; "
+                        f"omit outputs (the penalty then runs its own forward in eval mode, "
+                        f"batch norm in {bn_mode} mode)")
 
 
 def _squared_norm(tensors) -> Tensor:
@@ -192,7 +237,7 @@ def _zero(params) -> Tensor:
     return sum((p * 0).sum() for p in params)
 
 
-def _hutchinson(model, loss_fn, batches, params, probes, draw, bn_mode) -> Tensor:
+def _hutchinson(model, loss_fn, batches, params, probes, draw, bn_mode, shared) -> Tensor:
     total, count, reduction = None, 0, None
     for batch in batches:
         if isinstance(loss_fn, BatchLoss):
@@ -209,7 +254,7 @@ def _hutchinson(model, loss_fn, batches, params, probes, draw, bn_mode) -> Tenso
             term = loss * n
         else:
             x, y = batch
-            outputs = _forward(model, x, bn_mode)
+            outputs = shared if shared is not None else _forward(model, x, bn_mode)
             n = int(x.shape[0])
             if reduction is None:  # decided from all the data, however it is split
                 reduction = data_loss_reduction(
@@ -238,10 +283,11 @@ def _hutchinson(model, loss_fn, batches, params, probes, draw, bn_mode) -> Tenso
     return estimate if torch.is_tensor(estimate) else _zero(params)
 
 
-def _batched(model, curvature, x, y, params, probes, draw, bn_mode, exact: bool) -> Tensor:
+def _batched(model, curvature, x, y, params, probes, draw, bn_mode, exact: bool,
+             outputs=None) -> Tensor:
     """``sum_p ||sum_n J_n^T S_n z_{np}||^2 / P`` (``exact``: every (example, column)
-    cotangent on its own, summed) over one batch."""
-    outputs = curvature.check(_forward(model, x, bn_mode), y)
+    cotangent on its own, summed) over one batch (``outputs``: the caller's forward's)."""
+    outputs = curvature.check(outputs if outputs is not None else _forward(model, x, bn_mode), y)
     if exact:
         n, width = outputs.shape[0], outputs[0].numel()
         basis = torch.eye(n * width, dtype=outputs.dtype, device=outputs.device)

@@ -9,6 +9,9 @@
             loss.backward(); optimizer.step(); optimizer.zero_grad()
         print(regularizer.epoch_summary())          # mean penalty, regularised steps
 
+or, one forward fewer on regularised steps (:meth:`TraceRegularizer.loss`):
+``loss, data_loss, outputs = regularizer.loss((x, y), epoch=epoch, step=step)``.
+
 It draws its probes from its own generator (seeded), never from the loop's, and does not
 change the model's buffers or modes, so it sits beside a
 :class:`~layerhessians.tracking.SpectraTracker` (which measures what it does to the
@@ -17,14 +20,16 @@ spectra) without disturbing it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
+from layerhessians.curvature.modes import mode_difference
 from layerhessians.errors import UserError
-from layerhessians.regularization.penalty import trace_penalty
+from layerhessians.regularization.penalty import penalty_forward_context, trace_penalty
 from layerhessians.regularization.settings import RegularizerSettings
 
 __all__ = ["TraceRegularizer"]
@@ -80,15 +85,50 @@ class TraceRegularizer:
             step = self.global_step
         return self.settings.due(epoch, step)
 
-    def penalty(self, data) -> Tensor:
-        """The penalty (without ``gamma``) on ``data``, an ``(inputs, targets)`` pair."""
+    def penalty(self, data, outputs: Tensor | None = None) -> Tensor:
+        """The penalty (without ``gamma``) on ``data``, an ``(inputs, targets)`` pair
+        (``outputs``: the model's on its inputs, see
+        :func:`~layerhessians.regularization.trace_penalty`)."""
         s = self.settings
         return trace_penalty(self.model, self.loss_fn, data, blocks=self.blocks,
                              estimator=s.estimator, probes=s.probes,
                              distribution=s.distribution, generator=self.generator,
-                             form=s.form, bn_mode=s.bn_mode)
+                             form=s.form, bn_mode=s.bn_mode, outputs=outputs)
 
-    def term(self, data, *, epoch: int, step: int | None = None) -> Tensor | float:
+    def loss(self, data, *, epoch: int, step: int | None = None) -> tuple[Tensor, Tensor,
+                                                                            Tensor]:
+        """The step's loss with the term, from one forward where one suffices:
+        ``(loss_fn(model(x), y) + term, loss_fn(model(x), y), model(x))``.
+
+        ``model(x)`` runs in the model's own modes (a training forward: batch norm's
+        running statistics update as usual). On a regularised step whose forward is the
+        penalty's (:func:`~layerhessians.curvature.modes.mode_difference` finds nothing),
+        the penalty reuses its outputs (batched form and ``hutchinson``); otherwise it runs
+        its own. Same schedule, logging and errors as :meth:`term`; a non-finite data loss
+        is returned without the penalty (nothing counted), for the caller to report.
+
+        Args:
+            data: the step's ``(inputs, targets)`` batch.
+            epoch: the current epoch, 1-based.
+            step: the step within the epoch, 0-based (``None``: counted here).
+
+        Returns:
+            ``(loss, data_loss, outputs)``: the 0-dim tensor to backpropagate, the data
+            term alone, and the model's outputs (for accuracy).
+        """
+        x, y = data
+        share = self.due(epoch, step) and mode_difference(self.model,
+                                                          self.settings.bn_mode) is None
+        with penalty_forward_context() if share else contextlib.nullcontext():
+            outputs = self.model(x)
+        data_loss = self.loss_fn(outputs, y)
+        if not math.isfinite(float(data_loss.detach())):  # the caller's to report; no penalty
+            return data_loss, data_loss, outputs
+        term = self.term(data, epoch=epoch, step=step, outputs=outputs if share else None)
+        return data_loss + term, data_loss, outputs
+
+    def term(self, data, *, epoch: int, step: int | None = None,
+             outputs: Tensor | None = None) -> Tensor | float:
         """What to add to this step's loss: ``gamma * penalty`` on a scheduled step, else
         ``0.0`` (a float, nothing computed). Call once per training step.
 
@@ -96,6 +136,8 @@ class TraceRegularizer:
             data: the step's ``(inputs, targets)`` batch.
             epoch: the current epoch, 1-based.
             step: the step within the epoch, 0-based (``None``: counted here).
+            outputs: the model's outputs on the batch's inputs, reused by the penalty (see
+                :func:`~layerhessians.regularization.trace_penalty`).
 
         Raises:
             UserError: the penalty is not finite (it names the step), or the penalty's own
@@ -108,7 +150,7 @@ class TraceRegularizer:
         self.global_step += 1
         if not due:
             return 0.0
-        penalty = self.penalty(data)
+        penalty = self.penalty(data, outputs)
         value = float(penalty.detach())
         if not math.isfinite(value):
             raise UserError(f"the trace penalty is {value} at epoch {epoch}, step {index}: "

@@ -77,7 +77,12 @@ from layerhessians.training.config import TrainConfig
 from layerhessians.training.devices import resolve_device
 from layerhessians.training.distributed import SINGLE, Context, PeerError, process_group
 from layerhessians.training.logs import Silent, format_row, progress_bar, run_logging
-from layerhessians.training.penalty_hook import epoch_regularizer, top5_accuracy
+from layerhessians.training.penalty_hook import (
+    certificate_line,
+    epoch_regularizer,
+    penalty_certificates,
+    top5_accuracy,
+)
 from layerhessians.training.seeding import derive_seed, seed_everything
 from layerhessians.training.setup import Setup, build, describe
 from layerhessians.training.spectra_hook import (
@@ -133,11 +138,13 @@ def train_epoch(setup: Setup, epoch: int, disable_progress=None) -> dict:
                       leave=False) as bar:  # a bar on a terminal, else a log line every 30 s
         for step, (x, y) in enumerate(batches):
             setup.optimizer.zero_grad(set_to_none=True)
-            loss, value, hits = dist.batch_loss(network, setup.loss_fn, x, y)
+            if regularizer is None:
+                loss, value, hits = dist.batch_loss(network, setup.loss_fn, x, y)
+            else:  # one process; the penalty reuses the step's forward where it can
+                loss, data_loss, outputs = regularizer.loss((x, y), epoch=epoch, step=step)
+                value, hits = data_loss.item(), int((outputs.argmax(1) == y).sum())
             if not math.isfinite(value):
                 raise TrainingDiverged(epoch, value)
-            if regularizer is not None:
-                loss = loss + regularizer.term((x, y), epoch=epoch, step=step)
             loss.backward()
             setup.optimizer.step()
             loss_sum += value * len(y)
@@ -360,6 +367,9 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
                                              download=config.download))
     setup = plan_spectra(build(config, data, device, dist), warn=False)
     run_config = describe(setup, command)
+    certificates = penalty_certificates(setup)  # None without a ggn/exact regulariser
+    if certificates is not None:
+        run_config = run_config.with_facts(htr_trace_certificates=certificates)
     recorded, threads_note = threads
     if recorded is not None:  # a resumed run keeps the count it started with
         run_config = run_config.with_facts(**{THREADS_KEY: recorded})
@@ -393,6 +403,10 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
                     + (f" sharded over {dist.world_size} processes" if setup.reduction else "")
                     + f"; {setup.plan.summary()}")
         _log_layer_methods(logger, setup)
+        if certificates is not None:
+            line = certificate_line(certificates)
+            (logger.info if all(c["certified"] for c in certificates.values())
+             else logger.warning)(line)
         for note in setup.plan.notes:
             logger.warning(f"warning: {note}")
         if threads_note:

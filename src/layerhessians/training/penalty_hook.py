@@ -5,6 +5,8 @@
 probes drawn from a generator seeded by ``(seed, epoch)`` (so ``--resume`` reproduces an
 uninterrupted run and the loop's own random streams are untouched); the steps it
 regularises are counted from 0 in each epoch, as the original's ``batch_idx % freq``.
+:func:`penalty_certificates` records, for the ggn and exact estimators, on which blocks the
+penalty's GGN trace is the Hessian trace (config.json facts ``htr_trace_certificates``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,32 @@ def epoch_regularizer(setup, epoch: int):
 
     generator = torch.Generator().manual_seed(derive_seed(setup.config.seed, epoch, "htr"))
     return TraceRegularizer(setup.model, setup.loss_fn, settings, generator=generator)
+
+
+def penalty_certificates(setup) -> dict | None:
+    """``{block: {"certified", "tensors", "hessian_residual", "reason"}}``
+    (:func:`~layerhessians.regularization.trace_certificates` on the Hessian subset, in the
+    penalty's batch-norm mode, once before training), or ``None``: no regulariser, or the
+    ``hutchinson`` estimator (whose expectation is the Hessian trace everywhere)."""
+    settings = getattr(setup.config, "regularizer", None)
+    if settings is None or not settings.active or settings.estimator == "hutchinson":
+        return None
+    from layerhessians.regularization import trace_certificates
+
+    blocks = None if settings.blocks == "all" else settings.blocks
+    found = trace_certificates(setup.model, setup.loss_fn, setup.hessian_batch, blocks,
+                               bn_mode=settings.bn_mode,
+                               seed=derive_seed(setup.config.seed, 0, "certify"))
+    return {block: dict(value) for block, value in found.items()}
+
+
+def certificate_line(certificates: dict) -> str:
+    """One log line: where the penalty's GGN trace is the Hessian trace, where not."""
+    yes = [b for b, c in certificates.items() if c["certified"]]
+    no = [f"{b} ({c['reason']})" for b, c in certificates.items() if not c["certified"]]
+    text = "htr: the ggn penalty's trace is the Hessian trace (H = G certified) on " + (
+        ", ".join(yes) if yes else "no block")
+    return text + ("; only the GGN trace on " + "; ".join(no) if no else "")
 
 
 @torch.no_grad()
