@@ -24,7 +24,12 @@ offline, CPU):
    (``--jobs`` sweeps in parallel, one thread each) under ``runs/figures/finding``; then
    ``match --metric both`` pooled over the replicates of each setting, once for the runs of
    the first subset (training seeds only) and once for all (seeds and subsets); figures into
-   ``docs/figures/finding_*``.
+   ``docs/figures/finding_*``;
+4. the Hessian-trace-regularisation finding: ``python experiments/htr_finding.py --root
+   runs/figures/htr-finding --out docs/figures/htr`` (LeNet on MNIST5k, the original's
+   MNIST settings, SGD / L2 / the original's HTR / ggn HTR, all and middle layers, 5 reruns
+   each, gamma tuned on a validation split; resumable), whose table, numbers and figures
+   land in ``docs/figures/htr/`` (``--htr-args`` passes options to it).
 
 Finally ``docs/figures/numbers.json`` gets every number the README quotes: each step's
 wall time with the thread count and load average, the verdicts per metric with their
@@ -51,6 +56,7 @@ QUICK_ROOT = ROOT / "quick"
 MNIST_RUN = ROOT / "mnist5k-lenet"
 MNIST_MATCH = ROOT / "mnist5k-lenet-match"
 FINDING_ROOT = ROOT / "finding"
+HTR_ROOT = ROOT / "htr-finding"
 #: the seed's LeNet/MNIST hyperparameters and the paper's spectra settings
 SEED_LENET = {"model": "LeNet", "learning_rate": 1e-2, "weight_decay": 0.0, "batch_size": 256,
               "optimizer": "sgd", "examples_per_class": 10, "hessian_iterations": 128,
@@ -75,6 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-mnist", action="store_true", help="skip step 2 (real MNIST)")
     p.add_argument("--skip-finding", action="store_true",
                    help="skip step 3 (the replicated finding)")
+    p.add_argument("--skip-htr", action="store_true",
+                   help="skip step 4 (the regularisation finding)")
+    p.add_argument("--htr-args", default="",
+                   help="step 4: options for experiments/htr_finding.py, one string "
+                        "(e.g. '--epochs 2 --reruns 2' for a smoke test)")
     p.add_argument("--train-only", action="store_true",
                    help="step 3: train (or resume) the replicated runs, then stop")
     p.add_argument("--replicates", type=int, default=5,
@@ -426,10 +437,11 @@ def finding_train(args, steps, env):
 
 def set_root(root) -> None:
     """Place every run of this script under ``root``."""
-    global ROOT, QUICK_ROOT, MNIST_RUN, MNIST_MATCH, FINDING_ROOT
+    global ROOT, QUICK_ROOT, MNIST_RUN, MNIST_MATCH, FINDING_ROOT, HTR_ROOT
     ROOT = root
     QUICK_ROOT, MNIST_RUN = root / "quick", root / "mnist5k-lenet"
     MNIST_MATCH, FINDING_ROOT = root / "mnist5k-lenet-match", root / "finding"
+    HTR_ROOT = root / "htr-finding"
 
 
 def pooled_rows(table) -> list:
@@ -522,6 +534,24 @@ def finding_step(args, steps, env, numbers):
     finding_match(args, steps, numbers, entries, runs)
 
 
+def htr_step(args, steps, env, numbers):
+    """Step 4: the regularisation finding (experiments/htr_finding.py, resumable)."""
+    out = Path("docs/figures/htr")
+    command = [sys.executable, "experiments/htr_finding.py", "--root", str(HTR_ROOT),
+               "--out", str(out), *shlex.split(args.htr_args)]
+    if args.train_only:
+        command += ["--stage", "train"]
+    steps.run("htr finding: train and analyse", lambda: call(command, env),
+              shlex.join(command[1:]).join(["python ", ""]))
+    if args.train_only:
+        return
+    found = json.loads((REPO / out / "numbers.json").read_text())
+    numbers["htr"] = {"root": str(HTR_ROOT), "out": str(out), "command": found["command"],
+                      "methods": found["methods"], "curvature": found["curvature"],
+                      "tuning": found["tuning"],
+                      "figures": [str(out / name) for name in found["figures"]]}
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.chdir(REPO)
@@ -536,7 +566,8 @@ def main(argv=None):
     if args.fresh:  # only the folders of the steps that run
         for p in ([] if args.skip_quick else [QUICK_ROOT]) + (
                 [] if args.skip_mnist else [MNIST_RUN, MNIST_MATCH]) + (
-                [] if args.skip_finding else [FINDING_ROOT]):
+                [] if args.skip_finding else [FINDING_ROOT]) + (
+                [] if args.skip_htr else [HTR_ROOT]):
             if (REPO / p).exists():
                 print(f"--fresh: removing {p}")
                 shutil.rmtree(REPO / p)
@@ -562,7 +593,8 @@ def main(argv=None):
     old = json.loads(out.read_text()) if out.is_file() else {}
     for key, skip, step, prefix in (("quick", args.skip_quick, quick_step, "quick"),
                                     ("mnist", args.skip_mnist, mnist_step, "real MNIST"),
-                                    ("finding", args.skip_finding, finding_step, "finding")):
+                                    ("finding", args.skip_finding, finding_step, "finding"),
+                                    ("htr", args.skip_htr, htr_step, "htr")):
         if not skip:
             step(args, steps, env, numbers)
         elif key in old:  # kept from the last run that made them
