@@ -554,3 +554,58 @@ def test_trace_certificates_tell_where_tr_g_is_tr_h():
     found = trace_certificates(model, loss_fn, (x, y), None, bn_mode="train")
     assert not found["all"]["certified"] and "Hessian block != GGN block" in found["all"]["reason"]
     assert trace_certificates(model, loss_fn, (x, y), None, bn_mode="eval")["all"]["certified"]
+
+
+# ----------------------------------------------------------------------------- per-example norms
+class _Sequence(nn.Module):
+    """Linear layers on [N, T, D] inputs, a weight used twice (``shared=True``)."""
+
+    def __init__(self, shared=False):
+        super().__init__()
+        self.first, self.second = nn.Linear(D_IN, HIDDEN), nn.Linear(HIDDEN, HIDDEN)
+        self.out, self.shared = nn.Linear(HIDDEN, C), shared
+
+    def forward(self, x):
+        h = torch.relu(self.second(torch.relu(self.first(x.reshape(x.shape[0], 2, -1)))))
+        if self.shared:
+            h = torch.relu(self.second(h))
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize("case", ["lenet", "tanh-mlp", "sequence", "shared", "batch-norm"])
+@pytest.mark.parametrize("estimator", ["ggn", "exact"])
+def test_per_example_from_layer_norms_equals_vmap(case, estimator):
+    """The per-example form from one backward pass (Linear/Conv2d layers) gives the vmap
+    path's value and gradient for the same probes; where the rule does not apply (a weight
+    used twice, a batch-norm parameter) the vmap path runs."""
+    import layerhessians.regularization.penalty as penalty
+    from layerhessians.regularization.per_example_norms import plan
+
+    x, y = problem("ce")
+    if case == "lenet":
+        model, x, y = tiny_lenet_problem()
+    elif case in ("sequence", "shared"):
+        torch.manual_seed(0)
+        model = _Sequence(shared=case == "shared").double()
+        x = torch.randn(N, 2 * D_IN, dtype=torch.float64)
+    else:
+        model = mlp(nn.Tanh, batch_norm=case == "batch-norm")
+    params = [p for p in model.parameters()]
+    assert bool(plan(model, params)[0]) == (case != "batch-norm")
+    results = []
+    for rule in (plan, lambda m, p: ([], "off")):
+        original, penalty.plan = penalty.plan, rule
+        try:
+            value = trace_penalty(model, nn.CrossEntropyLoss(), (x, y), estimator=estimator,
+                                  probes=3, form="per-example",
+                                  generator=torch.Generator().manual_seed(2))
+        finally:
+            penalty.plan = original
+        results.append((value.detach(), flat_grad(value, model)))
+    (v1, g1), (v2, g2) = results
+    assert torch.allclose(v1, v2, rtol=1e-12) and torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
+    if estimator == "exact" and case != "batch-norm":  # and both are the dense GGN trace
+        theta, _, tr_g, restore = dense_traces(model, x, y, "ce", block_names(model, None))
+        expected = tr_g(theta)
+        restore()
+        assert float(v1) == pytest.approx(float(expected), rel=1e-10)

@@ -19,9 +19,12 @@ Estimators (``B``: the union of the blocks; ``P``: probes; ``N``: examples):
   ``tr G_BB = (1/N) sum_n ||J_n^T S_n||_F^2``, and ``E ||J_n^T S_n z||^2 = tr(J_n^T S_n
   S_n^T J_n)`` for ``E[z z^T] = I``. Double backward only. Two forms:
 
-  * ``per-example``: ``(1/(N P)) sum_{n,p} ||J_n^T S_n z_{np}||^2`` (``torch.func.vmap``
-    over examples); variance ``(2 / (N^2 P)) sum_n ||G_n||_F^2`` for Gaussian probes
-    (``G_n = J_n^T S_n S_n^T J_n``);
+  * ``per-example``: ``(1/(N P)) sum_{n,p} ||J_n^T S_n z_{np}||^2``; variance ``(2 /
+    (N^2 P)) sum_n ||G_n||_F^2`` for Gaussian probes (``G_n = J_n^T S_n S_n^T J_n``). Where
+    every penalised parameter is a weight or bias of a Linear/Conv2d layer run once, from
+    one backward pass per probe and the layers' inputs
+    (:mod:`~layerhessians.regularization.per_example_norms`); otherwise by
+    ``torch.func.vmap`` over the examples (same probes, same numbers);
   * ``batched``: ``(1/(N P)) sum_p ||sum_n J_n^T S_n z_{np}||^2``, one vector-Jacobian
     product per probe; variance ``2 ||G||_F^2 / P`` (``G = (1/N) sum_n G_n``), larger by up
     to a factor ``N``, but cheaper, and the only form for batch-coupled models.
@@ -53,6 +56,7 @@ from layerhessians.curvature.modes import call_model, engine_modes, mode_differe
 from layerhessians.errors import UserError, check_choice
 from layerhessians.regularization.blocks import block_parameters, resolve_blocks
 from layerhessians.regularization.output_curvature import output_curvature
+from layerhessians.regularization.per_example_norms import LayerCapture, plan, squared_norms
 from layerhessians.regularization.settings import (
     ESTIMATORS,
     GGN_FORMS,
@@ -314,7 +318,24 @@ def _batched(model, curvature, x, y, params, probes, draw, bn_mode, exact: bool,
 def _per_example(model, curvature, x, y, params, probes, draw, bn_mode,
                  exact: bool) -> Tensor:
     """``sum_n (1/P) sum_p ||J_n^T S_n z_{np}||^2`` (``exact``: ``||J_n^T S_n||_F^2``) over
-    one batch, by ``torch.func.vmap`` over its examples."""
+    one batch: from one backward pass per probe where every penalised parameter sits in a
+    Linear/Conv2d layer (:mod:`~layerhessians.regularization.per_example_norms`), else by
+    ``torch.func.vmap`` over its examples (same probes, same numbers)."""
+    layers, _ = plan(model, params)
+    if layers:
+        with LayerCapture(layers) as capture:
+            outputs = curvature.check(_forward(model, x, bn_mode), y)
+        if capture.usable():
+            shape = outputs.shape[1:]
+            if exact:
+                width = shape.numel()
+                z = torch.eye(width, dtype=outputs.dtype, device=outputs.device).reshape(
+                    width, 1, 1, *shape).expand(width, x.shape[0], 1, *shape)
+            else:
+                z = draw((probes, x.shape[0], 1, *shape))
+            total = sum(squared_norms(capture, outputs, curvature.apply(outputs, zp[:, 0]),
+                                      params).sum() for zp in z)
+            return total if exact else total / probes
     names = {id(p): name for name, p in model.named_parameters()}
     keys = [names[id(p)] for p in params]
     with engine_modes(model, bn_mode), math_attention():
