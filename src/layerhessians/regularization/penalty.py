@@ -315,6 +315,17 @@ def _batched(model, curvature, x, y, params, probes, draw, bn_mode, exact: bool,
     return total / probes if torch.is_tensor(total) else _zero(params)
 
 
+def _example_probes(outputs, count: int, probes: int, draw, exact: bool) -> Tensor:
+    """``[P, N, 1, *output shape]``: each example's probes (``exact``: every output
+    direction, the same for all examples)."""
+    shape = outputs.shape[1:]
+    if not exact:
+        return draw((probes, count, 1, *shape))
+    width = shape.numel()
+    return torch.eye(width, dtype=outputs.dtype, device=outputs.device).reshape(
+        width, 1, 1, *shape).expand(width, count, 1, *shape)
+
+
 def _per_example(model, curvature, x, y, params, probes, draw, bn_mode,
                  exact: bool) -> Tensor:
     """``sum_n (1/P) sum_p ||J_n^T S_n z_{np}||^2`` (``exact``: ``||J_n^T S_n||_F^2``) over
@@ -326,13 +337,7 @@ def _per_example(model, curvature, x, y, params, probes, draw, bn_mode,
         with LayerCapture(layers) as capture:
             outputs = curvature.check(_forward(model, x, bn_mode), y)
         if capture.usable():
-            shape = outputs.shape[1:]
-            if exact:
-                width = shape.numel()
-                z = torch.eye(width, dtype=outputs.dtype, device=outputs.device).reshape(
-                    width, 1, 1, *shape).expand(width, x.shape[0], 1, *shape)
-            else:
-                z = draw((probes, x.shape[0], 1, *shape))
+            z = _example_probes(outputs, x.shape[0], probes, draw, exact)
             total = sum(squared_norms(capture, outputs, curvature.apply(outputs, zp[:, 0]),
                                       params).sum() for zp in z)
             return total if exact else total / probes
@@ -342,13 +347,7 @@ def _per_example(model, curvature, x, y, params, probes, draw, bn_mode,
         buffers = _buffers(model)
         first = curvature.check(torch.func.functional_call(model, buffers, (x[:1],)), y[:1]
                                 if torch.is_tensor(y) else y)
-        shape = first.shape[1:]
-        if exact:
-            width = shape.numel()
-            z = torch.eye(width, dtype=first.dtype, device=first.device).reshape(
-                width, 1, 1, *shape).expand(width, x.shape[0], 1, *shape)
-        else:
-            z = draw((probes, x.shape[0], 1, *shape))
+        z = _example_probes(first, x.shape[0], probes, draw, exact)
 
         def one(xn, yn, zn):
             def outputs_of(*values):
