@@ -609,3 +609,18 @@ def test_per_example_from_layer_norms_equals_vmap(case, estimator):
         expected = tr_g(theta)
         restore()
         assert float(v1) == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_regularizer_takes_a_block_rule_as_a_setting_and_settings_say_what_cannot_act():
+    model = mlp(nn.ReLU)
+    regularizer = TraceRegularizer(model, nn.CrossEntropyLoss(), gamma=1e-3, blocks="middle")
+    assert regularizer.settings.blocks == "middle" and "blocks='middle'" in repr(regularizer)
+    with pytest.raises(UserError, match=r"blocks \(--htr-blocks\)"):
+        TraceRegularizer(model, nn.CrossEntropyLoss(), gamma=1e-3, blocks="mid")
+    with pytest.raises(UserError, match=r"^gamma \(--htr-gamma\) must be"):
+        TraceRegularizer(model, nn.CrossEntropyLoss(), gamma=-1)
+    assert RegularizerSettings(gamma=1e-3).notes(5) == []
+    assert "--htr-estimator does nothing" in RegularizerSettings(estimator="exact").notes()[0]
+    assert "no step is regularised" in RegularizerSettings(gamma=1, start_epoch=4).notes(3)[0]
+    assert "not hutchinson" in RegularizerSettings(gamma=1, estimator="hutchinson",
+                                                   form="batched").notes()[0]

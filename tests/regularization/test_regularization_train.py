@@ -42,7 +42,9 @@ def test_train_with_regularizer_records_it(tmp_path):
 
 def test_without_regularizer_nothing_is_recorded(tmp_path):
     run = tmp_path / "plain"
-    assert main(["train", "-r", str(run), "-n", "1", *QUICK]) == 0
+    assert main(["train", "-r", str(run), "-n", "1", *QUICK, "--htr-estimator", "exact"]) == 0
+    assert "warning: --htr-gamma is 0: no regulariser, so --htr-estimator does nothing" in \
+        (run / "logs" / "train.log").read_text()
     config = json.loads((run / "config.json").read_text())
     assert "regularizer" not in config
     metrics = pd.read_csv(run / "metrics.csv")
@@ -75,8 +77,8 @@ def test_resume_reproduces_a_regularised_run(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--htr-gamma", "-1"], "--htr-gamma must be a finite number >= 0"),
-    (["--htr-gamma", "1", "--htr-probes", "0"], "--htr-probes must be an integer >= 1"),
+    (["--htr-gamma", "-1"], "gamma (--htr-gamma) must be a finite number >= 0"),
+    (["--htr-gamma", "1", "--htr-probes", "0"], "probes (--htr-probes) must be an integer >= 1"),
     (["--reruns", "0"], "--reruns 0 must be an integer >= 1"),
 ])
 def test_bad_regularizer_flags_are_refused(tmp_path, capsys, flags, message):

@@ -264,7 +264,7 @@ def compare_methods(runs: dict, out, *, labels=None, original=None, title: str =
 def report_root(root, out=None, dpi: int = 150) -> list[str]:
     """:func:`compare_methods` for every setting (model, dataset) under ``root``, into
     ``out/SETTING`` (default ``root/regularization``); returns printable lines (each
-    setting's error table, or why there is none)."""
+    setting's tables, or why there is none)."""
     root = Path(root)
     out = Path(out) if out is not None else root / "regularization"
     groups = method_groups(root)
@@ -276,5 +276,5 @@ def report_root(root, out=None, dpi: int = 150) -> list[str]:
         result = compare_methods(runs, folder, title=setting, dpi=dpi)
         lines += [f"{setting or root}: {len(runs)} method(s), "
                   f"{sum(len(d) for d in runs.values())} run(s); written to {folder}",
-                  *result["table"].split("\n\n")[0].splitlines(), ""]
+                  *result["table"].splitlines(), ""]
     return lines

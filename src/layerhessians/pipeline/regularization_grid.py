@@ -113,7 +113,7 @@ QUICK_BASE = {**MNIST_BASE, "dataset": "MNIST5k", "num_epochs": 5, "milestones":
 
 
 def quick_grid() -> dict:
-    """The offline quick variant (``layerhessians sweep htr-quick --replicates R``)."""
+    """The offline quick variant (``layerhessians reproduce --regularization --quick``)."""
     methods = mnist_methods(1e-3)
     for name in ("htr", "htr+l2", "paper-middle"):  # from epoch 2, every 4th step
         methods[name] = {**methods[name], "htr_start_epoch": 2, "htr_every": 4}
@@ -122,7 +122,8 @@ def quick_grid() -> dict:
                 description="HTR quick grid: LeNet on MNIST5k, 5 epochs, SGD / L2 / the "
                             "original's HTR (from epoch 2, every 4th step) / ggn every step, "
                             "all and middle layers; offline, a few minutes per run on one "
-                            "core. Run: layerhessians sweep htr-quick --replicates 3 --no-match")
+                            "core. Run: layerhessians reproduce --regularization --quick "
+                            "--replicates 3")
 
 
 #: shipped grid name -> its generator (the JSON files in layerhessians/configs/ are written

@@ -45,7 +45,8 @@ class TraceRegularizer:
         settings: a :class:`RegularizerSettings`; keyword arguments override its fields
             (``gamma``, ``estimator``, ``probes``, ``distribution``, ``every``,
             ``start_epoch``, ``blocks``, ``form``, ``bn_mode``, ``step_schedule``).
-        blocks: a mapping ``{name: parameters}`` instead of ``settings.blocks``' rule.
+        blocks: a rule's name (``settings.blocks``) or a mapping ``{name: parameters}``
+            instead of a rule.
         seed: seed of the probes' generator (``generator`` instead: your own).
         generator: a ``torch.Generator`` to draw the probes from.
         loggers: callables ``hook(index, {"htr/penalty": value})`` called on every
@@ -61,6 +62,8 @@ class TraceRegularizer:
         settings = settings if settings is not None else RegularizerSettings()
         if not isinstance(settings, RegularizerSettings):
             raise UserError("settings must be a RegularizerSettings")
+        if isinstance(blocks, str):  # a rule's name is a setting (validated, recorded)
+            overrides, blocks = {**overrides, "blocks": blocks}, None
         try:
             settings = replace(settings, **overrides)
         except TypeError:

@@ -34,6 +34,8 @@ FLAGS = {"htr_gamma": "gamma", "htr_estimator": "estimator", "htr_probes": "prob
          "htr_distribution": "distribution", "htr_every": "every",
          "htr_start_epoch": "start_epoch", "htr_blocks": "blocks", "htr_form": "form",
          "htr_bn_mode": "bn_mode"}
+#: each field's ``layerhessians train`` option, named beside the field in errors
+CLI_FLAGS = {"--" + dest.replace("_", "-"): field for dest, field in FLAGS.items()}
 
 
 def _number(label: str, value, minimum: float = 0.0) -> float:
@@ -97,22 +99,45 @@ class RegularizerSettings:
         """A copy with names canonicalised and every value checked.
 
         Raises:
-            UserError: a value out of range or an unknown name (named by its
-                ``layerhessians train`` option).
+            UserError: a value out of range or an unknown name (named as the field and its
+                ``layerhessians train`` option: ``gamma (--htr-gamma)``).
         """
+        label = {field: f"{field} ({flag})" for flag, field in CLI_FLAGS.items()}
         return replace(
             self,
-            gamma=_number("--htr-gamma", self.gamma),
-            estimator=_name("--htr-estimator", self.estimator, ESTIMATORS),
-            probes=_integer("--htr-probes", self.probes, 1),
-            distribution=_name("--htr-distribution", self.distribution, PROBE_DISTRIBUTIONS),
-            every=_integer("--htr-every", self.every, 1),
-            start_epoch=_integer("--htr-start-epoch", self.start_epoch, 1),
-            blocks=_name("--htr-blocks", self.blocks, BLOCK_RULES),
-            form=_name("--htr-form", self.form, GGN_FORMS),
-            bn_mode=_name("--htr-bn-mode", self.bn_mode, PENALTY_BN_MODES),
-            step_schedule=_name("step schedule", self.step_schedule, ("epoch", "global")),
+            gamma=_number(label["gamma"], self.gamma),
+            estimator=_name(label["estimator"], self.estimator, ESTIMATORS),
+            probes=_integer(label["probes"], self.probes, 1),
+            distribution=_name(label["distribution"], self.distribution, PROBE_DISTRIBUTIONS),
+            every=_integer(label["every"], self.every, 1),
+            start_epoch=_integer(label["start_epoch"], self.start_epoch, 1),
+            blocks=_name(label["blocks"], self.blocks, BLOCK_RULES),
+            form=_name(label["form"], self.form, GGN_FORMS),
+            bn_mode=_name(label["bn_mode"], self.bn_mode, PENALTY_BN_MODES),
+            step_schedule=_name("step_schedule", self.step_schedule, ("epoch", "global")),
         )
+
+    def notes(self, num_epochs: int | None = None) -> list[str]:
+        """Settings that cannot act as given (said, not refused: a grid may set them on
+        purpose): regulariser settings with ``gamma`` 0, a start epoch after the last
+        epoch, a ggn form with another estimator."""
+        default = type(self)()
+        out = []
+        if not self.active:
+            changed = [flag for flag, f in CLI_FLAGS.items() if f != "gamma"
+                       and getattr(self, f) != getattr(default, f)]
+            if changed:
+                verb = "does" if len(changed) == 1 else "do"
+                out.append(f"--htr-gamma is 0: no regulariser, so {', '.join(changed)} "
+                           f"{verb} nothing; pass --htr-gamma > 0")
+            return out
+        if num_epochs is not None and self.start_epoch > num_epochs:
+            out.append(f"--htr-start-epoch {self.start_epoch} is after the last epoch "
+                       f"({num_epochs}): no step is regularised")
+        if self.estimator == "hutchinson" and self.form != "auto":
+            out.append(f"--htr-form {self.form} applies to the ggn and exact estimators, not "
+                       "hutchinson")
+        return out
 
     def due(self, epoch: int, step: int) -> bool:
         """Whether step ``step`` (0-based, as counted by ``step_schedule``) of epoch

@@ -403,6 +403,8 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
                     + (f" sharded over {dist.world_size} processes" if setup.reduction else "")
                     + f"; {setup.plan.summary()}")
         _log_layer_methods(logger, setup)
+        for note in config.regularizer.notes(config.num_epochs):
+            logger.warning(f"warning: {note}")
         if certificates is not None:
             line = certificate_line(certificates)
             (logger.info if all(c["certified"] for c in certificates.values())
