@@ -130,7 +130,7 @@ def exact_reference(model, x, y, chunk: int = 32):
     for start in range(0, len(y), chunk):
         xs, ys = x[start:start + chunk], y[start:start + chunk]
         part = trace_penalty(model, loss_fn, (xs, ys), estimator="exact") * (len(ys) / len(y))
-        value += float(part)
+        value += float(part.detach())
         grad += flat_grad(part, params)
     return value, grad
 

@@ -172,6 +172,13 @@ def call(argv, env):
                  "again to resume")
 
 
+def shown(path):
+    """``path`` relative to the repository where it lies inside it (a ``--root`` elsewhere
+    is shown as it is)."""
+    path = Path(path)
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def copy(src, name):
     FIGURES.mkdir(parents=True, exist_ok=True)
     dst = FIGURES / name
@@ -338,7 +345,7 @@ def mnist_step(args, steps, env, numbers):
         f"layerhessians match {MNIST_RUN} --metric both --epochs 1-{args.epochs} "
         f"--draws {args.draws} --out {MNIST_MATCH}")
     for p in written:
-        print(f"saved: {Path(p).relative_to(REPO) if Path(p).is_absolute() else p}")
+        print(f"saved: {shown(p)}")
     images = REPO / MNIST_MATCH / "images"
 
     # the run's own figures by the default metric (the paper metric's per-epoch heat map
@@ -350,7 +357,7 @@ def mnist_step(args, steps, env, numbers):
               f"draws={args.draws}) (= layerhessians plot, fewer draws)")
     figures = [copy(MNIST_MATCH / f"{name}.png", f"mnist5k_lenet_{name}.png")
                for name in ("match_distros_wasserstein", "match_distros_peak")]
-    rel = images.relative_to(REPO)
+    rel = shown(images)
     figures += [copy(rel / f"{name}.png", f"mnist5k_lenet_{name}.png")
                 for name in ("overview_full", "layer_distances", "best_match", "training_curves")]
 
@@ -479,6 +486,7 @@ def finding_match(args, steps, numbers, entries, runs):
     from layerhessians.analysis import pooling
     from layerhessians.analysis.report import match_runs
     from layerhessians.store.run import load_run
+    from layerhessians.training.config import TrainConfig
 
     root = REPO / FINDING_ROOT
     missing = [r.run for r in runs if not r.is_complete(root)]
@@ -504,7 +512,10 @@ def finding_match(args, steps, numbers, entries, runs):
         ids = [rid for rid, s in subset_of.items() if s == subset]
         configs = [pooling.setting_view(load_run(root / rid).record) for rid in ids]
         settings, _ = pooling.group_runs(ids, configs)
-        table = pooling.pool_settings(distances[distances["run"].isin(ids)], settings)
+        recorded = [TrainConfig.from_dict(c) for c in configs]
+        seeds = {rid: (c.seed, c.hessian.subset_seed) for rid, c in zip(ids, recorded)}
+        table = pooling.pool_settings(distances[distances["run"].isin(ids)], settings,
+                                      seeds=seeds)
         name = f"subset{subset}"
         table.to_csv(REPO / out / f"match_distros_settings_{name}.csv", index=False)
         analyses[name] = table
