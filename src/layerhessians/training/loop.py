@@ -389,8 +389,10 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
         if done is None:
             where = (f"{dist.world_size} processes ({dist.backend}), rank 0 on "
                      if dist.active else "device ")
+            blocks = (f"{len(setup.blocks)} layer blocks" if config.hessian.layers
+                      else "no layer spectra (--no-layers)")
             logger.info(f"run {run_dir}: {config.model} on {config.dataset}, "
-                        f"{setup.num_params:,} parameters, {len(setup.blocks)} layer blocks, "
+                        f"{setup.num_params:,} parameters, {blocks}, "
                         f"{where}{run_config.facts['device_name']}")
             used = config.to_dict()  # "auto" re-orthogonalisation as resolved
             used["hessian"]["reorthogonalize"] = run_config.spectra["reorthogonalize"]
