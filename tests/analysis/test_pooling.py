@@ -41,8 +41,8 @@ def test_runs_differing_only_in_their_seeds_are_one_setting():
     settings, groups = pooling.group_runs(ids, configs)
     assert [s["runs"] for s in settings] == [["r0", "r1", "r2", "r3"], ["r4"], ["r5"], ["r6"]]
     notes = dict(zip(groups["run"], groups["note"]))
-    assert notes["r4"] == "not pooled with S1: learning_rate 0.1 vs 0.01"
-    assert notes["r5"] == "not pooled with S1: hessian.iterations 64 vs 128"
+    assert notes["r4"] == "not pooled with S1: differs in learning_rate 0.1 vs 0.01"
+    assert notes["r5"] == "not pooled with S1: differs in hessian.iterations 64 vs 128"
     assert "dataset 'Digits' vs 'MNIST5k'" in notes["r6"]
     assert list(groups["seed"]) == [0, 1, 0, 2, 0, 0, 3]
     # labels tell settings of one model and dataset apart
@@ -136,6 +136,23 @@ def test_hierarchical_draws_resample_replicates_and_keep_one_replicate_as_is():
     pooled = pooling.hierarchical_draws(two, np.random.default_rng(1))
     assert set(np.unique(pooled)) == {0.0, 5.0, 10.0}
     assert 0.35 < np.mean(pooled == 5.0) < 0.65
+
+
+def test_runs_of_one_training_seed_are_resampled_together():
+    """Two trainings (0 and 10), each measured on two Hessian subsets (no inner noise): as
+    four independent replicates the draws are means of 4 picks (many values, narrow); as two
+    clusters they are means of 2 trainings (0, 5, 10: as wide as two runs alone)."""
+    runs = np.stack([np.zeros((1, 400)), np.zeros((1, 400)), np.full((1, 400), 10.0),
+                     np.full((1, 400), 10.0)])
+    clustered = pooling.hierarchical_draws(runs, np.random.default_rng(1), [0, 0, 1, 1])
+    assert set(np.unique(clustered)) == {0.0, 5.0, 10.0}
+    assert 0.35 < np.mean(clustered == 5.0) < 0.65
+    independent = pooling.hierarchical_draws(runs, np.random.default_rng(1))
+    assert len(np.unique(independent)) == 5  # 0, 2.5, 5, 7.5, 10
+    assert np.std(independent) < 0.8 * np.std(clustered)
+    # distinct labels: the independent scheme, draw for draw
+    np.testing.assert_array_equal(
+        pooling.hierarchical_draws(runs, np.random.default_rng(1), [3, 2, 1, 0]), independent)
 
 
 def test_one_replicate_reproduces_the_single_run_numbers_exactly(tmp_path):
@@ -252,3 +269,10 @@ def test_match_in_worker_processes_gives_the_same_numbers(tmp_path):
     pd.testing.assert_frame_equal(one[0].drop(columns=["draws", "mixture_draws"]),
                                   two[0].drop(columns=["draws", "mixture_draws"]))
     pd.testing.assert_frame_equal(one[1].attrs["settings"], two[1].attrs["settings"])
+
+
+def test_why_not_pooled_names_the_differences_or_a_repeat():
+    assert pooling.not_pooled(("S1", [("learning_rate", 0.05, 0.02)])) == \
+        "not pooled with S1: differs in learning_rate 0.05 vs 0.02"
+    assert pooling.not_pooled(("S2", [])) == \
+        "not pooled with S2: the same settings and seeds (a repeat of a run, not a replicate)"

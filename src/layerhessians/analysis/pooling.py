@@ -15,7 +15,10 @@ summed over the compared epochs; ``peak``: at each replicate's own peak epoch):
 - the distance of a layer is the mean over the R replicates of each replicate's distance;
 - its spread is a hierarchical bootstrap: draw ``b`` resamples R replicates with
   replacement and, within each, one of that run's own draws (its SLQ vectors resampled,
-  :func:`~layerhessians.analysis.matching.resample`), and averages them. Slot ``i`` of the
+  :func:`~layerhessians.analysis.matching.resample`), and averages them. Replicates that
+  share a training seed (one trained network measured on several Hessian subsets) are not
+  independent: they are resampled together, as one cluster (the training seeds are
+  resampled, every run of a drawn seed enters). Slot ``i`` of the
   draws takes the run's within-run draws in a fixed random order (slot 0 in their own order),
   so every layer and the mixture share each draw (paired), and one replicate gives exactly
   the run's own draws: a setting with one replicate reproduces the single-run numbers;
@@ -92,6 +95,14 @@ def _differences(a: dict, b: dict) -> list:
             != json.dumps(b.get(k), default=str, sort_keys=True)]
 
 
+def not_pooled(nearest) -> str:
+    """Why a setting was not pooled with its nearest one (``(setting, differences)``)."""
+    other, diffs = nearest
+    return f"not pooled with {other}: " + (
+        f"differs in {describe(diffs)}" if diffs else
+        "the same settings and seeds (a repeat of a run, not a replicate)")
+
+
 def describe(diffs, limit: int = 3) -> str:
     """``"key a vs b, ..."`` of :func:`group_runs`' differences (the first ``limit``)."""
     def short(value):
@@ -159,9 +170,7 @@ def group_runs(ids, configs, layouts=None) -> tuple:
     rows = []
     for rid, pair in zip(ids, seeds):
         s = by_id[rid]
-        note = "" if s["nearest"] is None else f"not pooled with {s['nearest'][0]}: " + (
-            describe(s["nearest"][1]) if s["nearest"][1] else
-            "the same settings and seeds (a repeat of a run, not a replicate)")
+        note = "" if s["nearest"] is None else not_pooled(s["nearest"])
         rows.append((rid, s["setting"], s["label"], pair[0], pair[1], note))
     return settings, pd.DataFrame(rows, columns=GROUP_COLUMNS)
 
@@ -187,17 +196,22 @@ def _run_views(group, peak):
     return layers, views
 
 
-def hierarchical_draws(draws, rng: np.random.Generator):
+def hierarchical_draws(draws, rng: np.random.Generator, clusters=None):
     """Pooled bootstrap draws over replicates.
 
     Args:
         draws: float array [R, K, B]: each replicate's within-run draws of K quantities.
         rng: the generator of the replicate resampling and the slots' orders.
+        clusters: optional label per replicate [R]: replicates with one label are not
+            independent (the same trained network measured on other Hessian examples) and
+            are resampled together; ``None`` or all labels distinct: every replicate alone.
 
     Returns:
         float array [K, B]: draw ``b`` averages, over R slots, replicate ``r[b, i]`` (drawn
         with replacement) at its within-run draw ``order_i[b]`` (``order_0`` the identity,
-        the others random permutations). With R = 1 this is ``draws[0]``.
+        the others random permutations). With clusters: C slots draw clusters with
+        replacement, and the draw averages every member run of the drawn clusters, a member
+        of slot ``j`` at its within-run draw ``order_j[b]``. With R = 1 this is ``draws[0]``.
     """
     draws = np.asarray(draws, np.float64)
     R, K, B = draws.shape
@@ -205,10 +219,27 @@ def hierarchical_draws(draws, rng: np.random.Generator):
         return np.zeros((K, 0))
     if R == 1:
         return draws[0].copy()
+    labels = list(range(R)) if clusters is None else list(clusters)
+    groups = [[r for r in range(R) if labels[r] == label] for label in dict.fromkeys(labels)]
+    if len(groups) < R:
+        return _cluster_draws(draws, groups, rng)
     runs = rng.integers(0, R, size=(B, R))
     orders = np.stack([np.arange(B)] + [rng.permutation(B) for _ in range(R - 1)], axis=1)
     picked = draws.transpose(0, 2, 1)[runs, orders]  # [B, R, K]
     return picked.mean(axis=1).T
+
+
+def _cluster_draws(draws, groups, rng):
+    """:func:`hierarchical_draws` over clusters of replicates (``groups``: run indices)."""
+    R, K, B = draws.shape
+    C = len(groups)
+    picks = rng.integers(0, C, size=(B, C))
+    orders = np.stack([np.arange(B)] + [rng.permutation(B) for _ in range(C - 1)], axis=1)
+    out = np.empty((K, B))
+    for b in range(B):
+        taken = [draws[r, :, orders[b, j]] for j in range(C) for r in groups[picks[b, j]]]
+        out[:, b] = np.mean(taken, axis=0)
+    return out
 
 
 def _strict_support(draws, points):
@@ -275,13 +306,16 @@ def pool_settings(distances: pd.DataFrame, settings, peaks=None, level: float = 
                 per_run.append(views)
                 run_peaks.append(peak)
             R, L = len(per_run), len(layers)
+            # runs of one training seed share their network: resampled together
+            clusters = [seeds[r][0] if r in seeds else r for r in s["runs"]]
             first = distances[(distances["run"] == s["runs"][0])
                               & (distances["metric"] == metric)].iloc[0]
             B = min(v["summed"][1].shape[1] for v in per_run)
             peak_median = int(sorted(run_peaks)[(R - 1) // 2])  # the (lower) median epoch
             for scope in SCOPES:
                 points = np.stack([v[scope][0] for v in per_run])  # [R, L + 1]
-                draws = hierarchical_draws(np.stack([v[scope][1][:, :B] for v in per_run]), rng)
+                draws = hierarchical_draws(np.stack([v[scope][1][:, :B] for v in per_run]), rng,
+                                           clusters)
                 pooled = points.mean(axis=0)
                 support = _strict_support(draws[:L], pooled[:L])
                 v = compare.verdict(pooled[:L], draws[:L], level)
@@ -361,7 +395,8 @@ def _pct(value):
 def _peak_text(row):
     if row["peak_epoch_min"] == row["peak_epoch_max"]:
         return f"{row['peak_epoch_min']}"
-    return f"{row['peak_epoch']} (replicates {row['peak_epoch_min']}-{row['peak_epoch_max']})"
+    return (f"{row['peak_epoch']} (the replicates' own peaks: "
+            f"{row['peak_epoch_min']}-{row['peak_epoch_max']})")
 
 
 def _baseline_text(best):

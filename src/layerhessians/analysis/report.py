@@ -519,7 +519,7 @@ def _setting_entry(label, rows) -> dict:
 
 def print_settings(settings, stream=None) -> None:
     """Print which setting each run joined and why settings were not pooled."""
-    from layerhessians.analysis.pooling import describe
+    from layerhessians.analysis.pooling import not_pooled
 
     stream = sys.stdout if stream is None else stream
     print("settings (runs differing only in the training seed and the Hessian-subset seed "
@@ -531,5 +531,4 @@ def print_settings(settings, stream=None) -> None:
         print(f"  {s['setting']} {s['label']}: {count} run{'s' if count > 1 else ''} "
               f"({names})", file=stream)
         if s["nearest"] is not None:
-            other, diffs = s["nearest"]
-            print(f"     not pooled with {other}: differs in {describe(diffs)}", file=stream)
+            print(f"     {not_pooled(s['nearest'])}", file=stream)
