@@ -100,3 +100,8 @@ def test_sweep_trains_replicates_and_pools_them(tmp_path, capsys):
     # the seeds are the replicates': --train-args may not set them
     assert main([*argv, "--train-args=--seed 3"]) == 2
     assert "--train-args sets seed" in capsys.readouterr().err
+    # --vary-subset without replicates would vary nothing
+    one = [a for a in argv if a not in ("--replicates", "2")]
+    assert main([*one, "--dry-run"]) == 2
+    assert "--vary-subset varies the Hessian subset across replicates: add --replicates" in \
+        capsys.readouterr().err

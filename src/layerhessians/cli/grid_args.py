@@ -90,6 +90,9 @@ def run_grid_command(runs, root, args, *, command, match=True) -> int:
     from layerhessians.pipeline.run_grid import run_grid
     from layerhessians.training.threads import check_threads, set_threads
 
+    if args.vary_subset and args.replicates == 1:
+        raise UserError("--vary-subset varies the Hessian subset across replicates: add "
+                        "--replicates R (R >= 2)")
     runs = replicate_grid(runs, args.replicates, args.vary_subset)
     overrides, progress = train_overrides(args.train_args)
     replicated = [k for k in ("seed", "hessian_subset_seed") if k in overrides
