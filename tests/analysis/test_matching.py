@@ -431,7 +431,11 @@ def test_match_prints_a_verdict_with_its_spread(tmp_path, capsys):
                               for e in (1, 2) for b in ("full", "a.weight", "b.weight")})
     assert main(["match", str(twin), "--out", str(tmp_path / "o"), "--replicates", "30",
                  "--dpi", "50", "--metric", "w1-maxabs", "w1-minmax"]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "--replicates is the former name of --draws" in captured.err  # 30 draws, said
+    assert "note: 30 draws: supports near the 95% rule are unsteady" in captured.err
+    assert (pd.read_csv(tmp_path / "o" / "match_distros_summary.csv")["replicates"] == 30).all()
     assert text.count("no layer significantly closer") == 4  # 2 metrics x (peak, training)
     assert "baseline: block-diagonal mixture over the layer weights only" in text
     assert "[" in text and "runner-up" in text

@@ -33,11 +33,15 @@ With no RUN arguments the 12 seed run directories (``model=M,dataset=D,te,run1``
 looked up in the working directory.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
 from layerhessians.errors import UserError
 from layerhessians.vocabulary import DEFAULT_REPLICATES
+
+#: fewer bootstrap draws than this get a note: verdicts at the 95% rule are unsteady
+FEW_DRAWS = 100
 
 HELP = "compare every layer's Hessian spectrum with the full spectrum across runs"
 
@@ -66,12 +70,14 @@ def add_arguments(parser):
     parser.add_argument("--normalize", choices=tuple(distances.LEGACY_W1), default="maxabs",
                         help="axis of --metric wasserstein: maxabs (x / max|x|, default), "
                              "minmax (each support -> [0, 1]), none")
-    parser.add_argument("--draws", "--replicates", type=int, default=DEFAULT_REPLICATES,
+    parser.add_argument("--draws", type=int, default=DEFAULT_REPLICATES,
                         dest="replicates", metavar="B",
                         help="bootstrap draws behind each distance's spread and the verdicts "
                              f"(default {DEFAULT_REPLICATES}; 0: no spread, no verdicts); "
                              "--replicates is its former name (replicated runs are found "
                              "by their settings and pooled)")
+    parser.add_argument("--replicates", type=int, default=None, dest="old_replicates",
+                        help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="compute the runs' distances in N processes, one thread each "
                              "(default 1; the same numbers)")
@@ -117,7 +123,16 @@ def run(args) -> int:
 
     check_points(args.points)
     check_dpi(args.dpi)
+    if args.old_replicates is not None:
+        args.replicates = args.old_replicates
+        print("note: --replicates is the former name of --draws (bootstrap draws per run); "
+              "replicated runs need no option: runs are pooled by their settings",
+              file=sys.stderr)
     check_replicates(args.replicates)
+    if 0 < args.replicates < FEW_DRAWS:
+        print(f"note: {args.replicates} draws: supports near the 95% rule are unsteady "
+              f"from one run of match to the next; use --draws {DEFAULT_REPLICATES} or more "
+              "for verdicts", file=sys.stderr)
     metrics = resolve_metrics(args.metric, args.normalize)
     paths = [Path(p) for p in run_paths(args, "match")]
     if not paths:
