@@ -125,10 +125,11 @@ def run(args) -> int:
     check_dpi(args.dpi)
     if args.old_replicates is not None:
         args.replicates = args.old_replicates
+    check_replicates(args.replicates)  # a user error is one line: the note comes after
+    if args.old_replicates is not None:
         print("note: --replicates is the former name of --draws (bootstrap draws per run); "
               "replicated runs need no option: runs are pooled by their settings",
               file=sys.stderr)
-    check_replicates(args.replicates)
     if 0 < args.replicates < FEW_DRAWS:
         print(f"note: {args.replicates} draws: supports near the 95% rule are unsteady "
               f"from one run of match to the next; use --draws {DEFAULT_REPLICATES} or more "
