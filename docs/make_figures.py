@@ -553,7 +553,7 @@ def htr_step(args, steps, env, numbers):
     if args.train_only:
         command += ["--stage", "train"]
     steps.run("htr finding: train and analyse", lambda: call(command, env),
-              shlex.join(command[1:]).join(["python ", ""]))
+              "python " + shlex.join(command[1:]))
     if args.train_only:
         return
     found = json.loads((REPO / out / "numbers.json").read_text())

@@ -19,26 +19,32 @@ import numpy as np
 import pandas as pd
 
 from layerhessians.analysis.regularization import last_epochs, mean_std, welch
+from layerhessians.pipeline.replicates import replicate_base, replicate_index
 from layerhessians.store.record import RunRecord
+from layerhessians.store.run import committed_epoch
 
 __all__ = ["compare_methods", "complete_runs", "method_groups", "report_root"]
 
 #: reference methods: plain SGD (the original calls it ``no``) and weight decay
 SGD_NAMES, L2_NAMES = ("sgd", "no"), ("l2",)
-_RERUN = re.compile(r"^(?P<base>.+),run(?P<k>\d+)$")
 _SETTING = re.compile(r"^(?P<setting>model=[^,]+,dataset=[^,]+),(?P<method>.+)$")
 
 
 def complete_runs(dirs) -> list[Path]:
-    """The directories whose metrics.csv reaches the run's recorded ``num_epochs``."""
+    """The directories whose committed epoch (the checkpoint's,
+    :func:`~layerhessians.store.run.committed_epoch`; every metrics row for a run made by
+    other means) reaches the run's recorded ``num_epochs``."""
     out = []
     for path in map(Path, dirs):
         config, metrics = path / "config.json", path / "metrics.csv"
         if not (config.is_file() and metrics.is_file()):
             continue
-        epochs = RunRecord.from_dict(json.loads(config.read_text())).training_settings()
-        table = pd.read_csv(metrics)
-        if len(table) and int(table["epoch"].max()) >= int(epochs.get("num_epochs") or 0):
+        done = committed_epoch(path)
+        if done is False:
+            table = pd.read_csv(metrics)
+            done = int(table["epoch"].max()) if len(table) else None
+        settings = RunRecord.from_dict(json.loads(config.read_text())).training_settings()
+        if done is not None and done >= int(settings.get("num_epochs") or 0):
             out.append(path)
     return out
 
@@ -47,15 +53,15 @@ def method_groups(root) -> "OrderedDict[str, OrderedDict[str, list[Path]]]":
     """``{setting: {method: complete reruns}}`` of the run directories under ``root``.
 
     A directory ``model=M,dataset=D,METHOD,runK`` belongs to setting ``model=M,dataset=D``
-    and method ``METHOD``; one without the ``model=..,dataset=..`` prefix to setting ``""``.
-    Methods in order: SGD, L2, then by name. Incomplete runs are left out.
+    and method ``METHOD`` (``,runK`` as :mod:`~layerhessians.pipeline.replicates` names
+    reruns); one without the ``model=..,dataset=..`` prefix to setting ``""``. Methods in
+    order: SGD, L2, then by name. Incomplete runs are left out.
     """
     found: dict = {}
     for path in sorted(Path(root).iterdir()):
         if not (path / "metrics.csv").is_file():
             continue
-        match = _RERUN.match(path.name)
-        base, k = (match["base"], int(match["k"])) if match else (path.name, 0)
+        base, k = replicate_base(path.name), replicate_index(path.name) or 0
         named = _SETTING.match(base)
         setting, method = (named["setting"], named["method"]) if named else ("", base)
         found.setdefault(setting, {}).setdefault(method, []).append((k, path))

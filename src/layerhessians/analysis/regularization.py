@@ -9,13 +9,13 @@ when it is one run.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from layerhessians.errors import UserError
+from layerhessians.pipeline.replicates import replicate_base, replicate_index
 
 #: the last-epoch columns summarised (fractions; ``test_top5`` only in runs that record it)
 COLUMNS = ("test_acc", "test_top5", "train_acc")
@@ -28,9 +28,9 @@ def rerun_dirs(base) -> list[Path]:
         UserError: neither ``base`` nor any ``BASE,runK`` holds a run.
     """
     base = Path(base)
-    pattern = re.compile(re.escape(base.name) + r",run(\d+)$")
-    found = sorted(((int(m.group(1)), p) for p in base.parent.glob(f"{base.name},run*")
-                    if (m := pattern.match(p.name)) and (p / "metrics.csv").is_file()))
+    found = sorted((replicate_index(p.name), p) for p in base.parent.glob(f"{base.name},run*")
+                   if replicate_index(p.name) is not None
+                   and replicate_base(p.name) == base.name and (p / "metrics.csv").is_file())
     if found:
         return [p for _, p in found]
     if (base / "metrics.csv").is_file():

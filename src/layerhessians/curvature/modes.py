@@ -67,7 +67,7 @@ def engine_modes(model: nn.Module, bn_mode: str):
         model.eval()
         if bn_mode == "train":
             for m in modules:
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if _is_batch_norm(m):
                     m.train()
         for m in sparse:
             m.sparse = False
