@@ -65,11 +65,19 @@ def test_reruns_train_each_seed_in_its_own_directory(tmp_path):
     assert a["train_loss"].iloc[-1] != b["train_loss"].iloc[-1]
 
 
-def test_resume_reproduces_a_regularised_run(tmp_path):
+def test_resume_reproduces_a_regularised_run(tmp_path, monkeypatch):
     flags = [*QUICK, "--htr-gamma", "1e-2", "--htr-every", "1"]
     assert main(["train", "-r", str(tmp_path / "whole"), "-n", "2", *flags]) == 0
     assert main(["train", "-r", str(tmp_path / "part"), "-n", "1", *flags]) == 0
+    import layerhessians.training.loop as loop
+
+    def recertified(setup):
+        raise AssertionError("a resumed run certifies again")
+
+    monkeypatch.setattr(loop, "penalty_certificates", recertified)  # it keeps its record's
     assert main(["train", "-r", str(tmp_path / "part"), "-n", "2", "--resume"]) == 0
+    assert (tmp_path / "part" / "logs" / "train.log").read_text().count(
+        "H = G certified) on all") == 2  # logged at the start and at the resume
     whole = pd.read_csv(tmp_path / "whole" / "metrics.csv")
     part = pd.read_csv(tmp_path / "part" / "metrics.csv")
     for column in ("train_loss", "test_loss", "htr_penalty", "test_top5"):

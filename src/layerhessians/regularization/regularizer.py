@@ -71,8 +71,7 @@ class TraceRegularizer:
                             "see RegularizerSettings") from None
         self.settings = settings.validated()
         self.model, self.loss_fn = model, loss_fn
-        self.blocks = blocks if blocks is not None else (
-            None if self.settings.blocks == "all" else self.settings.blocks)
+        self.blocks = blocks if blocks is not None else self.settings.blocks
         self.generator = generator if generator is not None else \
             torch.Generator().manual_seed(int(seed))
         self.loggers = [loggers] if callable(loggers) else list(loggers)

@@ -78,6 +78,7 @@ from layerhessians.training.devices import resolve_device
 from layerhessians.training.distributed import SINGLE, Context, PeerError, process_group
 from layerhessians.training.logs import Silent, format_row, progress_bar, run_logging
 from layerhessians.training.penalty_hook import (
+    CERTIFICATES_KEY,
     certificate_line,
     epoch_regularizer,
     penalty_certificates,
@@ -324,7 +325,7 @@ def train(config: TrainConfig, run_dir, *, resume=False, overwrite=False, comman
     with thread_limits(threads), process_group(config.dist_backend, device) as dist:
         return _train(config, run_dir, dist, resume=resume, overwrite=overwrite,
                       command=command, progress=progress, console=console,
-                      threads=(recorded, note))
+                      threads=(recorded, note), stored=stored)
 
 
 def _stored_config(run_dir):
@@ -357,7 +358,7 @@ def _log_layer_methods(logger, setup) -> None:
 
 
 def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progress, console,
-           threads=(None, None)):
+           threads=(None, None), stored=None):
     device = dist.device
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
@@ -367,9 +368,11 @@ def _train(config, run_dir, dist: Context, *, resume, overwrite, command, progre
                                              download=config.download))
     setup = plan_spectra(build(config, data, device, dist), warn=False)
     run_config = describe(setup, command)
-    certificates = penalty_certificates(setup)  # None without a ggn/exact regulariser
+    # None without a ggn/exact regulariser; a resumed run keeps those it recorded
+    certificates = (stored.facts.get(CERTIFICATES_KEY) if stored is not None else None) \
+        or penalty_certificates(setup)
     if certificates is not None:
-        run_config = run_config.with_facts(htr_trace_certificates=certificates)
+        run_config = run_config.with_facts(**{CERTIFICATES_KEY: certificates})
     recorded, threads_note = threads
     if recorded is not None:  # a resumed run keeps the count it started with
         run_config = run_config.with_facts(**{THREADS_KEY: recorded})

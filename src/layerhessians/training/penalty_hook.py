@@ -19,6 +19,8 @@ from layerhessians.training.distributed import SINGLE, Context
 from layerhessians.training.seeding import derive_seed
 
 TOP_K = 5
+#: the config.json fact holding :func:`penalty_certificates`
+CERTIFICATES_KEY = "htr_trace_certificates"
 
 
 def epoch_regularizer(setup, epoch: int):
@@ -48,8 +50,7 @@ def penalty_certificates(setup) -> dict | None:
         return None
     from layerhessians.regularization import trace_certificates
 
-    blocks = None if settings.blocks == "all" else settings.blocks
-    found = trace_certificates(setup.model, setup.loss_fn, setup.hessian_batch, blocks,
+    found = trace_certificates(setup.model, setup.loss_fn, setup.hessian_batch, settings.blocks,
                                bn_mode=settings.bn_mode,
                                seed=derive_seed(setup.config.seed, 0, "certify"))
     return {block: dict(value) for block, value in found.items()}
